@@ -1,0 +1,1 @@
+"""Thin command-line front: parse, call the library, print."""

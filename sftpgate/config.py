@@ -1,0 +1,360 @@
+"""``config.yaml``: load, override from the environment, validate, freeze.
+
+Every error names the file and the key, e.g.
+``config.yaml: users[2].email: not an email address``. Relative paths resolve
+against the folder of the config file. ``SFTPGATE_<SECTION>__<KEY>=value``
+overrides any key of a section (``SFTPGATE_SERVER__PORT=2300``); the value is
+read as YAML, so numbers and booleans keep their type.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import yaml
+
+from .errors import ConfigError
+from .passwords import check_hash_format
+
+ENV_PREFIX = "SFTPGATE_"
+
+_LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    login: str
+    name: str
+    surname: str
+    email: str
+    home: Path
+    password_hash: str | None = None
+    authorized_keys: tuple[str, ...] = ()
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "0.0.0.0"  # noqa: S104 - a server's default is to listen
+    port: int = 2222
+    state_dir: Path = Path("/var/lib/sftpgate")
+    host_keys_dir: Path = Path("/etc/sftpgate/hostkeys")
+    create_homes: bool = False
+    io_threads: int = 32
+    login_timeout: float = 60.0
+    max_auth_attempts: int = 6
+
+
+@dataclass(frozen=True, slots=True)
+class JournalConfig:
+    enabled: bool = True
+    path: Path | None = None  # default: <state_dir>/journal.sqlite3
+    synchronous: str = "full"
+    batch_max: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    host: str = "localhost"
+    port: int = 25
+    security: str = "none"
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    sender: str = "sftpgate@localhost"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    json: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    server: ServerConfig
+    journal: JournalConfig
+    smtp: SmtpConfig
+    log: LogConfig
+    users: tuple[User, ...] = field(default_factory=tuple)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.journal.path or self.server.state_dir / "journal.sqlite3"
+
+    def user(self, login: str) -> User | None:
+        for user in self.users:
+            if user.login == login:
+                return user
+        return None
+
+
+class _Reader:
+    """Pulls typed values out of one mapping, naming ``file: key`` in every error."""
+
+    def __init__(self, file: str, base: Path, data: Mapping[str, Any], where: str) -> None:
+        self.file, self.base, self.data, self.where = file, base, data, where
+        self.used: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {self._key(key)}: {message}")
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.error(key, f"must be a {name}, got {type(value).__name__}")
+        return value
+
+    def required_str(self, key: str) -> str:
+        value = self.get(key, str, None)
+        if value is None or not value.strip():
+            raise self.error(key, "is required")
+        return str(value)
+
+    def port(self, key: str, default: int) -> int:
+        value = int(self.get(key, int, default))
+        if not 0 <= value <= 65535:
+            raise self.error(key, "must be a port number (0-65535)")
+        return value
+
+    def positive(self, key: str, kind: type, default: float) -> Any:
+        value = self.get(key, kind, default)
+        if value <= 0:
+            raise self.error(key, "must be greater than 0")
+        return value
+
+    def path(self, key: str, default: Path | None) -> Path | None:
+        value = self.get(key, str, None)
+        if value is None:
+            return default
+        return (self.base / os.path.expanduser(str(value))).resolve()
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = str(self.get(key, str, default)).lower()
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}")
+        return value
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                raise self.error(str(key), "unknown key")
+
+
+def _section(file: str, base: Path, raw: Mapping[str, Any], name: str) -> _Reader:
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{file}: {name}: must be a mapping")
+    return _Reader(file, base, value, name)
+
+
+def _server(r: _Reader) -> ServerConfig:
+    d = ServerConfig()
+    cfg = ServerConfig(
+        listen=r.get("listen", str, d.listen),
+        port=r.port("port", d.port),
+        state_dir=r.path("state_dir", d.state_dir) or d.state_dir,
+        host_keys_dir=r.path("host_keys_dir", d.host_keys_dir) or d.host_keys_dir,
+        create_homes=r.get("create_homes", bool, d.create_homes),
+        io_threads=r.positive("io_threads", int, d.io_threads),
+        login_timeout=r.positive("login_timeout", float, d.login_timeout),
+        max_auth_attempts=r.positive("max_auth_attempts", int, d.max_auth_attempts),
+    )
+    r.finish()
+    return cfg
+
+
+def _journal(r: _Reader) -> JournalConfig:
+    d = JournalConfig()
+    cfg = JournalConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        path=r.path("path", None),
+        synchronous=r.choice("synchronous", ("full", "normal"), d.synchronous),
+        batch_max=r.positive("batch_max", int, d.batch_max),
+    )
+    r.finish()
+    return cfg
+
+
+def _smtp(r: _Reader) -> SmtpConfig:
+    d = SmtpConfig()
+    cfg = SmtpConfig(
+        host=r.get("host", str, d.host),
+        port=r.port("port", d.port),
+        security=r.choice("security", ("none", "starttls", "tls"), d.security),
+        username=r.get("username", str, None),
+        password_file=r.path("password_file", None),
+        password_env=r.get("password_env", str, None),
+        sender=r.get("from", str, d.sender),
+    )
+    if not _EMAIL_RE.match(cfg.sender):
+        raise r.error("from", "not an email address")
+    r.finish()
+    return cfg
+
+
+def _log(r: _Reader) -> LogConfig:
+    d = LogConfig()
+    cfg = LogConfig(
+        level=r.choice("level", ("debug", "info", "warning", "error"), d.level),
+        json=r.get("json", bool, d.json),
+    )
+    r.finish()
+    return cfg
+
+
+def _authorized_keys(r: _Reader) -> tuple[str, ...]:
+    value = r.get("authorized_keys", (list, str), [])
+    lines = [value] if isinstance(value, str) else value
+    keys: list[str] = []
+    for index, line in enumerate(lines):
+        where = f"authorized_keys[{index}]"
+        if not isinstance(line, str):
+            raise r.error(where, "must be a string (one OpenSSH public key line, no options)")
+        try:
+            asyncssh.import_public_key(line)
+        except (ValueError, asyncssh.KeyImportError) as exc:
+            raise r.error(where, f"not an OpenSSH public key: {exc}") from None
+        keys.append(line.strip())
+    return tuple(keys)
+
+
+def _user(r: _Reader) -> User:
+    login = r.required_str("login")
+    if not _LOGIN_RE.match(login):
+        raise r.error("login", "must be lowercase letters, digits, '_', '.', '-' (max 32)")
+    email = r.required_str("email")
+    if not _EMAIL_RE.match(email):
+        raise r.error("email", "not an email address")
+    home = r.path("home", None)
+    if home is None:
+        raise r.error("home", "is required")
+    password_hash = r.get("password_hash", str, None)
+    if password_hash is not None:
+        problem = check_hash_format(password_hash)
+        if problem:
+            raise r.error("password_hash", problem)
+    keys = _authorized_keys(r)
+    if password_hash is None and not keys:
+        raise r.error("password_hash", "a user needs a password_hash or authorized_keys")
+    user = User(
+        login=login,
+        name=r.required_str("name"),
+        surname=r.required_str("surname"),
+        email=email,
+        home=home,
+        password_hash=password_hash,
+        authorized_keys=keys,
+        uid=r.get("uid", int, None),
+        gid=r.get("gid", int, None),
+    )
+    r.finish()
+    return user
+
+
+def _users(file: str, base: Path, raw: Mapping[str, Any]) -> tuple[User, ...]:
+    value = raw.get("users") or []
+    if not isinstance(value, list):
+        raise ConfigError(f"{file}: users: must be a list")
+    users: list[User] = []
+    seen: set[str] = set()
+    for index, item in enumerate(value):
+        where = f"users[{index}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{file}: {where}: must be a mapping")
+        user = _user(_Reader(file, base, item, where))
+        if user.login in seen:
+            raise ConfigError(f"{file}: {where}.login: duplicate login {user.login!r}")
+        seen.add(user.login)
+        users.append(user)
+    return tuple(users)
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str], file: str) -> None:
+    """Apply ``SFTPGATE_<SECTION>__<KEY>[__<KEY>...]`` variables to ``raw`` in place."""
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"{file}: environment {name}: empty key")
+        node: dict[str, Any] = raw
+        for part in path[:-1]:
+            if node.get(part) is None:  # absent, or an empty section (`smtp:`)
+                node[part] = {}
+            child = node[part]
+            if not isinstance(child, dict):
+                raise ConfigError(f"{file}: environment {name}: {part} is not a mapping")
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            node[path[-1]] = text
+
+
+_SECTIONS: dict[str, Callable[[_Reader], Any]] = {
+    "server": _server,
+    "journal": _journal,
+    "smtp": _smtp,
+    "log": _log,
+}
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate a config file.
+
+    Raises :class:`ConfigError` naming the file and the key for any problem.
+    """
+    file = os.fspath(path)
+    config_path = Path(file).resolve()
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping")
+    apply_env_overrides(raw, os.environ if environ is None else environ, file)
+    for key in raw:
+        if key not in _SECTIONS and key != "users":
+            raise ConfigError(f"{file}: {key}: unknown key")
+    base = config_path.parent
+    sections = {name: build(_section(file, base, raw, name)) for name, build in _SECTIONS.items()}
+    return Config(path=config_path, users=_users(file, base, raw), **sections)
+
+
+def check_homes(config: Config) -> list[str]:
+    """Return problems with users' homes that would stop them logging in."""
+    problems: list[str] = []
+    if config.server.create_homes:
+        return problems
+    for index, user in enumerate(config.users):
+        if not user.home.is_dir():
+            problems.append(
+                f"{config.path.name}: users[{index}].home: {user.home} is not a directory "
+                "(create it, or set server.create_homes: true)"
+            )
+    return problems

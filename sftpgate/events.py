@@ -1,0 +1,101 @@
+"""The one event type that flows from the front doors to the journal.
+
+Front doors build :class:`Event` objects and hand them to an :class:`EventSink`;
+they never import the journal. Everything here is plain data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+
+class Op(str, Enum):
+    """What happened. Persisted as the ``op`` column of the journal."""
+
+    LOGIN = "login"
+    LOGIN_FAILED = "login_failed"
+    LOGOUT = "logout"
+    OPEN = "open"
+    CLOSE = "close"
+    READ = "read"  # journaled only when it fails; bytes are summed at CLOSE
+    WRITE = "write"  # likewise
+    LIST = "list"
+    REMOVE = "remove"
+    RENAME = "rename"
+    MKDIR = "mkdir"
+    RMDIR = "rmdir"
+    SETSTAT = "setstat"
+    SYMLINK = "symlink"
+    LINK = "link"
+    READLINK = "readlink"
+    STAT = "stat"
+    REALPATH = "realpath"
+    STATVFS = "statvfs"
+    FSYNC = "fsync"
+
+
+class UploadState(str, Enum):
+    """How an upload ended. ``incomplete``: the session ended with the handle open."""
+
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+
+
+STATUS_OK = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """Who is on the other end of a connection; fixed once authentication is done."""
+
+    id: str
+    remote_addr: str
+    remote_port: int
+    login: str | None = None
+    client_version: str | None = None
+    auth_method: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing a user did (or tried), with its outcome.
+
+    ``status`` is ``"ok"`` or the SFTP status name of the failure
+    (``permission_denied``, ``no_such_file`` ...); ``message`` says why.
+    """
+
+    op: Op
+    session: SessionInfo
+    time: float = field(default_factory=time.time)
+    path: str | None = None
+    path2: str | None = None
+    flags: int | None = None
+    mode: int | None = None
+    attrs: dict[str, Any] | None = None
+    bytes_read: int | None = None
+    bytes_written: int | None = None
+    duration: float | None = None
+    status: str = STATUS_OK
+    message: str | None = None
+    upload: UploadState | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+
+class EventSink(Protocol):
+    """Where front doors send events.
+
+    ``emit`` never blocks and never raises. ``emit_durable`` returns once the
+    event is committed (and whatever it started with it); the front door
+    awaits it before replying to the client, so an OK reply means it is on disk.
+    """
+
+    def emit(self, event: Event) -> None: ...
+
+    async def emit_durable(self, event: Event) -> None: ...

@@ -1,0 +1,113 @@
+"""Keep every path a user names inside their home.
+
+The user sees their home as ``/``. :meth:`Jail.virtual` is pure: it turns
+what the client sent into a normalised absolute path in that view (``..``
+cannot climb above ``/``). :meth:`Jail.resolve` touches the filesystem: it
+follows symlinks that already exist (``os.path.realpath``) and refuses any
+path whose real location is outside the home. Callers run it in a thread.
+
+What is left: a race where someone with shell access swaps a checked
+directory for a symlink between the check and the use. Users of the gateway
+cannot create such links (:meth:`Jail.link_target` refuses them), and the
+final component is opened with ``O_NOFOLLOW``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+from ..errors import JailError
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A checked path: ``virtual`` as the user sees it, ``local`` to operate on."""
+
+    virtual: bytes
+    local: bytes
+
+
+class Jail:
+    """Maps a user's view (home = ``/``) onto the local filesystem and back."""
+
+    def __init__(self, home: str | os.PathLike[str]) -> None:
+        self.root = os.fsencode(os.path.realpath(os.fspath(home)))
+
+    @staticmethod
+    def virtual(path: bytes, base: bytes = b"/") -> bytes:
+        """Normalise ``path`` (relative to ``base``) to an absolute virtual path. Pure."""
+        joined = posixpath.join(base, path) if not path.startswith(b"/") else path
+        normal = posixpath.normpath(b"/" + joined.lstrip(b"/"))
+        return b"/" if normal in (b"", b"/", b"//") else b"/" + normal.lstrip(b"/")
+
+    def to_local(self, virtual: bytes) -> bytes:
+        """The local path for a normalised virtual path (no filesystem check)."""
+        return self.root if virtual == b"/" else self.root + virtual
+
+    def inside(self, local: bytes) -> bool:
+        return local == self.root or local.startswith(self.root + b"/")
+
+    def to_virtual(self, local: bytes) -> bytes:
+        """The virtual path of a local path inside the home; raises JailError otherwise."""
+        if local == self.root:
+            return b"/"
+        if local.startswith(self.root + b"/"):
+            return local[len(self.root) :]
+        raise JailError("path is outside the home")
+
+    def resolve(self, path: bytes, *, follow: bool = True) -> Resolved:
+        """Check ``path`` and return where to operate. Blocking (stat calls).
+
+        ``follow=True``: the path's final component may be a symlink and is
+        followed (open, stat, listdir). ``follow=False``: the final component
+        is the object itself (remove, rename, lstat, readlink), so only its
+        parent directory is resolved. Raises :class:`JailError` if the real
+        location is outside the home.
+        """
+        virtual = self.virtual(path)
+        local = self.to_local(virtual)
+        if follow or virtual == b"/":
+            real = os.path.realpath(local)
+            if not self.inside(real):
+                raise JailError("path leads outside the home")
+            return Resolved(virtual, real)
+        parent, name = posixpath.split(local)
+        real_parent = os.path.realpath(parent)
+        if not self.inside(real_parent):
+            raise JailError("path leads outside the home")
+        return Resolved(virtual, posixpath.join(real_parent, name))
+
+    def link_target(self, target: bytes, link: Resolved) -> bytes:
+        """What to store in a new symlink at ``link`` pointing at client path ``target``.
+
+        The target is taken in the user's view (absolute = from the home,
+        relative = from the link's folder) and must stay inside the home; the
+        link is written relative so it works both in the jail and on the host.
+        Raises JailError otherwise. Blocking.
+        """
+        link_dir_virtual = posixpath.dirname(link.virtual)
+        target_virtual = self.virtual(target, link_dir_virtual)
+        target_real = os.path.realpath(self.to_local(target_virtual))
+        if not self.inside(target_real):
+            raise JailError("symlink target is outside the home")
+        link_dir_real = posixpath.dirname(link.local)
+        return os.fsencode(os.path.relpath(self.to_local(target_virtual), link_dir_real))
+
+    def link_for_client(self, content: bytes, link: Resolved) -> bytes:
+        """What to tell the client a symlink points to; raises JailError if outside."""
+        if not content.startswith(b"/"):
+            # no normpath: `dir/../x` must be resolved the way the kernel does, through links
+            target = posixpath.join(posixpath.dirname(link.local), content)
+            if not self.inside(os.path.realpath(target)):
+                raise JailError("symlink points outside the home")
+            return content
+        real = os.path.realpath(content)
+        if not self.inside(real):
+            raise JailError("symlink points outside the home")
+        return (
+            self.to_virtual(os.path.normpath(content))
+            if self.inside(os.path.normpath(content))
+            else self.to_virtual(real)
+        )

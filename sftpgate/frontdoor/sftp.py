@@ -1,0 +1,334 @@
+"""The SFTP server of ``sftpgate serve``: asyncssh hooks → off-loop I/O → events.
+
+Every hook runs its filesystem work in the gateway's thread pool, turns the
+outcome into an :class:`~sftpgate.events.Event`, and translates errors into
+SFTP status replies in one place (:func:`sftp_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+import asyncssh
+from asyncssh import SFTPAttrs, SFTPName
+
+from ..config import User
+from ..errors import JailError
+from ..events import Event, EventSink, Op, SessionInfo, UploadState
+from .fsops import OpenFile, UserFS, attrs_summary
+from .jail import Jail
+
+T = TypeVar("T")
+
+# errno → (journal status, asyncssh error). asyncssh lowers v4+ codes for v3 clients.
+_ERRNO: dict[int, tuple[str, Callable[[str], asyncssh.SFTPError]]] = {
+    errno.ENOENT: ("no_such_file", asyncssh.SFTPNoSuchFile),
+    errno.EACCES: ("permission_denied", asyncssh.SFTPPermissionDenied),
+    errno.EPERM: ("permission_denied", asyncssh.SFTPPermissionDenied),
+    errno.EROFS: ("permission_denied", asyncssh.SFTPPermissionDenied),
+    errno.ELOOP: ("permission_denied", asyncssh.SFTPPermissionDenied),
+    errno.EEXIST: ("file_already_exists", asyncssh.SFTPFileAlreadyExists),
+    errno.ENOTEMPTY: ("dir_not_empty", asyncssh.SFTPDirNotEmpty),
+    errno.ENOTDIR: ("not_a_directory", asyncssh.SFTPNotADirectory),
+    errno.EISDIR: ("file_is_a_directory", asyncssh.SFTPFileIsADirectory),
+    errno.ENOSPC: ("no_space_on_filesystem", asyncssh.SFTPNoSpaceOnFilesystem),
+    errno.EDQUOT: ("quota_exceeded", asyncssh.SFTPQuotaExceeded),
+    errno.ENAMETOOLONG: ("invalid_filename", asyncssh.SFTPInvalidFilename),
+    errno.EINVAL: ("failure", asyncssh.SFTPFailure),
+}
+
+
+def sftp_error(exc: BaseException) -> tuple[str, asyncssh.SFTPError]:
+    """The one translation of errors to (journal status, SFTP reply)."""
+    if isinstance(exc, asyncssh.SFTPError):
+        name = type(exc).__name__.removeprefix("SFTP")
+        return _snake(name) or "failure", exc
+    if isinstance(exc, JailError):
+        return "permission_denied", asyncssh.SFTPPermissionDenied(f"Permission denied: {exc}")
+    if isinstance(exc, OSError):
+        status, cls = _ERRNO.get(exc.errno or 0, ("failure", asyncssh.SFTPFailure))
+        return status, cls(exc.strerror or str(exc))
+    return "failure", asyncssh.SFTPFailure(f"Internal error: {type(exc).__name__}")
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+@dataclass(slots=True)
+class SessionContext:
+    """What the SSH layer hands to each SFTP session of an authenticated user."""
+
+    info: SessionInfo
+    user: User
+    sink: EventSink
+    executor: Executor | None
+    owner: tuple[int, int] | None = None
+    # Set by the SSH layer when the channel is being torn down: a close() after
+    # this is asyncssh closing a handle the client left open.
+    ending: bool = False
+    open_files: set[int] = field(default_factory=set)
+
+
+def _decode(path: bytes | None) -> str | None:
+    return None if path is None else path.decode("utf-8", "backslashreplace")
+
+
+class GatewaySFTPServer(asyncssh.SFTPServer):
+    """One SFTP session of one jailed user."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], ctx: SessionContext) -> None:
+        super().__init__(chan)
+        self.ctx = ctx
+        self.fs = UserFS(Jail(ctx.user.home), ctx.owner)
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+        return await loop.run_in_executor(self.ctx.executor, call)
+
+    def _event(self, op: Op, path: bytes | None = None, **fields: Any) -> Event:
+        if path is not None:
+            fields["path"] = _decode(Jail.virtual(path))
+        return Event(op=op, session=self.ctx.info, **fields)
+
+    async def _do(
+        self,
+        op: Op,
+        path: bytes | None,
+        fn: Callable[..., T],
+        *args: Any,
+        journal_ok: bool = True,
+        **fields: Any,
+    ) -> T:
+        """Run ``fn`` off the loop; journal the outcome; raise the SFTP error on failure."""
+        started = time.monotonic()
+        try:
+            result = await self._io(fn, *args)
+        except Exception as exc:
+            status, error = sftp_error(exc)
+            self.ctx.sink.emit(
+                self._event(
+                    op,
+                    path,
+                    status=status,
+                    message=str(error.reason),
+                    duration=time.monotonic() - started,
+                    **fields,
+                )
+            )
+            raise error from None
+        if journal_ok:
+            self.ctx.sink.emit(self._event(op, path, duration=time.monotonic() - started, **fields))
+        return result
+
+    # -- files --------------------------------------------------------------
+
+    async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+        mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
+        f = await self._do(
+            Op.OPEN, path, self.fs.open, path, pflags, attrs, flags=pflags, mode=mode
+        )
+        self.ctx.open_files.add(id(f))
+        return f
+
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        f = _file(file_obj)
+        try:
+            return await self._io(self.fs.read, f, offset, size)
+        except OSError as exc:
+            self._io_failed(Op.READ, f, exc)
+
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        f = _file(file_obj)
+        try:
+            return await self._io(self.fs.write, f, offset, data)
+        except OSError as exc:
+            self._io_failed(Op.WRITE, f, exc)
+
+    def _io_failed(self, op: Op, f: OpenFile, exc: OSError) -> NoReturn:
+        status, error = sftp_error(exc)
+        f.error = f"{op.value} failed: {error.reason}"
+        self.ctx.sink.emit(
+            Event(
+                op=op,
+                session=self.ctx.info,
+                path=_decode(f.resolved.virtual),
+                status=status,
+                message=str(error.reason),
+                bytes_read=f.bytes_read,
+                bytes_written=f.bytes_written,
+            )
+        )
+        raise error from None
+
+    async def close(self, file_obj: object) -> None:
+        f = _file(file_obj)
+        ending = self.ctx.ending
+        self.ctx.open_files.discard(id(f))
+        status, message, error = "ok", f.error, None
+        try:
+            await self._io(os.close, f.fd)
+        except OSError as exc:  # NFS reports deferred write errors here
+            status, error = sftp_error(exc)
+            message = f"close failed: {error.reason}"
+        upload: UploadState | None = None
+        if f.writable:
+            if ending:
+                upload = UploadState.INCOMPLETE
+                message = "session ended with the file open"
+            elif status == "ok" and f.error is None and f.bytes_written > 0:
+                upload = UploadState.COMPLETE
+        event = Event(
+            op=Op.CLOSE,
+            session=self.ctx.info,
+            path=_decode(f.resolved.virtual),
+            flags=f.pflags,
+            bytes_read=f.bytes_read,
+            bytes_written=f.bytes_written,
+            duration=time.monotonic() - f.opened_at,
+            status=status,
+            message=message,
+            upload=upload,
+        )
+        if upload is UploadState.COMPLETE:
+            try:
+                # The reply waits for the commit: an OK close means it is journaled.
+                await self.ctx.sink.emit_durable(event)
+            except Exception as exc:
+                raise asyncssh.SFTPFailure(f"upload not recorded, try again: {exc}") from None
+        else:
+            self.ctx.sink.emit(event)
+        if error is not None:
+            raise error
+
+    async def fstat(self, file_obj: object) -> os.stat_result:
+        f = _file(file_obj)
+        return await self._do(Op.STAT, f.resolved.virtual, os.fstat, f.fd, journal_ok=False)
+
+    async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+        f = _file(file_obj)
+        await self._do(
+            Op.SETSTAT,
+            f.resolved.virtual,
+            self.fs.setstat,
+            None,
+            f,
+            attrs,
+            attrs=attrs_summary(attrs),
+        )
+
+    async def fsync(self, file_obj: object) -> None:
+        f = _file(file_obj)
+        await self._do(Op.FSYNC, f.resolved.virtual, os.fsync, f.fd, journal_ok=False)
+
+    async def fstatvfs(self, file_obj: object) -> os.statvfs_result:
+        f = _file(file_obj)
+        return await self._do(Op.STATVFS, f.resolved.virtual, os.fstatvfs, f.fd, journal_ok=False)
+
+    # -- paths --------------------------------------------------------------
+
+    async def stat(self, path: bytes) -> os.stat_result:
+        return await self._do(
+            Op.STAT, path, functools.partial(self.fs.stat, follow=True), path, journal_ok=False
+        )
+
+    async def lstat(self, path: bytes) -> os.stat_result:
+        return await self._do(
+            Op.STAT, path, functools.partial(self.fs.stat, follow=False), path, journal_ok=False
+        )
+
+    async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._do(
+            Op.SETSTAT, path, self.fs.setstat, path, None, attrs, attrs=attrs_summary(attrs)
+        )
+
+    async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._do(
+            Op.SETSTAT,
+            path,
+            functools.partial(self.fs.setstat, follow=False),
+            path,
+            None,
+            attrs,
+            attrs=attrs_summary(attrs),
+        )
+
+    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        names = await self._do(Op.LIST, path, self.fs.list, path, journal_ok=False)
+        self.ctx.sink.emit(self._event(Op.LIST, path, attrs={"entries": len(names) - 2}))
+        for name in names:
+            yield name
+
+    def format_user(self, uid: int | None) -> str:
+        return self.fs.name_of("u", uid)
+
+    def format_group(self, gid: int | None) -> str:
+        return self.fs.name_of("g", gid)
+
+    async def remove(self, path: bytes) -> None:
+        await self._do(Op.REMOVE, path, self.fs.remove, path)
+
+    async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+        mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
+        await self._do(Op.MKDIR, path, self.fs.mkdir, path, attrs, mode=mode)
+
+    async def rmdir(self, path: bytes) -> None:
+        await self._do(Op.RMDIR, path, self.fs.rmdir, path)
+
+    async def realpath(self, path: bytes) -> bytes:
+        return await self._do(Op.REALPATH, path, self.fs.realpath, path, journal_ok=False)
+
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._do(
+            Op.RENAME,
+            oldpath,
+            functools.partial(self.fs.rename, overwrite=False),
+            oldpath,
+            newpath,
+            path2=_decode(Jail.virtual(newpath)),
+        )
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._do(
+            Op.RENAME,
+            oldpath,
+            functools.partial(self.fs.rename, overwrite=True),
+            oldpath,
+            newpath,
+            path2=_decode(Jail.virtual(newpath)),
+            attrs={"overwrite": True},
+        )
+
+    async def readlink(self, path: bytes) -> bytes:
+        return await self._do(Op.READLINK, path, self.fs.readlink, path, journal_ok=False)
+
+    async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        # asyncssh passes (target, link) whatever order the client used.
+        await self._do(
+            Op.SYMLINK, newpath, self.fs.symlink, oldpath, newpath, path2=_decode(oldpath)
+        )
+
+    async def link(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._do(
+            Op.LINK, newpath, self.fs.link, oldpath, newpath, path2=_decode(Jail.virtual(oldpath))
+        )
+
+    async def statvfs(self, path: bytes) -> os.statvfs_result:
+        return await self._do(Op.STATVFS, path, self.fs.statvfs, path, journal_ok=False)
+
+
+def _file(file_obj: object) -> OpenFile:
+    if not isinstance(file_obj, OpenFile):  # pragma: no cover - asyncssh only hands back ours
+        raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+    return file_obj

@@ -1,0 +1,265 @@
+"""The SSH side of ``sftpgate serve``: host keys, authentication, SFTP-only sessions.
+
+Only the ``sftp`` subsystem is offered: shell, exec, pty, X11, agent and port
+forwarding requests are all refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any, cast
+
+import asyncssh
+from asyncssh.channel import SSHChannel
+from asyncssh.sftp import SFTPServerHandler
+from asyncssh.stream import SSHServerStreamSession
+
+from ..config import User
+from ..events import Event, EventSink, Op, SessionInfo
+from ..passwords import DUMMY_HASH, verify_password
+from .sftp import GatewaySFTPServer, SessionContext
+
+log = logging.getLogger(__name__)
+
+HOST_KEY_ALGORITHMS = {"ssh_host_ed25519_key": "ssh-ed25519", "ssh_host_rsa_key": "ssh-rsa"}
+
+
+def ensure_host_keys(folder: Path) -> list[Path]:
+    """Return the host key files in ``folder``, creating missing ones (mode 0600).
+
+    Blocking (RSA generation takes a moment); called once at start-up.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = []
+    for name, algorithm in HOST_KEY_ALGORITHMS.items():
+        path = folder / name
+        if not path.exists():
+            if algorithm == "ssh-rsa":
+                key = asyncssh.generate_private_key(algorithm, key_size=3072)
+            else:
+                key = asyncssh.generate_private_key(algorithm)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key.export_private_key())
+            (folder / f"{name}.pub").write_bytes(key.export_public_key())
+            log.info("created host key %s", path)
+        elif path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        paths.append(path)
+    return paths
+
+
+class Users:
+    """The user table the SSH layer authenticates against; replaced whole on reload."""
+
+    def __init__(self, users: tuple[User, ...]) -> None:
+        self.replace(users)
+
+    def replace(self, users: tuple[User, ...]) -> None:
+        self._by_login = {user.login: user for user in users}
+
+    def get(self, login: str) -> User | None:
+        return self._by_login.get(login)
+
+
+def owner_for(user: User) -> tuple[int, int] | None:
+    """Owner to give new files: only when running as root (uid from config or the home)."""
+    if os.geteuid() != 0:
+        return None
+    if user.uid is not None:
+        return user.uid, user.gid if user.gid is not None else user.uid
+    try:
+        st = user.home.stat()
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid
+
+
+class _TrackingHandler(SFTPServerHandler):
+    """asyncssh's handler, telling our server when the session is being torn down.
+
+    asyncssh closes every handle still open when the session ends and then
+    calls ``exit()``; to the server those closes look like the client's own.
+    Setting ``ctx.ending`` first lets ``close()`` journal them as incomplete.
+    """
+
+    async def _cleanup(self, exc: Exception | None) -> None:
+        server = self._server
+        if isinstance(server, GatewaySFTPServer):
+            server.ctx.ending = True
+        await super()._cleanup(exc)
+
+
+class _SFTPOnlySession(SSHServerStreamSession[bytes]):
+    """A session channel that accepts the ``sftp`` subsystem and nothing else."""
+
+    def __init__(self, factory: Callable[[SSHChannel[bytes]], GatewaySFTPServer]):
+        super().__init__(None, factory, 3, False)
+        self._factory = factory
+
+    def pty_requested(self, *args: Any) -> bool:
+        return False
+
+    def shell_requested(self) -> bool:
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == "sftp"
+
+    def session_started(self) -> None:
+        chan = cast(asyncssh.SSHServerChannel[bytes], self._chan)
+        assert chan is not None
+        chan.set_encoding(None)
+        reader = asyncssh.SSHReader[bytes](self, chan)
+        writer = asyncssh.SSHWriter[bytes](self, chan)
+        handler = _TrackingHandler(self._factory(chan), reader, writer, 3)
+        conn = chan.get_connection()
+        conn.create_task(handler.run(), reader.logger)
+
+
+class GatewaySSHServer(asyncssh.SSHServer):
+    """One SSH connection: authenticates against :class:`Users`, journals the outcome."""
+
+    def __init__(
+        self,
+        users: Users,
+        sink: EventSink,
+        executor: Executor | None,
+        max_auth_attempts: int,
+        registry: set[GatewaySSHServer] | None = None,
+    ) -> None:
+        self._users = users
+        self._registry = registry
+        self._sink = sink
+        self._executor = executor
+        self._max_auth_attempts = max_auth_attempts
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self.info = SessionInfo(id=secrets.token_hex(8), remote_addr="?", remote_port=0)
+        self._login: str | None = None
+        self._user: User | None = None
+        self._method: str | None = None
+        self._failures = 0
+        self._key_rejected = False
+        self._authenticated = False
+        self.contexts: list[SessionContext] = []
+
+    # -- connection ----------------------------------------------------------
+
+    @property
+    def conn(self) -> asyncssh.SSHServerConnection | None:
+        return self._conn
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        if self._registry is not None:
+            self._registry.add(self)
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self.info = SessionInfo(id=self.info.id, remote_addr=str(peer[0]), remote_port=int(peer[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._registry is not None:
+            self._registry.discard(self)
+        if self._authenticated:
+            reason = f"connection lost: {exc}" if exc else None
+            self._sink.emit(Event(Op.LOGOUT, self.info, message=reason))
+        elif self._login is not None and (self._key_rejected or self._failures == 0):
+            # Tried a key (or nothing we could judge) and left: one failed login.
+            self._sink.emit(
+                Event(
+                    Op.LOGIN_FAILED,
+                    self._with(
+                        login=self._login, auth_method="publickey" if self._key_rejected else "none"
+                    ),
+                    status="permission_denied",
+                    message="disconnected before authenticating",
+                )
+            )
+
+    def _with(self, **changes: Any) -> SessionInfo:
+        fields = {name: getattr(self.info, name) for name in SessionInfo.__slots__}
+        fields.update(changes)
+        return SessionInfo(**fields)
+
+    # -- authentication ------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        self._login = username
+        self._user = self._users.get(username)
+        assert self._conn is not None
+        version = self._conn.get_extra_info("client_version")
+        self.info = self._with(login=username, client_version=version)
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        user = self._users.get(username)
+        hashed = user.password_hash if user and user.password_hash else DUMMY_HASH
+        ok = await asyncio.get_running_loop().run_in_executor(
+            self._executor, verify_password, password, hashed
+        )
+        ok = ok and user is not None and user.password_hash is not None
+        if ok:
+            self._method = "password"
+        else:
+            self._failure("password", "unknown user" if user is None else "wrong password")
+        return ok
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        user = self._users.get(username)
+        if user is not None:
+            for line in user.authorized_keys:
+                if asyncssh.import_public_key(line).public_data == key.public_data:
+                    self._method = "publickey"
+                    return True
+        self._key_rejected = True
+        return False
+
+    def _failure(self, method: str, why: str) -> None:
+        self._failures += 1
+        self._sink.emit(
+            Event(
+                Op.LOGIN_FAILED,
+                self._with(auth_method=method),
+                status="permission_denied",
+                message=why,
+            )
+        )
+        if self._failures >= self._max_auth_attempts and self._conn is not None:
+            self._conn.disconnect(
+                asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication failures"
+            )
+
+    def auth_completed(self) -> None:
+        self._authenticated = True
+        self.info = self._with(auth_method=self._method, started_at=time.time())
+        self._sink.emit(Event(Op.LOGIN, self.info))
+
+    # -- sessions ------------------------------------------------------------
+
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
+        if self._user is None or not self._authenticated:
+            return False
+        return _SFTPOnlySession(self._make_sftp_server)
+
+    def _make_sftp_server(self, chan: SSHChannel[bytes]) -> GatewaySFTPServer:
+        assert self._user is not None
+        ctx = SessionContext(
+            self.info, self._user, self._sink, self._executor, owner_for(self._user)
+        )
+        self.contexts.append(ctx)
+        return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)

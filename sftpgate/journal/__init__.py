@@ -1,0 +1,1 @@
+"""The audit journal: SQLite storage, the group-commit writer, queries and formats."""

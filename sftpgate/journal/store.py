@@ -1,0 +1,188 @@
+"""SQLite journal: schema and the one connection helper.
+
+Tables are constants; every access goes through :func:`connect`. WAL mode, so
+readers (``sftpgate journal``) never block the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..events import Event, Op, UploadState
+
+SCHEMA_VERSION = 1
+
+SESSIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id             TEXT PRIMARY KEY,
+    login          TEXT,
+    remote_addr    TEXT,
+    remote_port    INTEGER,
+    client_version TEXT,
+    auth_method    TEXT,
+    result         TEXT NOT NULL,        -- ok | failed
+    started_at     REAL NOT NULL,
+    ended_at       REAL
+)"""
+
+OPERATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS operations (
+    id            INTEGER PRIMARY KEY,
+    ts            REAL NOT NULL,         -- unix time, UTC
+    session_id    TEXT NOT NULL,
+    login         TEXT,
+    remote_addr   TEXT,
+    op            TEXT NOT NULL,
+    path          TEXT,
+    path2         TEXT,                  -- rename target, symlink target
+    flags         INTEGER,               -- SFTP open pflags
+    mode          INTEGER,               -- permission bits asked for
+    attrs         TEXT,                  -- JSON: setstat attributes, listing size ...
+    bytes_read    INTEGER,
+    bytes_written INTEGER,
+    duration_ms   REAL,
+    status        TEXT NOT NULL,         -- ok | SFTP status name
+    message       TEXT
+)"""
+
+UPLOADS_TABLE = """
+CREATE TABLE IF NOT EXISTS uploads (
+    id            INTEGER PRIMARY KEY,
+    ts            REAL NOT NULL,
+    session_id    TEXT NOT NULL,
+    login         TEXT,
+    path          TEXT NOT NULL,
+    bytes         INTEGER NOT NULL,
+    state         TEXT NOT NULL,         -- complete | incomplete
+    operation_id  INTEGER REFERENCES operations(id)
+)"""
+
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS operations_ts ON operations(ts)",
+    "CREATE INDEX IF NOT EXISTS operations_login_ts ON operations(login, ts)",
+    "CREATE INDEX IF NOT EXISTS operations_op_ts ON operations(op, ts)",
+    "CREATE INDEX IF NOT EXISTS operations_session ON operations(session_id)",
+    "CREATE INDEX IF NOT EXISTS uploads_ts ON uploads(ts)",
+)
+
+
+def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) -> sqlite3.Connection:
+    """Open the journal, creating the schema when writing.
+
+    Raises ``sqlite3.Error`` (and ``OSError`` for the folder) on failure.
+    """
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version < SCHEMA_VERSION:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in (SESSIONS_TABLE, OPERATIONS_TABLE, UPLOADS_TABLE, *INDEXES):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    return conn
+
+
+_SESSION_UPSERT = """
+INSERT INTO sessions (id, login, remote_addr, remote_port, client_version, auth_method,
+                      result, started_at, ended_at)
+VALUES (:id, :login, :remote_addr, :remote_port, :client_version, :auth_method,
+        :result, :started_at, :ended_at)
+ON CONFLICT(id) DO UPDATE SET
+    login = COALESCE(excluded.login, sessions.login),
+    client_version = COALESCE(excluded.client_version, sessions.client_version),
+    auth_method = COALESCE(excluded.auth_method, sessions.auth_method),
+    result = CASE WHEN sessions.result = 'ok' THEN 'ok' ELSE excluded.result END,
+    ended_at = COALESCE(excluded.ended_at, sessions.ended_at)
+"""
+
+_OPERATION_INSERT = """
+INSERT INTO operations (ts, session_id, login, remote_addr, op, path, path2, flags, mode, attrs,
+                        bytes_read, bytes_written, duration_ms, status, message)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_UPLOAD_INSERT = """
+INSERT INTO uploads (ts, session_id, login, path, bytes, state, operation_id)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+
+_SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
+
+
+def record(conn: sqlite3.Connection, event: Event) -> int:
+    """Write one event inside the caller's transaction; return the operation id."""
+    s = event.session
+    if event.op in _SESSION_OPS:
+        conn.execute(
+            _SESSION_UPSERT,
+            {
+                "id": s.id,
+                "login": s.login,
+                "remote_addr": s.remote_addr,
+                "remote_port": s.remote_port,
+                "client_version": s.client_version,
+                "auth_method": s.auth_method,
+                "result": "ok" if event.op is Op.LOGIN else "failed",
+                "started_at": s.started_at,
+                "ended_at": event.time if event.op is Op.LOGOUT else None,
+            },
+        )
+    cursor = conn.execute(
+        _OPERATION_INSERT,
+        (
+            event.time,
+            s.id,
+            s.login,
+            s.remote_addr,
+            event.op.value,
+            event.path,
+            event.path2,
+            event.flags,
+            event.mode,
+            json.dumps(event.attrs, sort_keys=True) if event.attrs is not None else None,
+            event.bytes_read,
+            event.bytes_written,
+            round(event.duration * 1000, 3) if event.duration is not None else None,
+            event.status,
+            event.message,
+        ),
+    )
+    op_id = int(cursor.lastrowid or 0)
+    if event.upload is not None and event.path is not None:
+        conn.execute(
+            _UPLOAD_INSERT,
+            (
+                event.time,
+                s.id,
+                s.login,
+                event.path,
+                event.bytes_written or 0,
+                UploadState(event.upload).value,
+                op_id,
+            ),
+        )
+    return op_id
+
+
+def record_batch(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
+    """Write events in one transaction (one fsync for the lot)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for event in events:
+            record(conn, event)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

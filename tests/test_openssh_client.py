@@ -1,0 +1,90 @@
+"""The same actions with OpenSSH's own `sftp` client in batch mode: a client nobody here wrote."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from conftest import RunningGateway, need_tool
+
+
+def run_sftp_batch(gateway: RunningGateway, login: str, batch: str, tmp: Path) -> str:
+    sftp = need_tool("sftp", "apt-get install openssh-client")
+    batch_file = tmp / "batch.txt"
+    batch_file.write_text(batch)
+    result = subprocess.run(
+        [
+            sftp,
+            "-b",
+            str(batch_file),
+            "-P",
+            str(gateway.port),
+            "-i",
+            str(gateway.keys[login]),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+            f"{login}@127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout
+
+
+def test_openssh_sftp_batch_upload_is_journaled_like_paramikos(
+    gateway: RunningGateway, tmp_path: Path
+) -> None:
+    local = tmp_path / "my clip.mp4"
+    payload = b"\x00\x01video" * 10_000
+    local.write_bytes(payload)
+    out = run_sftp_batch(
+        gateway,
+        "bob",
+        """\
+mkdir incoming
+put "my clip.mp4" "incoming/my clip.mp4"
+ls -l incoming
+rename "incoming/my clip.mp4" incoming/final.mp4
+get incoming/final.mp4 back.mp4
+chmod 600 incoming/final.mp4
+rm incoming/final.mp4
+rmdir incoming
+""",
+        tmp_path,
+    )
+    assert "my clip.mp4" in out
+    assert (tmp_path / "back.mp4").read_bytes() == payload
+    assert list(gateway.home("bob").iterdir()) == []
+
+    gateway.close_clients()
+    rows = gateway.wait_rows(lambda rs: any(r["op"] == "logout" for r in rs))
+    ops = [(r["op"], r["path"]) for r in rows if r["op"] not in ("open",)]
+    assert ("mkdir", "/incoming") in ops
+    assert ("close", "/incoming/my clip.mp4") in ops
+    assert ("rename", "/incoming/my clip.mp4") in ops
+    assert ("setstat", "/incoming/final.mp4") in ops
+    assert ("remove", "/incoming/final.mp4") in ops
+    assert ("rmdir", "/incoming") in ops
+    upload = next(r for r in rows if r["op"] == "close" and r["bytes_written"])
+    assert upload["bytes_written"] == len(payload)
+    download = next(r for r in rows if r["op"] == "close" and r["bytes_read"])
+    assert download["bytes_read"] == len(payload)
+    (session,) = gateway.rows("SELECT * FROM sessions")
+    assert "OpenSSH" in session["client_version"]
+    assert session["auth_method"] == "publickey"
+    uploads = gateway.rows("SELECT path, state, bytes FROM uploads")
+    assert uploads == [
+        {"path": "/incoming/my clip.mp4", "state": "complete", "bytes": len(payload)}
+    ]
