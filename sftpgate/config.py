@@ -98,6 +98,16 @@ class Config:
         return None
 
 
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
 class _Reader:
     """Pulls typed values out of one mapping, naming ``file: key`` in every error."""
 
@@ -119,8 +129,9 @@ class _Reader:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise self.error(key, f"must be a {name}, got {type(value).__name__}")
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            name = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.error(key, f"must be {name}, got {type(value).__name__}")
         return value
 
     def required_str(self, key: str) -> str:

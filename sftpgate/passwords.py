@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import os
+import secrets
 
 import bcrypt
 
@@ -96,4 +97,4 @@ def verify_password(password: str, hashed: str) -> bool:
 
 # Verified against when the login is unknown, so a wrong login costs the same
 # time as a wrong password and logins cannot be enumerated by timing.
-DUMMY_HASH = hash_password("sftpgate-no-such-user", log_n=DEFAULT_LOG_N)
+DUMMY_HASH = hash_password(secrets.token_hex(16), log_n=DEFAULT_LOG_N)

@@ -170,7 +170,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if self._registry is not None:
             self._registry.discard(self)
         if self._authenticated:
-            reason = f"connection lost: {exc}" if exc else None
+            reason = str(exc) if exc else None
+            log.info(
+                "logout %s from %s:%d%s",
+                self.info.login,
+                self.info.remote_addr,
+                self.info.remote_port,
+                f" ({reason})" if reason else "",
+            )
             self._sink.emit(Event(Op.LOGOUT, self.info, message=reason))
         elif self._login is not None and (self._key_rejected or self._failures == 0):
             # Tried a key (or nothing we could judge) and left: one failed login.
@@ -209,9 +216,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
     async def validate_password(self, username: str, password: str) -> bool:
         user = self._users.get(username)
         hashed = user.password_hash if user and user.password_hash else DUMMY_HASH
-        ok = await asyncio.get_running_loop().run_in_executor(
-            self._executor, verify_password, password, hashed
-        )
+        # The default executor, not the filesystem pool: a password flood must
+        # not take the threads that uploads need.
+        ok = await asyncio.to_thread(verify_password, password, hashed)
         ok = ok and user is not None and user.password_hash is not None
         if ok:
             self._method = "password"
@@ -231,6 +238,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def _failure(self, method: str, why: str) -> None:
         self._failures += 1
+        log.warning(
+            "failed %s login for %s from %s:%d: %s",
+            method,
+            self._login,
+            self.info.remote_addr,
+            self.info.remote_port,
+            why,
+        )
         self._sink.emit(
             Event(
                 Op.LOGIN_FAILED,
@@ -247,6 +262,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self._authenticated = True
         self.info = self._with(auth_method=self._method, started_at=time.time())
+        log.info(
+            "login %s from %s:%d (%s, %s)",
+            self.info.login,
+            self.info.remote_addr,
+            self.info.remote_port,
+            self._method,
+            self.info.client_version,
+        )
         self._sink.emit(Event(Op.LOGIN, self.info))
 
     # -- sessions ------------------------------------------------------------

@@ -1,0 +1,237 @@
+"""The jail: pure virtual-path normalisation, and symlink checks on a real temp tree."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sftpgate.errors import JailError
+from sftpgate.frontdoor.jail import Jail
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "expected"),
+    [
+        pytest.param(b"..", b"/", b"/", id="dotdot-at-root"),
+        pytest.param(b"../../..", b"/", b"/", id="many-dotdots"),
+        pytest.param(b"/../../etc/passwd", b"/", b"/etc/passwd", id="absolute-dotdot"),
+        pytest.param(b"//x", b"/", b"/x", id="double-slash"),
+        pytest.param(b"///x//y", b"/", b"/x/y", id="many-slashes"),
+        pytest.param(b"a/../../b", b"/", b"/b", id="relative-climbs-past-root"),
+        pytest.param(b"x", b"/dir", b"/dir/x", id="relative-with-base"),
+        pytest.param(b"../y", b"/dir", b"/y", id="relative-dotdot-with-base"),
+        pytest.param(b"../../../y", b"/dir/sub", b"/y", id="relative-climbs-past-root-from-base"),
+        pytest.param(b"/abs", b"/dir", b"/abs", id="absolute-ignores-base"),
+        pytest.param(b"a/b/", b"/", b"/a/b", id="trailing-slash"),
+        pytest.param(b"/a/b//", b"/", b"/a/b", id="trailing-slashes"),
+        pytest.param(b"a/./b/.", b"/", b"/a/b", id="dots"),
+        pytest.param(b"", b"/", b"/", id="empty"),
+        pytest.param(b"", b"/dir", b"/dir", id="empty-with-base"),
+        pytest.param(b".", b"/", b"/", id="dot"),
+        pytest.param(b"/", b"/", b"/", id="root"),
+        pytest.param(b"//", b"/", b"/", id="double-slash-root"),
+    ],
+)
+def test_virtual_normalises_and_never_climbs_above_root(
+    path: bytes, base: bytes, expected: bytes
+) -> None:
+    assert Jail.virtual(path, base) == expected
+
+
+def test_virtual_is_pure_and_does_not_look_at_the_filesystem() -> None:
+    # A path that cannot exist anywhere still normalises.
+    assert Jail.virtual(b"no/such/../thing") == b"/no/thing"
+
+
+@dataclass
+class Tree:
+    jail: Jail
+    root: bytes
+    outside: Path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    """home/ with a file, a subdir, an inward link and two outward links; outside/ beside it.
+
+    home/inner.txt
+    home/sub/deep.txt
+    home/in      -> sub                  (relative, inside)
+    home/abs_in  -> <home>/inner.txt     (absolute, inside)
+    home/out     -> <tmp>/outside        (absolute, outside)
+    home/rel_out -> ../outside           (relative, outside)
+    outside/secret.txt
+    """
+    home = tmp_path / "home"
+    outside = tmp_path / "outside"
+    (home / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (home / "inner.txt").write_text("inner")
+    (home / "sub" / "deep.txt").write_text("deep")
+    (outside / "secret.txt").write_text("secret")
+    os.symlink("sub", home / "in")
+    os.symlink(home / "inner.txt", home / "abs_in")
+    os.symlink(outside, home / "out")
+    os.symlink("../outside", home / "rel_out")
+    jail = Jail(home)
+    return Tree(jail, os.fsencode(os.path.realpath(home)), outside)
+
+
+def test_root_is_the_real_path_of_the_home(tmp_path: Path, tree: Tree) -> None:
+    alias = tmp_path / "home-alias"
+    os.symlink(tmp_path / "home", alias)
+    assert Jail(alias).root == tree.root
+
+
+def test_resolve_root_and_dotdot_give_the_home(tree: Tree) -> None:
+    for path in (b"/", b"", b"..", b"/../.."):
+        resolved = tree.jail.resolve(path)
+        assert resolved.virtual == b"/"
+        assert resolved.local == tree.root
+    assert tree.jail.resolve(b"..", follow=False).local == tree.root
+
+
+def test_resolve_inner_file(tree: Tree) -> None:
+    resolved = tree.jail.resolve(b"inner.txt")
+    assert resolved.virtual == b"/inner.txt"
+    assert resolved.local == tree.root + b"/inner.txt"
+    assert Path(os.fsdecode(resolved.local)).read_text() == "inner"
+
+
+def test_resolve_missing_path_inside_home_is_allowed(tree: Tree) -> None:
+    resolved = tree.jail.resolve(b"/sub/new-file")
+    assert resolved.local == tree.root + b"/sub/new-file"
+
+
+def test_dotdot_cannot_reach_the_folder_beside_the_home(tree: Tree) -> None:
+    resolved = tree.jail.resolve(b"../outside/secret.txt")
+    assert resolved.virtual == b"/outside/secret.txt"
+    assert resolved.local == tree.root + b"/outside/secret.txt"
+    assert not os.path.exists(resolved.local)
+
+
+@pytest.mark.parametrize("link", [b"/out", b"/rel_out"])
+def test_following_a_symlink_that_leads_outside_is_refused(tree: Tree, link: bytes) -> None:
+    with pytest.raises(JailError):
+        tree.jail.resolve(link, follow=True)
+    with pytest.raises(JailError):
+        tree.jail.resolve(link + b"/secret.txt", follow=True)
+
+
+@pytest.mark.parametrize("link", [b"/out", b"/rel_out"])
+def test_outward_symlink_itself_can_be_named_without_following_so_it_can_be_removed(
+    tree: Tree, link: bytes
+) -> None:
+    resolved = tree.jail.resolve(link, follow=False)
+    assert resolved.virtual == link
+    assert resolved.local == tree.root + link
+    assert os.path.islink(resolved.local)
+    os.remove(resolved.local)
+    assert (tree.outside / "secret.txt").read_text() == "secret"
+
+
+@pytest.mark.parametrize("link", [b"/out", b"/rel_out"])
+def test_path_through_an_outward_symlink_is_refused_even_without_follow(
+    tree: Tree, link: bytes
+) -> None:
+    with pytest.raises(JailError):
+        tree.jail.resolve(link + b"/secret.txt", follow=False)
+
+
+def test_symlink_pointing_inside_is_followed(tree: Tree) -> None:
+    assert tree.jail.resolve(b"/in").local == tree.root + b"/sub"
+    through = tree.jail.resolve(b"/in/deep.txt")
+    assert through.virtual == b"/in/deep.txt"
+    assert through.local == tree.root + b"/sub/deep.txt"
+    assert tree.jail.resolve(b"/in/deep.txt", follow=False).local == tree.root + b"/sub/deep.txt"
+    assert tree.jail.resolve(b"/abs_in").local == tree.root + b"/inner.txt"
+
+
+def test_link_target_refuses_a_target_that_resolves_outside(tree: Tree) -> None:
+    link = tree.jail.resolve(b"/newlink", follow=False)
+    for target in (b"/out", b"out", b"out/secret.txt", b"/rel_out/secret.txt", b"sub/../out"):
+        with pytest.raises(JailError):
+            tree.jail.link_target(target, link)
+
+
+def test_link_target_keeps_dotdot_targets_inside_the_home(tree: Tree) -> None:
+    link = tree.jail.resolve(b"/sub/newlink", follow=False)
+    stored = tree.jail.link_target(b"../../../outside/secret.txt", link)
+    assert stored == b"../outside/secret.txt"  # i.e. <home>/outside/secret.txt
+    os.symlink(stored, link.local)
+    assert os.path.realpath(link.local) == tree.root + b"/outside/secret.txt"
+
+
+@pytest.mark.parametrize(
+    ("link_path", "target", "stored", "content"),
+    [
+        pytest.param(b"/newlink", b"/sub/deep.txt", b"sub/deep.txt", "deep", id="abs-from-root"),
+        pytest.param(b"/newlink", b"inner.txt", b"inner.txt", "inner", id="rel-from-root"),
+        pytest.param(b"/sub/l", b"/inner.txt", b"../inner.txt", "inner", id="abs-from-subdir"),
+        pytest.param(b"/sub/l", b"deep.txt", b"deep.txt", "deep", id="rel-from-subdir"),
+        pytest.param(b"/newlink", b"/in/deep.txt", b"in/deep.txt", "deep", id="via-inward-link"),
+    ],
+)
+def test_link_target_returns_a_relative_link_for_an_inside_target(
+    tree: Tree, link_path: bytes, target: bytes, stored: bytes, content: str
+) -> None:
+    link = tree.jail.resolve(link_path, follow=False)
+    result = tree.jail.link_target(target, link)
+    assert result == stored
+    assert not result.startswith(b"/")
+    os.symlink(result, link.local)
+    assert Path(os.fsdecode(link.local)).read_text() == content
+
+
+@pytest.mark.parametrize("link_path", [b"/out", b"/rel_out"])
+def test_link_for_client_refuses_links_pointing_outside(tree: Tree, link_path: bytes) -> None:
+    link = tree.jail.resolve(link_path, follow=False)
+    content = os.readlink(link.local)
+    with pytest.raises(JailError):
+        tree.jail.link_for_client(content, link)
+
+
+def test_link_for_client_resolves_dotdot_through_links_like_the_kernel(
+    tmp_path: Path, tree: Tree
+) -> None:
+    # home/sneaky -> out/../sub: read as text it stays inside, but the kernel goes
+    # through out (-> <tmp>/outside) and then up, landing on <tmp>/sub.
+    (tmp_path / "sub").mkdir()
+    os.symlink("out/../sub", tmp_path / "home" / "sneaky")
+    link = tree.jail.resolve(b"/sneaky", follow=False)
+    assert os.path.realpath(link.local) == os.fsencode(os.path.realpath(tmp_path / "sub"))
+    with pytest.raises(JailError):
+        tree.jail.link_for_client(os.readlink(link.local), link)
+    with pytest.raises(JailError):
+        tree.jail.resolve(b"/sneaky")
+
+
+def test_link_for_client_shows_inside_links_in_the_users_view(tree: Tree) -> None:
+    relative = tree.jail.resolve(b"/in", follow=False)
+    assert tree.jail.link_for_client(os.readlink(relative.local), relative) == b"sub"
+    absolute = tree.jail.resolve(b"/abs_in", follow=False)
+    assert tree.jail.link_for_client(os.readlink(absolute.local), absolute) == b"/inner.txt"
+
+
+def test_to_virtual_maps_inside_paths_back(tree: Tree) -> None:
+    assert tree.jail.to_virtual(tree.root) == b"/"
+    assert tree.jail.to_virtual(tree.root + b"/sub/deep.txt") == b"/sub/deep.txt"
+
+
+def test_to_virtual_of_an_outside_path_raises(tree: Tree) -> None:
+    with pytest.raises(JailError):
+        tree.jail.to_virtual(os.fsencode(tree.outside / "secret.txt"))
+    with pytest.raises(JailError):
+        tree.jail.to_virtual(b"/")
+    # a sibling whose name merely starts with the home's name is outside too
+    with pytest.raises(JailError):
+        tree.jail.to_virtual(tree.root + b"2/file")
+
+
+def test_inside_does_not_accept_a_sibling_with_the_same_prefix(tree: Tree) -> None:
+    assert tree.jail.inside(tree.root)
+    assert tree.jail.inside(tree.root + b"/x")
+    assert not tree.jail.inside(tree.root + b"-other")
