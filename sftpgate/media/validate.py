@@ -1,0 +1,103 @@
+"""Decide whether probed media is an allowed video (pure)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ..config import PipelineConfig
+from .facts import MediaFacts
+
+
+def validate(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    """Return None when ``facts`` describe an allowed video, else a short reason.
+
+    The reason is meant for the uploader, e.g. ``"container 'wav' is not
+    allowed"`` or ``"too long: 2:00:05 (max 1:00:00)"``. Checks run in a fixed
+    order and the first failing one wins. Never raises.
+    """
+    for check in _CHECKS:
+        reason = check(facts, cfg)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _video(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    if facts.has_video:
+        return None
+    if facts.has_audio:
+        return "not a video: no video stream (audio only)"
+    return "not a video: no video stream"
+
+
+def _container(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    # ffprobe names one demuxer by all its formats ("mov,mp4,m4a,3gp,3g2,mj2"),
+    # and config entries may be written the same way: any shared part allows.
+    allowed = {p.strip().lower() for entry in cfg.allowed_containers for p in entry.split(",")}
+    parts = {p.strip().lower() for p in facts.container.split(",")}
+    if parts & allowed:
+        return None
+    return f"container '{facts.container}' is not allowed"
+
+
+def _codec(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    codec = (facts.video_codec or "unknown").lower()
+    if codec in {c.lower() for c in cfg.allowed_video_codecs}:
+        return None
+    return f"video codec '{codec}' is not allowed"
+
+
+def _duration(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    if facts.duration is None or facts.duration <= 0:
+        return "duration unknown"
+    if facts.duration > cfg.max_duration:
+        # Round the clip up and the limit down, so "too long" never shows
+        # two equal times.
+        shown = format_duration(math.ceil(facts.duration))
+        return f"too long: {shown} (max {format_duration(math.floor(cfg.max_duration))})"
+    return None
+
+
+def _resolution(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    if facts.width is None or facts.height is None:
+        return "video size unknown"
+    if facts.width > cfg.max_width or facts.height > cfg.max_height:
+        return f"resolution {facts.width}x{facts.height} exceeds {cfg.max_width}x{cfg.max_height}"
+    return None
+
+
+def _size(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    if facts.size > cfg.max_size:
+        return f"file too large: {format_size(facts.size)} (max {format_size(cfg.max_size)})"
+    return None
+
+
+_CHECKS: tuple[Callable[[MediaFacts, PipelineConfig], str | None], ...] = (
+    _video,
+    _container,
+    _codec,
+    _duration,
+    _resolution,
+    _size,
+)
+
+
+def format_duration(seconds: float) -> str:
+    """``7205`` -> ``"2:00:05"`` (hours are not padded, fractions are dropped)."""
+    whole = max(0, int(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def format_size(size: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``; whole bytes below 1 KiB."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
