@@ -70,6 +70,100 @@ class SmtpConfig:
     password_file: Path | None = None
     password_env: str | None = None
     sender: str = "sftpgate@localhost"
+    timeout: float = 30.0
+    # Transient failures (refused, 4xx) are retried this many times, waiting
+    # retry_wait * 2^n seconds between tries, before the job step fails and the
+    # job itself is retried later with its own backoff.
+    retries: int = 3
+    retry_wait: float = 2.0
+
+
+DEFAULT_PATTERNS = tuple(
+    f"*.{ext}" for ext in ("avi", "mov", "mp4", "m4v", "mpg", "mpeg", "wmv", "mkv", "webm", "flv")
+)
+DEFAULT_TEMP_PATTERNS = ("*.filepart", "*.part", "*.tmp")
+# ffprobe format_name values (each entry may be a comma list, as ffprobe prints them).
+DEFAULT_CONTAINERS = (
+    "avi",
+    "mov",
+    "mp4",
+    "m4a",
+    "3gp",
+    "3g2",
+    "mj2",
+    "mpeg",
+    "mpegts",
+    "mpegvideo",
+    "asf",
+    "matroska",
+    "webm",
+    "flv",
+)
+DEFAULT_VIDEO_CODECS = (
+    "h264",
+    "hevc",
+    "mpeg4",
+    "mpeg1video",
+    "mpeg2video",
+    "msmpeg4v2",
+    "msmpeg4v3",
+    "wmv1",
+    "wmv2",
+    "wmv3",
+    "vc1",
+    "vp8",
+    "vp9",
+    "av1",
+    "flv1",
+    "theora",
+    "mjpeg",
+    "h263",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    enabled: bool = True
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
+    output_dir: str = "converted"
+    allowed_containers: tuple[str, ...] = DEFAULT_CONTAINERS
+    allowed_video_codecs: tuple[str, ...] = DEFAULT_VIDEO_CODECS
+    max_duration: float = 4 * 3600.0
+    max_width: int = 7680
+    max_height: int = 4320
+    max_size: int = 50 * 1024**3
+    thumbnails: int = 10
+    thumbnail_width: int = 320
+    poster_width: int = 640
+    crf: int = 23
+    preset: str = "veryfast"
+    audio_bitrate: str = "128k"
+    ffmpeg: str = "ffmpeg"
+    ffprobe: str = "ffprobe"
+    timeout: float = 3 * 3600.0
+    nice: int = 10
+    memory_limit: int = 4 * 1024**3
+    threads: int = 0
+    # Extra ffmpeg input options, e.g. ["-readrate", "1"]; for special inputs.
+    input_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JobsConfig:
+    workers: int = 2
+    max_attempts: int = 5
+    backoff_base: float = 30.0
+    backoff_max: float = 3600.0
+    lease_seconds: float = 60.0
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EmailConfig:
+    enabled: bool = True
+    templates_dir: Path | None = None
+    admin: str | None = None  # told when a job goes dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +179,9 @@ class Config:
     journal: JournalConfig
     smtp: SmtpConfig
     log: LogConfig
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    email: EmailConfig = field(default_factory=EmailConfig)
     users: tuple[User, ...] = field(default_factory=tuple)
 
     @property
@@ -152,6 +249,27 @@ class _Reader:
             raise self.error(key, "must be greater than 0")
         return value
 
+    def nonnegative(self, key: str, kind: type, default: float) -> Any:
+        value = self.get(key, kind, default)
+        if value < 0:
+            raise self.error(key, "must not be negative")
+        return value
+
+    def even(self, key: str, default: int) -> int:
+        value = int(self.positive(key, int, default))
+        if value % 2:
+            raise self.error(key, "must be an even number of pixels")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key, list, None)
+        if value is None:
+            return default
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise self.error(f"{key}[{index}]", "must be a non-empty string")
+        return tuple(value)
+
     def path(self, key: str, default: Path | None) -> Path | None:
         value = self.get(key, str, None)
         if value is None:
@@ -215,9 +333,87 @@ def _smtp(r: _Reader) -> SmtpConfig:
         password_file=r.path("password_file", None),
         password_env=r.get("password_env", str, None),
         sender=r.get("from", str, d.sender),
+        timeout=r.positive("timeout", float, d.timeout),
+        retries=r.nonnegative("retries", int, d.retries),
+        retry_wait=r.nonnegative("retry_wait", float, d.retry_wait),
     )
     if not _EMAIL_RE.match(cfg.sender):
         raise r.error("from", "not an email address")
+    r.finish()
+    return cfg
+
+
+def _pipeline(r: _Reader) -> PipelineConfig:
+    d = PipelineConfig()
+    output_dir = r.get("output_dir", str, d.output_dir).strip("/")
+    if not output_dir or ".." in output_dir.split("/"):
+        raise r.error("output_dir", "must be a folder inside the home, without ..")
+    cfg = PipelineConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        patterns=r.strings("patterns", d.patterns),
+        temp_patterns=r.strings("temp_patterns", d.temp_patterns),
+        output_dir=output_dir,
+        allowed_containers=r.strings("allowed_containers", d.allowed_containers),
+        allowed_video_codecs=r.strings("allowed_video_codecs", d.allowed_video_codecs),
+        max_duration=r.positive("max_duration", float, d.max_duration),
+        max_width=r.positive("max_width", int, d.max_width),
+        max_height=r.positive("max_height", int, d.max_height),
+        max_size=r.positive("max_size", int, d.max_size),
+        thumbnails=r.nonnegative("thumbnails", int, d.thumbnails),
+        thumbnail_width=r.even("thumbnail_width", d.thumbnail_width),
+        poster_width=r.even("poster_width", d.poster_width),
+        crf=r.nonnegative("crf", int, d.crf),
+        preset=r.choice(
+            "preset",
+            (
+                "ultrafast",
+                "superfast",
+                "veryfast",
+                "faster",
+                "fast",
+                "medium",
+                "slow",
+                "slower",
+                "veryslow",
+            ),
+            d.preset,
+        ),
+        audio_bitrate=r.get("audio_bitrate", str, d.audio_bitrate),
+        ffmpeg=r.get("ffmpeg", str, d.ffmpeg),
+        ffprobe=r.get("ffprobe", str, d.ffprobe),
+        timeout=r.positive("timeout", float, d.timeout),
+        nice=r.nonnegative("nice", int, d.nice),
+        memory_limit=r.positive("memory_limit", int, d.memory_limit),
+        threads=r.nonnegative("threads", int, d.threads),
+        input_args=r.strings("input_args", d.input_args),
+    )
+    r.finish()
+    return cfg
+
+
+def _jobs(r: _Reader) -> JobsConfig:
+    d = JobsConfig()
+    cfg = JobsConfig(
+        workers=r.nonnegative("workers", int, d.workers),
+        max_attempts=r.positive("max_attempts", int, d.max_attempts),
+        backoff_base=r.positive("backoff_base", float, d.backoff_base),
+        backoff_max=r.positive("backoff_max", float, d.backoff_max),
+        lease_seconds=r.positive("lease_seconds", float, d.lease_seconds),
+        poll_interval=r.positive("poll_interval", float, d.poll_interval),
+    )
+    r.finish()
+    return cfg
+
+
+def _email(r: _Reader) -> EmailConfig:
+    admin = r.get("admin", str, None)
+    if admin is not None and not _EMAIL_RE.match(admin):
+        raise r.error("admin", "not an email address")
+    cfg = EmailConfig(
+        enabled=r.get("enabled", bool, True),
+        templates_dir=r.path("templates_dir", None),
+        admin=admin,
+    )
     r.finish()
     return cfg
 
@@ -326,6 +522,9 @@ _SECTIONS: dict[str, Callable[[_Reader], Any]] = {
     "journal": _journal,
     "smtp": _smtp,
     "log": _log,
+    "pipeline": _pipeline,
+    "jobs": _jobs,
+    "email": _email,
 }
 
 

@@ -35,6 +35,9 @@ class Op(str, Enum):
     REALPATH = "realpath"
     STATVFS = "statvfs"
     FSYNC = "fsync"
+    # Written by the pipeline, not by a client: what became of an upload.
+    CONVERTED = "converted"
+    REJECTED = "rejected"
 
 
 class UploadState(str, Enum):

@@ -12,6 +12,9 @@ import asyncssh
 from .config import Config
 from .events import EventSink
 from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
+from .jobs.rules import Rules
+from .jobs.store import JobStore
+from .jobs.worker import WorkerPool
 from .journal.writer import JournalWriter, NullSink
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class Gateway:
         self.config = config
         self.users = Users(config.users)
         self.writer: JournalWriter | None = None
+        self.workers: WorkerPool | None = None
         self._sink = sink
         self._server_class = server_class
         self.executor = ThreadPoolExecutor(config.server.io_threads, thread_name_prefix="fs")
@@ -56,13 +60,19 @@ class Gateway:
             await asyncio.to_thread(self._create_homes)
         if self._sink is None:
             if cfg.journal.enabled:
+                rules = Rules(cfg)
                 self.writer = JournalWriter(
                     cfg.journal_path,
                     synchronous=cfg.journal.synchronous,
                     batch_max=cfg.journal.batch_max,
+                    on_upload=rules.on_upload,
+                    after_commit=rules.after_commit,
                 )
                 await asyncio.to_thread(self.writer.start)
                 self._sink = self.writer
+                if cfg.pipeline.enabled and cfg.jobs.workers > 0:
+                    self.workers = await start_workers(cfg)
+                    rules.wake = self.workers.wake
             else:
                 self._sink = NullSink()
         self._listener = await asyncssh.listen(
@@ -95,6 +105,7 @@ class Gateway:
             self.executor,
             self.config.server.max_auth_attempts,
             self.connections,
+            self.config.pipeline.temp_patterns,
         )
         return server
 
@@ -135,7 +146,21 @@ class Gateway:
             await self._listener.wait_closed()
             self._listener = None
         await self.close_connections()
+        if self.workers is not None:
+            await self.workers.stop()
+            await asyncio.to_thread(self.workers.store.close)
+            self.workers = None
         if self.writer is not None:
             await self.writer.aclose()
             self.writer = None
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def start_workers(config: Config) -> WorkerPool:
+    """Open the job store and start the embedded workers (requeueing crash orphans)."""
+    store = await asyncio.to_thread(
+        JobStore, config.journal_path, synchronous=config.journal.synchronous
+    )
+    pool = WorkerPool(config, store)
+    await pool.start()
+    return pool

@@ -139,8 +139,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp: Path, keys: dict[str, Path], extra: dict[str, Any] | None = None) -> Path:
-    """A config with alice (password), bob (key only) and carol (password + key)."""
+def write_config(
+    tmp: Path,
+    keys: dict[str, Path],
+    extra: dict[str, Any] | None = None,
+    users: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """A config with alice (password), bob (key only) and carol (password + key).
+
+    ``extra`` is merged into the sections; ``users`` into the named users.
+    """
 
     def pub(login: str) -> str:
         return keys[login].with_suffix(".pub").read_text().strip()
@@ -185,6 +193,8 @@ def write_config(tmp: Path, keys: dict[str, Path], extra: dict[str, Any] | None 
     }
     for section, values in (extra or {}).items():
         data.setdefault(section, {}).update(values)
+    for user in data["users"]:
+        user.update((users or {}).get(user["login"], {}))
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -219,9 +229,10 @@ def start_gateway(
     keys: dict[str, Path],
     *,
     extra: dict[str, Any] | None = None,
+    users: dict[str, dict[str, Any]] | None = None,
     server_class: type[GatewaySSHServer] = GatewaySSHServer,
 ) -> RunningGateway:
-    config = load_config(write_config(tmp, keys, extra), environ={})
+    config = load_config(write_config(tmp, keys, extra, users), environ={})
     loop = LoopThread()
     gateway = Gateway(config, server_class=server_class)
     loop.run(gateway.start())

@@ -56,6 +56,16 @@ def stop_serve(proc: subprocess.Popen[str]) -> int:
         proc.stderr.close()
 
 
+def kill_serve(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL, as a crash would: no cleanup of any kind."""
+    try:
+        proc.kill()
+        proc.wait(10)
+    finally:
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def host_key(port: int) -> paramiko.PKey:
     t = paramiko.Transport(("127.0.0.1", port))
     try:

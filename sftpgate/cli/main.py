@@ -9,7 +9,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import SftpgateError
-from . import check_config, journal, serve, users
+from . import check_config, jobs, journal, serve, users, worker
 
 # Each command module offers HELP, register(parser) and run(args) -> exit code.
 COMMANDS: dict[str, ModuleType] = {
@@ -17,6 +17,8 @@ COMMANDS: dict[str, ModuleType] = {
     "check-config": check_config,
     "users": users,
     "journal": journal,
+    "jobs": jobs,
+    "worker": worker,
 }
 
 

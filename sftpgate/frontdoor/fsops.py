@@ -216,7 +216,8 @@ class UserFS:
             raise PermissionError(errno.EACCES, "cannot remove the home")
         os.rmdir(resolved.local)
 
-    def rename(self, old: bytes, new: bytes, *, overwrite: bool) -> None:
+    def rename(self, old: bytes, new: bytes, *, overwrite: bool) -> int:
+        """Rename; return the size of what was renamed (0 for anything but a file)."""
         src = self.jail.resolve(old, follow=False)
         dst = self.jail.resolve(new, follow=False)
         if src.virtual == b"/" or dst.virtual == b"/":
@@ -224,6 +225,8 @@ class UserFS:
         if not overwrite and os.path.lexists(dst.local):
             raise FileExistsError(errno.EEXIST, "File already exists")
         os.rename(src.local, dst.local)
+        st = os.lstat(dst.local)
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
     def readlink(self, path: bytes) -> bytes:
         resolved = self.jail.resolve(path, follow=False)

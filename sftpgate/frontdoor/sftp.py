@@ -20,9 +20,10 @@ from typing import Any, NoReturn, TypeVar
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
 
-from ..config import User
+from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..errors import JailError
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
+from ..patterns import name_matches
 from .fsops import OpenFile, UserFS, attrs_summary
 from .jail import Jail
 
@@ -72,6 +73,8 @@ class SessionContext:
     sink: EventSink
     executor: Executor | None
     owner: tuple[int, int] | None = None
+    # Uploads under these names complete when renamed to a name that isn't one.
+    temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
     # Set by the SSH layer when the channel is being torn down: a close() after
     # this is asyncssh closing a handle the client left open.
     ending: bool = False
@@ -188,7 +191,10 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 upload = UploadState.INCOMPLETE
                 message = "session ended with the file open"
             elif status == "ok" and f.error is None and f.bytes_written > 0:
-                upload = UploadState.COMPLETE
+                if name_matches(os.fsdecode(f.resolved.virtual), self.ctx.temp_patterns):
+                    message = message or "temporary name: the upload completes when renamed"
+                else:
+                    upload = UploadState.COMPLETE
         event = Event(
             op=Op.CLOSE,
             session=self.ctx.info,
@@ -290,25 +296,40 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         return await self._do(Op.REALPATH, path, self.fs.realpath, path, journal_ok=False)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._do(
-            Op.RENAME,
-            oldpath,
-            functools.partial(self.fs.rename, overwrite=False),
-            oldpath,
-            newpath,
-            path2=_decode(Jail.virtual(newpath)),
-        )
+        await self._rename(oldpath, newpath, overwrite=False)
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._do(
+        await self._rename(oldpath, newpath, overwrite=True)
+
+    async def _rename(self, oldpath: bytes, newpath: bytes, *, overwrite: bool) -> None:
+        old, new = _decode(Jail.virtual(oldpath)), _decode(Jail.virtual(newpath))
+        assert old is not None and new is not None
+        attrs = {"overwrite": True} if overwrite else None
+        rename = functools.partial(self.fs.rename, overwrite=overwrite)
+        temp = self.ctx.temp_patterns
+        if not (name_matches(old, temp) and not name_matches(new, temp)):
+            await self._do(Op.RENAME, oldpath, rename, oldpath, newpath, path2=new, attrs=attrs)
+            return
+        # A temporary upload reaching its final name: this rename completes it,
+        # so (like a CLOSE) the reply waits until the upload is committed.
+        size = await self._do(
+            Op.RENAME, oldpath, rename, oldpath, newpath, path2=new, attrs=attrs, journal_ok=False
+        )
+        event = self._event(
             Op.RENAME,
             oldpath,
-            functools.partial(self.fs.rename, overwrite=True),
-            oldpath,
-            newpath,
-            path2=_decode(Jail.virtual(newpath)),
-            attrs={"overwrite": True},
+            path2=new,
+            attrs=attrs,
+            bytes_written=size,
+            upload=UploadState.COMPLETE if size else None,
         )
+        if not size:
+            self.ctx.sink.emit(event)
+            return
+        try:
+            await self.ctx.sink.emit_durable(event)
+        except Exception as exc:
+            raise asyncssh.SFTPFailure(f"upload not recorded, try again: {exc}") from None
 
     async def readlink(self, path: bytes) -> bytes:
         return await self._do(Op.READLINK, path, self.fs.readlink, path, journal_ok=False)

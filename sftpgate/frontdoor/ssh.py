@@ -21,7 +21,7 @@ from asyncssh.channel import SSHChannel
 from asyncssh.sftp import SFTPServerHandler
 from asyncssh.stream import SSHServerStreamSession
 
-from ..config import User
+from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
 from .sftp import GatewaySFTPServer, SessionContext
@@ -137,7 +137,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         executor: Executor | None,
         max_auth_attempts: int,
         registry: set[GatewaySSHServer] | None = None,
+        temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS,
     ) -> None:
+        self._temp_patterns = temp_patterns
         self._users = users
         self._registry = registry
         self._sink = sink
@@ -282,7 +284,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def _make_sftp_server(self, chan: SSHChannel[bytes]) -> GatewaySFTPServer:
         assert self._user is not None
         ctx = SessionContext(
-            self.info, self._user, self._sink, self._executor, owner_for(self._user)
+            self.info,
+            self._user,
+            self._sink,
+            self._executor,
+            owner_for(self._user),
+            temp_patterns=self._temp_patterns,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)

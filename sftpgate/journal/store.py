@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..events import Event, Op, UploadState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SESSIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -60,7 +60,36 @@ CREATE TABLE IF NOT EXISTS uploads (
     operation_id  INTEGER REFERENCES operations(id)
 )"""
 
+JOBS_TABLE = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY,
+    upload_id        INTEGER REFERENCES uploads(id),
+    session_id       TEXT NOT NULL,
+    login            TEXT NOT NULL,
+    path             TEXT NOT NULL,          -- the upload, as the user sees it
+    state            TEXT NOT NULL,          -- queued running succeeded failed dead cancelled
+    outcome          TEXT,                   -- converted | rejected
+    step             TEXT,
+    progress         REAL NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    max_attempts     INTEGER NOT NULL,
+    next_run_at      REAL NOT NULL,
+    lease_owner      TEXT,
+    lease_expires_at REAL,
+    pid              INTEGER,                -- ffmpeg, so a crash's leftover can be killed
+    pid_marker       TEXT,                   -- a string its command line holds (pid reuse)
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    last_error       TEXT,
+    email_state      TEXT NOT NULL DEFAULT 'none',  -- none sending sent failed uncertain
+    steps            TEXT NOT NULL DEFAULT '{}',    -- JSON: step -> {started, finished, error}
+    data             TEXT NOT NULL DEFAULT '{}'     -- JSON: facts, chosen output names
+)"""
+
 INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_state_next ON jobs(state, next_run_at)",
     "CREATE INDEX IF NOT EXISTS operations_ts ON operations(ts)",
     "CREATE INDEX IF NOT EXISTS operations_login_ts ON operations(login, ts)",
     "CREATE INDEX IF NOT EXISTS operations_op_ts ON operations(op, ts)",
@@ -88,7 +117,13 @@ def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) ->
     if version < SCHEMA_VERSION:
         with conn:
             conn.execute("BEGIN IMMEDIATE")
-            for statement in (SESSIONS_TABLE, OPERATIONS_TABLE, UPLOADS_TABLE, *INDEXES):
+            for statement in (
+                SESSIONS_TABLE,
+                OPERATIONS_TABLE,
+                UPLOADS_TABLE,
+                JOBS_TABLE,
+                *INDEXES,
+            ):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return conn
@@ -120,8 +155,13 @@ VALUES (?, ?, ?, ?, ?, ?, ?)
 
 _SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
 
+# Called inside the transaction that records a complete upload, with the new
+# upload's id and its final path: where rules add the job row, so the upload
+# and its job commit (or fail) together.
+UploadHook = Callable[[sqlite3.Connection, int, str, Event], None]
 
-def record(conn: sqlite3.Connection, event: Event) -> int:
+
+def record(conn: sqlite3.Connection, event: Event, on_upload: UploadHook | None = None) -> int:
     """Write one event inside the caller's transaction; return the operation id."""
     s = event.session
     if event.op in _SESSION_OPS:
@@ -160,28 +200,34 @@ def record(conn: sqlite3.Connection, event: Event) -> int:
         ),
     )
     op_id = int(cursor.lastrowid or 0)
-    if event.upload is not None and event.path is not None:
-        conn.execute(
+    # A rename that completes a temporary upload names the file by its new name.
+    final = event.path2 if event.op is Op.RENAME else event.path
+    if event.upload is not None and final is not None:
+        cursor = conn.execute(
             _UPLOAD_INSERT,
             (
                 event.time,
                 s.id,
                 s.login,
-                event.path,
+                final,
                 event.bytes_written or 0,
                 UploadState(event.upload).value,
                 op_id,
             ),
         )
+        if on_upload is not None and event.upload is UploadState.COMPLETE:
+            on_upload(conn, int(cursor.lastrowid or 0), final, event)
     return op_id
 
 
-def record_batch(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
+def record_batch(
+    conn: sqlite3.Connection, events: Iterable[Event], on_upload: UploadHook | None = None
+) -> None:
     """Write events in one transaction (one fsync for the lot)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         for event in events:
-            record(conn, event)
+            record(conn, event, on_upload)
     except BaseException:
         conn.execute("ROLLBACK")
         raise

@@ -19,11 +19,12 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..events import Event
-from .store import connect, record_batch
+from .store import UploadHook, connect, record_batch
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,18 @@ class JournalUnavailable(Exception):
 class JournalWriter:
     """An :class:`~sftpgate.events.EventSink` backed by the SQLite journal."""
 
-    def __init__(self, path: Path, *, synchronous: str = "full", batch_max: int = 1000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        batch_max: int = 1000,
+        on_upload: UploadHook | None = None,
+        after_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
+        self._on_upload = on_upload
+        self._after_commit = after_commit
         self._synchronous = synchronous
         self._batch_max = batch_max
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
@@ -112,7 +123,7 @@ class JournalWriter:
                 pending, stop = self._take_batch(item)
             try:
                 assert self._conn is not None
-                record_batch(self._conn, (item.event for item in pending))
+                record_batch(self._conn, (item.event for item in pending), self._on_upload)
             except (sqlite3.Error, OSError) as exc:
                 log.error("journal: cannot commit %d events (%s); retrying", len(pending), exc)
                 for item in pending:
@@ -127,6 +138,11 @@ class JournalWriter:
             delay = 0.05
             self.committed += len(pending)
             self.batches += 1
+            if self._after_commit is not None:
+                try:
+                    self._after_commit()
+                except Exception:  # a listener must never break the journal
+                    log.exception("journal: after-commit listener failed")
             for item in pending:
                 _settle(item, None)
             pending = []

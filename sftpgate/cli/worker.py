@@ -1,0 +1,41 @@
+"""``sftpgate worker``: run pipeline workers without the SSH server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from ..gateway import start_workers
+from ..logsetup import setup_logging
+from .common import add_config_option, config_from
+
+HELP = "Run only the pipeline workers (no SSH server) on the journal's job rows."
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    setup_logging(config.log.level, config.log.json)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        pool = await start_workers(config)
+        print(
+            f"sftpgate: {config.jobs.workers} workers on {config.journal_path}",
+            file=sys.stderr,
+            flush=True,
+        )
+        await stop.wait()
+        await pool.stop()
+        await asyncio.to_thread(pool.store.close)
+        return 0
+
+    return asyncio.run(main())

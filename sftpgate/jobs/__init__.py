@@ -1,0 +1,1 @@
+"""Durable jobs: rows in the journal database, leased by workers."""
