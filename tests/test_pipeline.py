@@ -60,6 +60,8 @@ def test_uploaded_video_becomes_flv_with_keyframe_index_thumbnails_sidecar_and_o
 ) -> None:
     clip = make_clip(tmp_path / f"clip.{container}", container, seconds=2)
     upload(piped.sftp("alice"), clip, f"holiday.{container}")
+    # No waiting: the CLOSE reply came only after the upload and its job committed.
+    assert len(piped.rows("SELECT * FROM jobs")) == 1
     (job,) = wait_jobs(piped, settled)
     assert (job["state"], job["outcome"], job["email_state"]) == (
         "succeeded",
@@ -173,6 +175,8 @@ def test_filepart_renamed_at_the_end_fires_exactly_one_job_for_the_final_name(
     piped.op_rows("close")
     assert piped.rows("SELECT * FROM uploads") == []
     client.rename("movie.mp4.filepart", "movie.mp4")
+    # No waiting: the RENAME reply came only after the upload and its job committed.
+    assert [j["path"] for j in piped.rows("SELECT path FROM jobs")] == ["/movie.mp4"]
     (job,) = wait_jobs(piped, settled)
     assert job["path"] == "/movie.mp4" and job["state"] == "succeeded"
     uploads = piped.rows("SELECT path, state, bytes FROM uploads")

@@ -72,6 +72,9 @@ def test_gateway_killed_while_ffmpeg_runs_finishes_the_job_after_restart_with_on
         (job,) = wait_jobs(journal, lambda rows: len(rows) == 1 and rows[0]["pid"] is not None)
         marker = job["pid_marker"]
         assert processes_with(marker), "ffmpeg should be running"
+        # ffmpeg's -progress reaches the job row while it runs.
+        (job,) = wait_jobs(journal, lambda rows: 0.1 < rows[0]["progress"] < 0.95)
+        assert job["step"] == "transcode"
     finally:
         kill_serve(proc)
     try:
