@@ -38,6 +38,8 @@ class Op(str, Enum):
     # Written by the pipeline, not by a client: what became of an upload.
     CONVERTED = "converted"
     REJECTED = "rejected"
+    # The OpenSSH tap saw bytes it could not parse (relayed unchanged all the same).
+    PROTOCOL_ERROR = "protocol_error"
 
 
 class UploadState(str, Enum):

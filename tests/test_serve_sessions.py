@@ -133,6 +133,7 @@ def test_zero_byte_upload_is_journaled_but_is_not_an_upload(
     sftp.putfo(io.BytesIO(b""), "empty.mp4")
     (close,) = gateway.op_rows("close")
     assert close["bytes_written"] == 0
+    assert close["message"] == "nothing written: not an upload"
     assert gateway.rows("SELECT * FROM uploads") == []
 
 

@@ -195,6 +195,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                     message = message or "temporary name: the upload completes when renamed"
                 else:
                     upload = UploadState.COMPLETE
+            elif status == "ok" and f.error is None:
+                message = "nothing written: not an upload"
         event = Event(
             op=Op.CLOSE,
             session=self.ctx.info,
