@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3 python3-venv python3-pip openssh-client ffmpeg)
+DEBIAN_PACKAGES=(python3 python3-venv python3-pip openssh-client openssh-server openssh-sftp-server ffmpeg)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

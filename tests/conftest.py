@@ -163,6 +163,8 @@ def write_config(
             "io_threads": 8,
         },
         "journal": {"synchronous": "normal"},
+        # Off unless a test asks for it (pipeline_kit.pipeline_settings turns it on).
+        "pipeline": {"enabled": False},
         "users": [
             {
                 "login": "alice",

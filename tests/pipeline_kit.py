@@ -63,6 +63,7 @@ def pipeline_settings(smtp_port: int, **pipeline: Any) -> dict[str, Any]:
             "from": "gateway@example.org",
         },
         "pipeline": {
+            "enabled": True,
             "thumbnails": 3,
             "thumbnail_width": 160,
             "poster_width": 320,
