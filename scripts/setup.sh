@@ -22,10 +22,18 @@ if ((${#missing[@]})); then
     fi
 fi
 
-PYTHON=${PYTHON:-python3}
+# Debian's interpreter by default: under OpenSSH, `sftpgate subsystem` runs as
+# each SFTP user, so the venv's python must be executable by everyone (a
+# python under /root, say, is not).
+PYTHON=${PYTHON:-/usr/bin/python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "setup: $PYTHON is older than 3.11; set PYTHON=/path/to/python3.11+" >&2
     exit 1
+fi
+want=$(readlink -f "$(command -v "$PYTHON")")
+if [[ -x .venv/bin/python && $(readlink -f .venv/bin/python) != "$want" ]]; then
+    echo "setup: .venv was made with another python; recreating it"
+    rm -rf .venv
 fi
 if [[ ! -x .venv/bin/python ]]; then
     echo "setup: creating .venv"

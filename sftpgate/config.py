@@ -167,6 +167,19 @@ class EmailConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubsystemConfig:
+    # The daemon side runs in `serve` when enabled: a Unix socket for taps.
+    enabled: bool = False
+    sftp_server: str = "/usr/lib/openssh/sftp-server"
+    socket: Path = Path("/run/sftpgate/events.sock")
+    # World-writable with the sticky bit (like /tmp): each user's tap may
+    # create its own spool files there; the daemon replays and removes them.
+    spool_dir: Path = Path("/var/spool/sftpgate")
+    replay_interval: float = 10.0
+    ack_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     json: bool = False
@@ -182,6 +195,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     email: EmailConfig = field(default_factory=EmailConfig)
+    subsystem: SubsystemConfig = field(default_factory=SubsystemConfig)
     users: tuple[User, ...] = field(default_factory=tuple)
 
     @property
@@ -405,6 +419,20 @@ def _jobs(r: _Reader) -> JobsConfig:
     return cfg
 
 
+def _subsystem(r: _Reader) -> SubsystemConfig:
+    d = SubsystemConfig()
+    cfg = SubsystemConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        sftp_server=r.get("sftp_server", str, d.sftp_server),
+        socket=r.path("socket", d.socket) or d.socket,
+        spool_dir=r.path("spool_dir", d.spool_dir) or d.spool_dir,
+        replay_interval=r.positive("replay_interval", float, d.replay_interval),
+        ack_timeout=r.positive("ack_timeout", float, d.ack_timeout),
+    )
+    r.finish()
+    return cfg
+
+
 def _email(r: _Reader) -> EmailConfig:
     admin = r.get("admin", str, None)
     if admin is not None and not _EMAIL_RE.match(admin):
@@ -460,8 +488,6 @@ def _user(r: _Reader) -> User:
         if problem:
             raise r.error("password_hash", problem)
     keys = _authorized_keys(r)
-    if password_hash is None and not keys:
-        raise r.error("password_hash", "a user needs a password_hash or authorized_keys")
     user = User(
         login=login,
         name=r.required_str("name"),
@@ -525,6 +551,7 @@ _SECTIONS: dict[str, Callable[[_Reader], Any]] = {
     "pipeline": _pipeline,
     "jobs": _jobs,
     "email": _email,
+    "subsystem": _subsystem,
 }
 
 

@@ -87,6 +87,9 @@ class Event:
     status: str = STATUS_OK
     message: str | None = None
     upload: UploadState | None = None
+    # Set on events that may arrive twice (the OpenSSH tap's spool replays):
+    # the journal records each key once.
+    key: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -16,6 +16,7 @@ from .jobs.rules import Rules
 from .jobs.store import JobStore
 from .jobs.worker import WorkerPool
 from .journal.writer import JournalWriter, NullSink
+from .subsystem.daemon import TapDaemon
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Gateway:
         self.users = Users(config.users)
         self.writer: JournalWriter | None = None
         self.workers: WorkerPool | None = None
+        self.tap_daemon: TapDaemon | None = None
         self._sink = sink
         self._server_class = server_class
         self.executor = ThreadPoolExecutor(config.server.io_threads, thread_name_prefix="fs")
@@ -75,6 +77,9 @@ class Gateway:
                     rules.wake = self.workers.wake
             else:
                 self._sink = NullSink()
+        if cfg.subsystem.enabled:
+            self.tap_daemon = TapDaemon(cfg, self.sink, self.users.get)
+            await self.tap_daemon.start()
         self._listener = await asyncssh.listen(
             cfg.server.listen or None,
             cfg.server.port,
@@ -146,6 +151,9 @@ class Gateway:
             await self._listener.wait_closed()
             self._listener = None
         await self.close_connections()
+        if self.tap_daemon is not None:
+            await self.tap_daemon.stop()
+            self.tap_daemon = None
         if self.workers is not None:
             await self.workers.stop()
             await asyncio.to_thread(self.workers.store.close)

@@ -240,11 +240,11 @@ def test_missing_name_is_reported(in_tmp: Path) -> None:
     assert error_of("config.yaml") == "config.yaml: users[1].name: is required"
 
 
-def test_user_with_neither_password_hash_nor_authorized_keys_is_refused(in_tmp: Path) -> None:
+def test_user_without_password_hash_or_keys_is_an_openssh_only_user(in_tmp: Path) -> None:
+    # Such a user logs in through sshd (`sftpgate subsystem`); `serve` can never let them in.
     write(in_tmp, lambda d: d["users"][0].pop("password_hash"))
-    assert error_of("config.yaml") == (
-        "config.yaml: users[0].password_hash: a user needs a password_hash or authorized_keys"
-    )
+    user = load_config(in_tmp / "config.yaml", environ={}).users[0]
+    assert (user.password_hash, user.authorized_keys) == (None, ())
 
 
 @pytest.mark.parametrize(
@@ -599,3 +599,10 @@ def test_missing_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main([])
     assert info.value.code == 2
     assert "usage: sftpgate" in capsys.readouterr().err
+
+
+def test_packaged_subsystem_config_loads() -> None:
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / "packaging" / "openssh" / "subsystem.yaml", environ={})
+    assert config.subsystem.sftp_server == "/usr/lib/openssh/sftp-server"
+    assert config.users == ()

@@ -9,7 +9,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import SftpgateError
-from . import check_config, jobs, journal, serve, users, worker
+from . import check_config, jobs, journal, serve, subsystem, users, worker
 
 # Each command module offers HELP, register(parser) and run(args) -> exit code.
 COMMANDS: dict[str, ModuleType] = {
@@ -19,6 +19,7 @@ COMMANDS: dict[str, ModuleType] = {
     "journal": journal,
     "jobs": jobs,
     "worker": worker,
+    "subsystem": subsystem,
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from asyncssh import SFTPAttrs, SFTPName
 
+from ..attrs import summarize
 from .jail import Jail, Resolved
 
 FXF_READ, FXF_WRITE, FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 1, 2, 4, 8, 0x10, 0x20
@@ -64,20 +65,14 @@ def os_flags(pflags: int) -> int:
 
 def attrs_summary(attrs: SFTPAttrs) -> dict[str, Any]:
     """The attributes a client asked to set, as journal JSON. Pure."""
-    out: dict[str, Any] = {}
-    if attrs.size is not None:
-        out["size"] = attrs.size
-    if attrs.permissions is not None:
-        out["mode"] = f"{attrs.permissions & 0o7777:04o}"
-    if attrs.uid is not None:
-        out["uid"] = attrs.uid
-    if attrs.gid is not None:
-        out["gid"] = attrs.gid
-    if attrs.atime is not None:
-        out["atime"] = attrs.atime
-    if attrs.mtime is not None:
-        out["mtime"] = attrs.mtime
-    return out
+    return summarize(
+        size=attrs.size,
+        permissions=attrs.permissions,
+        uid=attrs.uid,
+        gid=attrs.gid,
+        atime=attrs.atime,
+        mtime=attrs.mtime,
+    )
 
 
 class UserFS:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..events import Event, Op, UploadState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SESSIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -88,6 +88,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     data             TEXT NOT NULL DEFAULT '{}'     -- JSON: facts, chosen output names
 )"""
 
+EVENT_KEYS_TABLE = """
+CREATE TABLE IF NOT EXISTS event_keys (
+    key TEXT PRIMARY KEY                    -- events that may be delivered twice
+) WITHOUT ROWID"""
+
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_state_next ON jobs(state, next_run_at)",
     "CREATE INDEX IF NOT EXISTS operations_ts ON operations(ts)",
@@ -122,6 +127,7 @@ def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) ->
                 OPERATIONS_TABLE,
                 UPLOADS_TABLE,
                 JOBS_TABLE,
+                EVENT_KEYS_TABLE,
                 *INDEXES,
             ):
                 conn.execute(statement)
@@ -162,7 +168,14 @@ UploadHook = Callable[[sqlite3.Connection, int, str, Event], None]
 
 
 def record(conn: sqlite3.Connection, event: Event, on_upload: UploadHook | None = None) -> int:
-    """Write one event inside the caller's transaction; return the operation id."""
+    """Write one event inside the caller's transaction; return the operation id.
+
+    An event whose ``key`` was recorded before is skipped (returns 0).
+    """
+    if event.key is not None:
+        seen = conn.execute("INSERT OR IGNORE INTO event_keys (key) VALUES (?)", (event.key,))
+        if seen.rowcount == 0:
+            return 0
     s = event.session
     if event.op in _SESSION_OPS:
         conn.execute(

@@ -1,0 +1,48 @@
+"""``sftpgate subsystem``: what sshd runs as ``Subsystem sftp``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..config import DEFAULT_TEMP_PATTERNS, SubsystemConfig, load_config
+from ..errors import ConfigError
+from .common import add_config_option
+
+HELP = "Relay an OpenSSH session to sftp-server and journal it (sshd's Subsystem sftp)."
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+    parser.add_argument(
+        "server_args",
+        nargs=argparse.REMAINDER,
+        help="after --: arguments for sftp-server (e.g. -- -l INFO -u 022)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    server_args = list(args.server_args)
+    if server_args[:1] == ["--"]:
+        server_args = server_args[1:]
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        # Never break a transfer over our own problem: serve it untapped.
+        print(f"sftpgate: {exc}; running sftp-server without the journal", file=sys.stderr)
+        server = SubsystemConfig().sftp_server
+        os.execv(server, [server, *server_args])  # noqa: S606 - an argument list, no shell
+    from ..subsystem.tap import quiet_logging, run_tap
+
+    quiet_logging()
+
+    cfg = config.subsystem
+    return run_tap(
+        cfg.sftp_server,
+        server_args,
+        socket_path=cfg.socket,
+        spool_dir=cfg.spool_dir,
+        temp_patterns=config.pipeline.temp_patterns or DEFAULT_TEMP_PATTERNS,
+        ack_timeout=cfg.ack_timeout,
+    )
