@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"
-.venv/bin/ruff check sftpgate tests
-.venv/bin/ruff format --check sftpgate tests
+.venv/bin/ruff check sftpgate tests bench
+.venv/bin/ruff format --check sftpgate tests bench
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

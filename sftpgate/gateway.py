@@ -39,6 +39,7 @@ class Gateway:
         self.writer: JournalWriter | None = None
         self.workers: WorkerPool | None = None
         self.tap_daemon: TapDaemon | None = None
+        self.rules: Rules | None = None
         self._sink = sink
         self._server_class = server_class
         self.executor = ThreadPoolExecutor(config.server.io_threads, thread_name_prefix="fs")
@@ -62,7 +63,7 @@ class Gateway:
             await asyncio.to_thread(self._create_homes)
         if self._sink is None:
             if cfg.journal.enabled:
-                rules = Rules(cfg)
+                rules = self.rules = Rules(cfg)
                 self.writer = JournalWriter(
                     cfg.journal_path,
                     synchronous=cfg.journal.synchronous,
@@ -111,6 +112,7 @@ class Gateway:
             self.config.server.max_auth_attempts,
             self.connections,
             self.config.pipeline.temp_patterns,
+            self.rules.wants if self.rules is not None else None,
         )
         return server
 

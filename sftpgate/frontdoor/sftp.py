@@ -64,6 +64,10 @@ def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
 
+def always_durable(path: str) -> bool:
+    return True
+
+
 @dataclass(slots=True)
 class SessionContext:
     """What the SSH layer hands to each SFTP session of an authenticated user."""
@@ -75,6 +79,9 @@ class SessionContext:
     owner: tuple[int, int] | None = None
     # Uploads under these names complete when renamed to a name that isn't one.
     temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
+    # Whether a completed upload at this path may start a job (then its CLOSE
+    # or RENAME reply waits for the durable commit); the rules decide.
+    durable: Callable[[str], bool] = always_durable
     # Set by the SSH layer when the channel is being torn down: a close() after
     # this is asyncssh closing a handle the client left open.
     ending: bool = False
@@ -210,15 +217,22 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             upload=upload,
         )
         if upload is UploadState.COMPLETE:
-            try:
-                # The reply waits for the commit: an OK close means it is journaled.
-                await self.ctx.sink.emit_durable(event)
-            except Exception as exc:
-                raise asyncssh.SFTPFailure(f"upload not recorded, try again: {exc}") from None
+            await self._completed(event, event.path or "")
         else:
             self.ctx.sink.emit(event)
         if error is not None:
             raise error
+
+    async def _completed(self, event: Event, final: str) -> None:
+        """Journal a completed upload; if a job may follow, reply only once it is committed."""
+        if not self.ctx.durable(final):
+            self.ctx.sink.emit(event)  # nothing waits on it: it rides the next group commit
+            return
+        try:
+            # The reply waits for the commit: an OK reply means the upload and its job exist.
+            await self.ctx.sink.emit_durable(event)
+        except Exception as exc:
+            raise asyncssh.SFTPFailure(f"upload not recorded, try again: {exc}") from None
 
     async def fstat(self, file_obj: object) -> os.stat_result:
         f = _file(file_obj)
@@ -328,10 +342,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         if not size:
             self.ctx.sink.emit(event)
             return
-        try:
-            await self.ctx.sink.emit_durable(event)
-        except Exception as exc:
-            raise asyncssh.SFTPFailure(f"upload not recorded, try again: {exc}") from None
+        await self._completed(event, new)
 
     async def readlink(self, path: bytes) -> bytes:
         return await self._do(Op.READLINK, path, self.fs.readlink, path, journal_ok=False)

@@ -24,7 +24,7 @@ from asyncssh.stream import SSHServerStreamSession
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
-from .sftp import GatewaySFTPServer, SessionContext
+from .sftp import GatewaySFTPServer, SessionContext, always_durable
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
         max_auth_attempts: int,
         registry: set[GatewaySSHServer] | None = None,
         temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS,
+        durable: Callable[[str], bool] | None = None,
     ) -> None:
         self._temp_patterns = temp_patterns
+        self._durable = durable
         self._users = users
         self._registry = registry
         self._sink = sink
@@ -290,6 +292,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self._executor,
             owner_for(self._user),
             temp_patterns=self._temp_patterns,
+            durable=self._durable if self._durable is not None else always_durable,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)
