@@ -85,7 +85,9 @@ class Gateway:
             cfg.server.listen or None,
             cfg.server.port,
             server_factory=self._new_connection,
-            server_host_keys=[str(k) for k in keys],
+            # Key objects, not paths: asyncssh would re-read and re-parse the
+            # files (RSA: ~0.1 s) at every login.
+            server_host_keys=[asyncssh.read_private_key(k) for k in keys],
             server_version="sftpgate",
             login_timeout=cfg.server.login_timeout,
             allow_scp=False,

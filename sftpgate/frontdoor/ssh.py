@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import asyncssh
 from asyncssh.channel import SSHChannel
-from asyncssh.sftp import SFTPServerHandler
+from asyncssh.sftp import SFTPLimits, SFTPServerHandler
 from asyncssh.stream import SSHServerStreamSession
 
 from ..config import DEFAULT_TEMP_PATTERNS, User
@@ -27,6 +27,9 @@ from ..passwords import DUMMY_HASH, verify_password
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 
 log = logging.getLogger(__name__)
+
+# Largest read/write we advertise (limits@openssh.com), as OpenSSH's sftp-server does.
+MAX_IO = 256 * 1024
 
 HOST_KEY_ALGORITHMS = {"ssh_host_ed25519_key": "ssh-ed25519", "ssh_host_rsa_key": "ssh-rsa"}
 
@@ -95,6 +98,19 @@ class _TrackingHandler(SFTPServerHandler):
         if isinstance(server, GatewaySFTPServer):
             server.ctx.ending = True
         await super()._cleanup(exc)
+
+    async def _process_limits(self, packet: Any) -> SFTPLimits:
+        # asyncssh offers 4 MiB reads/writes; clients that take it (asyncssh's
+        # own) then move 4 MiB per request, which is slower here than OpenSSH's
+        # 256 KiB: each request is one trip to the filesystem thread.
+        packet.check_end()
+        return SFTPLimits(MAX_IO + 1024, MAX_IO, MAX_IO, 0)
+
+    # asyncssh dispatches through this class-level dict of functions.
+    _packet_handlers = {  # noqa: RUF012 - asyncssh's own class attribute, extended
+        **SFTPServerHandler._packet_handlers,
+        b"limits@openssh.com": cast(Any, _process_limits),
+    }
 
 
 class _SFTPOnlySession(SSHServerStreamSession[bytes]):

@@ -1,0 +1,1 @@
+"""Benchmarks against the anchors: OpenSSH's sftp-server and bare ffmpeg."""

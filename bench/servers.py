@@ -1,0 +1,185 @@
+"""The two servers every transfer benchmark compares, started side by side on loopback.
+
+- OpenSSH: a private Debian sshd (own config, host key, port), ``Subsystem sftp``
+  = Debian's sftp-server, a dedicated bench user whose shell is /bin/sh, and
+  MaxStartups raised for the concurrency runs.
+- sftpgate: ``sftpgate serve`` as its own process, the same user and key.
+
+Both write into homes on the same filesystem. The OpenSSH parts reuse the
+test suite's sshd kit (tests/sshd_kit.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .common import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+import sshd_kit
+
+SFTPGATE = str(Path(sys.executable).parent / "sftpgate")
+
+
+@dataclass
+class Endpoint:
+    name: str
+    port: int
+    home: Path
+    pid: int  # the server process whose memory counts
+
+
+@dataclass
+class Servers:
+    openssh: Endpoint
+    sftpgate: Endpoint
+    login: str
+    key: Path
+    workdir: Path
+    config: Path
+
+    @property
+    def pair(self) -> tuple[Endpoint, Endpoint]:
+        return self.sftpgate, self.openssh
+
+
+def _start_serve(config: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [SFTPGATE, "serve", "--config", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    ready = threading.Event()
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "listening on" in line:
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not ready.wait(60):
+        proc.kill()
+        raise RuntimeError("sftpgate serve did not start")
+    return proc
+
+
+def _stop_serve(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+def gateway_config(
+    workdir: Path, login: str, public_key: str, home: Path, port: int, **sections: Any
+) -> Path:
+    data: dict[str, Any] = {
+        "server": {
+            "listen": "127.0.0.1",
+            "port": port,
+            "state_dir": str(workdir / "state"),
+            "host_keys_dir": str(workdir / "gw-hostkeys"),
+            "io_threads": 64,
+        },
+        "journal": {"synchronous": "full"},
+        "pipeline": {"enabled": False},
+        "log": {"level": "warning"},
+        "users": [
+            {
+                "login": login,
+                "name": "Bench",
+                "surname": "User",
+                "email": f"{login}@localhost",
+                "home": str(home),
+                "authorized_keys": [public_key],
+            }
+        ],
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@contextlib.contextmanager
+def running_servers(**gateway_sections: Any) -> Iterator[Servers]:
+    """Both servers with one bench user; everything is removed afterwards."""
+    sshd_kit.need_root()
+    with (
+        sshd_kit.shared_tmp("sftpgate-bench-") as workdir,
+        sshd_kit.temp_users(workdir) as make_user,
+    ):
+        user = make_user()
+        sshd_home = user.home
+        gw_home = workdir / "gateway-home"
+        gw_home.mkdir()
+        os.chown(gw_home, user.uid, user.gid)
+        _, sftp_server = sshd_kit.need_sshd()
+        sshd = sshd_kit.start_sshd(
+            workdir / "sshd",
+            [sftp_server],
+            users=[user],
+            extra_config={"MaxStartups": "4000:30:8000", "MaxSessions": "100"},
+        )
+        port = sshd_kit.free_port()
+        config = gateway_config(
+            workdir, user.login, user.public_key, gw_home, port, **gateway_sections
+        )
+        proc = _start_serve(config)
+        try:
+            yield Servers(
+                openssh=Endpoint("openssh", sshd.port, sshd_home, sshd.process.pid),
+                sftpgate=Endpoint("sftpgate", port, gw_home, proc.pid),
+                login=user.login,
+                key=user.key_path,
+                workdir=workdir,
+                config=config,
+            )
+        finally:
+            _stop_serve(proc)
+            sshd.stop()
+
+
+@contextlib.contextmanager
+def extra_gateway(servers: Servers, name: str, **sections: Any) -> Iterator[Endpoint]:
+    """One more `sftpgate serve` for the same user (e.g. with the journal off)."""
+    home = servers.workdir / f"{name}-home"
+    home.mkdir()
+    shutil.copystat(servers.sftpgate.home, home)
+    st = servers.sftpgate.home.stat()
+    os.chown(home, st.st_uid, st.st_gid)
+    workdir = servers.workdir / name
+    workdir.mkdir()
+    public_key = yaml.safe_load(servers.config.read_text())["users"][0]["authorized_keys"][0]
+    port = sshd_kit.free_port()
+    config = gateway_config(workdir, servers.login, public_key, home, port, **sections)
+    proc = _start_serve(config)
+    try:
+        yield Endpoint(name, port, home, proc.pid)
+    finally:
+        _stop_serve(proc)
+
+
+def clean_home(endpoint: Endpoint) -> None:
+    """Empty a home between rounds (files only; keeps the folder and its owner)."""
+    for entry in endpoint.home.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
