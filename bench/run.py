@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import resource
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -76,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds:
         options = replace(options, rounds=args.rounds)
     only = {int(n) for n in args.only.split(",")} if args.only else None
+    # 1,000 concurrent sessions need ~2,000 fds in the gateway, which inherits ours.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     figures = run_all(options, only)
     command = "sudo .venv/bin/python -m bench.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])

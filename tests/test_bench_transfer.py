@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import SMOKE  # noqa: E402
-from bench.scenarios import transfer  # noqa: E402
-from bench.servers import Endpoint, clean_home, running_servers  # noqa: E402
+from bench.common import SMOKE
+from bench.scenarios import transfer
+from bench.servers import Endpoint, clean_home, running_servers
 
 
 # bench/servers.py leaves each `sftpgate serve` stderr pipe for the garbage collector
