@@ -174,6 +174,9 @@ def write_report(figures: list[Figure], command: str, path: Path, *, sizes: dict
     lines += ["", "## Machine", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     text = "\n".join(lines) + "\n"
+    # A hand-written "## Findings" section (profiles, fixes) survives regeneration.
+    if path.exists() and "\n## Findings" in path.read_text():
+        text += "\n## Findings" + path.read_text().split("\n## Findings", 1)[1]
     path.write_text(text)
     return text
 
