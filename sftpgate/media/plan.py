@@ -120,7 +120,13 @@ def _flv(video: Any, source: Any, out: Path, facts: MediaFacts, cfg: PipelineCon
 
 
 def _poster(video: Any, out: Path, duration: float, cfg: PipelineConfig) -> Any:
-    frame = video.trim(start=_seconds(duration * POSTER_AT)).filter("scale", cfg.poster_width, -2)
+    # The second trim lets exactly one frame through: without it the branch
+    # stays open and scales (then drops) every later frame, ~15% of the run.
+    frame = (
+        video.trim(start=_seconds(duration * POSTER_AT))
+        .trim(end_frame=1)
+        .filter("scale", cfg.poster_width, -2)
+    )
     # update=1: a single image whose name is used as is, so a "%" in it is
     # not taken for an image2 sequence pattern.
     return ffmpeg.output(
