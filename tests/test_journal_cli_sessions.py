@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -134,31 +135,42 @@ def test_xferlog_has_one_line_per_transfer_with_completion(
     assert (cut[2], cut[6], cut[8], cut[12]) == ("4096", "i", "carol", "i")
 
 
-def test_follow_prints_a_record_written_after_it_started(journaled: RunningGateway, capsys) -> None:
+def test_follow_prints_a_record_written_after_it_started(journaled: RunningGateway) -> None:
+    # A real process on a pipe: the rows already there must come out first, so the
+    # record written next can only be printed by the follow loop, not the first dump.
     before = len(journaled.rows())
-    result: dict[str, int] = {}
-
-    def follow() -> None:
-        result["code"] = main(
-            [
-                "journal",
-                "--config",
-                str(journaled.config.path),
-                "--json",
-                "--follow",
-                "--follow-for",
-                "4",
-                "--interval",
-                "0.1",
-            ]
-        )
-
-    thread = threading.Thread(target=follow)
-    thread.start()
-    time.sleep(1)
-    journaled.sftp("alice").mkdir("made-while-following")
-    thread.join(10)
-    rows = as_json(capsys.readouterr().out.splitlines())
-    assert result["code"] == 0
-    assert len(rows) > before
-    assert any(r["op"] == "mkdir" and r["path"] == "/made-while-following" for r in rows)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sftpgate",
+            "journal",
+            "--config",
+            str(journaled.config.path),
+            "--json",
+            "--follow",
+            "--follow-for",
+            "20",
+            "--interval",
+            "0.1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        first = [json.loads(proc.stdout.readline()) for _ in range(before)]
+        assert len(first) == before
+        assert not any(r["path"] == "/made-while-following" for r in first)
+        journaled.sftp("alice").mkdir("made-while-following")
+        while True:
+            line = proc.stdout.readline()
+            assert line, "follow ended without printing the new record"
+            row = json.loads(line)
+            if row["op"] == "mkdir":
+                break
+        assert row["path"] == "/made-while-following"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
