@@ -313,8 +313,14 @@ def test_daemon_down_during_an_upload_spools_and_replays_once(
         transport, client = site.sftp(user)  # the tap connects and journals the login
         wait_for(site.gateway, lambda rs: any(r["op"] == "login" for r in rs))
         assert gateway.tap_daemon is not None
-        site.gateway.loop.run(gateway.tap_daemon.stop())  # the daemon goes away mid-session
-        client.put(str(make_clip(tmp_path / "c.mp4", "mp4")), "late.mp4")  # transfer goes on
+        clip = make_clip(tmp_path / "c.mp4", "mp4").read_bytes()
+        half = len(clip) // 2
+        with client.open("late.mp4", "w") as upload:
+            upload.write(clip[:half])
+            upload.flush()
+            site.gateway.loop.run(gateway.tap_daemon.stop())  # the daemon dies mid-upload
+            upload.write(clip[half:])  # ...and the transfer goes on
+        assert (user.home / "late.mp4").read_bytes() == clip
         transport.close()
         spool = site.shared / "spool"
         deadline = time.monotonic() + 20
