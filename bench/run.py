@@ -28,6 +28,7 @@ SCENARIOS: dict[str, tuple[int, ...]] = {
     "latency": (6,),
     "journal": (7,),
     "pipeline": (8,),
+    "subsystem": (10, 11, 12),
 }
 
 
@@ -67,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated figure numbers")
     parser.add_argument("--rounds", type=int, help="measured rounds per pair (default 5)")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one size, e.g. --set big_mib=256 (for profiling; see Options)",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=ROOT / "docs" / "benchmarks.md",
@@ -76,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = SMOKE if args.smoke else FULL
     if args.rounds:
         options = replace(options, rounds=args.rounds)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in vars(options):
+            parser.error(f"--set {item}: no such size (sizes: {', '.join(vars(options))})")
+        options = replace(options, **{name: type(getattr(options, name))(value)})
     only = {int(n) for n in args.only.split(",")} if args.only else None
     # 1,000 concurrent sessions need ~2,000 fds in the gateway, which inherits ours.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

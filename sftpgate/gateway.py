@@ -12,6 +12,7 @@ import asyncssh
 from .config import Config
 from .events import EventSink
 from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
+from .frontdoor.writebehind import WRITE_BUDGET, WriteBudget
 from .jobs.rules import Rules
 from .jobs.store import JobStore
 from .jobs.worker import WorkerPool
@@ -43,6 +44,8 @@ class Gateway:
         self._sink = sink
         self._server_class = server_class
         self.executor = ThreadPoolExecutor(config.server.io_threads, thread_name_prefix="fs")
+        # Bytes of WRITEs answered but not yet on disk, over every session.
+        self.write_budget = WriteBudget(WRITE_BUDGET)
         self._listener: asyncssh.SSHAcceptor | None = None
         self.connections: set[GatewaySSHServer] = set()
 
@@ -115,6 +118,7 @@ class Gateway:
             self.connections,
             self.config.pipeline.temp_patterns,
             self.rules.wants if self.rules is not None else None,
+            self.write_budget,
         )
         return server
 

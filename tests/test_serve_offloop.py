@@ -15,9 +15,10 @@ from pathlib import Path
 from asyncssh.channel import SSHChannel
 
 from conftest import start_gateway
-from sftpgate.frontdoor.fsops import OpenFile, UserFS
+from sftpgate.frontdoor.fsops import UserFS
 from sftpgate.frontdoor.sftp import GatewaySFTPServer
 from sftpgate.frontdoor.ssh import GatewaySSHServer
+from sftpgate.frontdoor.writebehind import write_chunks
 
 entered = threading.Event()
 release = threading.Event()
@@ -25,10 +26,10 @@ release = threading.Event()
 
 class HungFS(UserFS):
     @staticmethod
-    def write(f: OpenFile, offset: int, data: bytes) -> int:
+    def write_chunks(fd: int, chunks: list[tuple[int, bytes]]) -> tuple[int, OSError | None]:
         entered.set()
         release.wait(60)  # blocks this worker thread, as a hung NFS write does
-        return UserFS.write(f, offset, data)
+        return write_chunks(fd, chunks)
 
 
 class SlowForAlice(GatewaySSHServer):

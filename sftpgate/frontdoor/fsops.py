@@ -18,6 +18,7 @@ from asyncssh import SFTPAttrs, SFTPName
 
 from ..attrs import summarize
 from .jail import Jail, Resolved
+from .writebehind import WriteQueue, write_chunks
 
 FXF_READ, FXF_WRITE, FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 1, 2, 4, 8, 0x10, 0x20
 
@@ -38,6 +39,8 @@ class OpenFile:
     bytes_read: int = 0
     bytes_written: int = 0
     error: str | None = None
+    # Write-behind queue of a writable handle (set on the event loop after open).
+    queue: WriteQueue | None = None
 
     @property
     def writable(self) -> bool:
@@ -114,14 +117,8 @@ class UserFS:
         f.bytes_read += len(data)
         return data
 
-    @staticmethod
-    def write(f: OpenFile, offset: int, data: bytes) -> int:
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(f.fd, view[written:], offset + written)
-        f.bytes_written += written
-        return written
+    # Writes go through the handle's write-behind queue, a batch per thread trip.
+    write_chunks = staticmethod(write_chunks)
 
     def stat(self, path: bytes, *, follow: bool) -> os.stat_result:
         resolved = self.jail.resolve(path, follow=follow)

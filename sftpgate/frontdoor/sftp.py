@@ -26,6 +26,7 @@ from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..patterns import name_matches
 from .fsops import OpenFile, UserFS, attrs_summary
 from .jail import Jail
+from .writebehind import HANDLE_LIMIT, WRITE_BUDGET, WriteBudget, WriteQueue
 
 T = TypeVar("T")
 
@@ -86,6 +87,8 @@ class SessionContext:
     # this is asyncssh closing a handle the client left open.
     ending: bool = False
     open_files: set[int] = field(default_factory=set)
+    # Bytes answered but not yet written, shared by every session of the gateway.
+    write_budget: WriteBudget = field(default_factory=lambda: WriteBudget(WRITE_BUDGET))
 
 
 def _decode(path: bytes | None) -> str | None:
@@ -99,8 +102,15 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         super().__init__(chan)
         self.ctx = ctx
         self.fs = UserFS(Jail(ctx.user.home), ctx.owner)
+        self._queues: set[WriteQueue] = set()
 
     # -- plumbing -----------------------------------------------------------
+
+    async def _settle(self) -> None:
+        """Wait until every WRITE this session was answered for is on disk."""
+        for queue in list(self._queues):
+            if not queue.idle:
+                await queue.drain()
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -122,6 +132,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         **fields: Any,
     ) -> T:
         """Run ``fn`` off the loop; journal the outcome; raise the SFTP error on failure."""
+        await self._settle()  # a path request sees every write answered before it
         started = time.monotonic()
         try:
             result = await self._io(fn, *args)
@@ -150,10 +161,23 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             Op.OPEN, path, self.fs.open, path, pflags, attrs, flags=pflags, mode=mode
         )
         self.ctx.open_files.add(id(f))
+        if f.writable:
+            queue = WriteQueue(
+                f.fd,
+                self._io,
+                self.ctx.write_budget,
+                per_handle_limit=HANDLE_LIMIT,
+                write=self.fs.write_chunks,
+            )
+            queue.on_error = functools.partial(self._write_failed, f)
+            f.queue = queue
+            self._queues.add(queue)
         return f
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = _file(file_obj)
+        if f.queue is not None:
+            await f.queue.drain()
         try:
             return await self._io(self.fs.read, f, offset, size)
         except OSError as exc:
@@ -161,12 +185,35 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         f = _file(file_obj)
-        try:
-            return await self._io(self.fs.write, f, offset, data)
-        except OSError as exc:
-            self._io_failed(Op.WRITE, f, exc)
+        queue = f.queue
+        if queue is None:  # a read-only handle: let the OS refuse it
+            written, failure = await self._io(self.fs.write_chunks, f.fd, [(offset, data)])
+            if failure is not None:
+                self._io_failed(Op.WRITE, f, failure)
+            f.bytes_written += written
+            return written
+        self._raise_write_error(queue)
+        # Answered once queued; the queue writes it (see writebehind).
+        await queue.add(offset, data)
+        self._raise_write_error(queue)
+        return len(data)
+
+    @staticmethod
+    def _raise_write_error(queue: WriteQueue) -> None:
+        """Tell the client about a failed write-behind batch (it was journaled already)."""
+        if queue.error is not None:
+            queue.reported = True
+            raise sftp_error(queue.error)[1] from None
+
+    def _write_failed(self, f: OpenFile, exc: OSError) -> None:
+        assert f.queue is not None
+        f.bytes_written = f.queue.written
+        self._journal_io_error(Op.WRITE, f, exc)
 
     def _io_failed(self, op: Op, f: OpenFile, exc: OSError) -> NoReturn:
+        raise self._journal_io_error(op, f, exc) from None
+
+    def _journal_io_error(self, op: Op, f: OpenFile, exc: OSError) -> asyncssh.SFTPError:
         status, error = sftp_error(exc)
         f.error = f"{op.value} failed: {error.reason}"
         self.ctx.sink.emit(
@@ -180,18 +227,26 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 bytes_written=f.bytes_written,
             )
         )
-        raise error from None
+        return error
 
     async def close(self, file_obj: object) -> None:
         f = _file(file_obj)
         ending = self.ctx.ending
         self.ctx.open_files.discard(id(f))
+        queue = f.queue
+        if queue is not None:
+            await queue.drain()  # a failure found here sets f.error
+            self._queues.discard(queue)
+            f.bytes_written = queue.written
         status, message, error = "ok", f.error, None
         try:
             await self._io(os.close, f.fd)
         except OSError as exc:  # NFS reports deferred write errors here
             status, error = sftp_error(exc)
             message = f"close failed: {error.reason}"
+        if queue is not None and queue.error is not None and not queue.reported:
+            # Every WRITE was answered OK before this one failed: the CLOSE says so.
+            status, error = sftp_error(queue.error)
         upload: UploadState | None = None
         if f.writable:
             if ending:

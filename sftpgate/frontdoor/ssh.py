@@ -25,6 +25,7 @@ from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
+from .writebehind import WRITE_BUDGET, WriteBudget
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         registry: set[GatewaySSHServer] | None = None,
         temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS,
         durable: Callable[[str], bool] | None = None,
+        write_budget: WriteBudget | None = None,
     ) -> None:
+        self._write_budget = write_budget if write_budget is not None else WriteBudget(WRITE_BUDGET)
         self._temp_patterns = temp_patterns
         self._durable = durable
         self._users = users
@@ -309,6 +312,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             owner_for(self._user),
             temp_patterns=self._temp_patterns,
             durable=self._durable if self._durable is not None else always_durable,
+            write_budget=self._write_budget,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)
