@@ -59,6 +59,8 @@ class JournalConfig:
     path: Path | None = None  # default: <state_dir>/journal.sqlite3
     synchronous: str = "full"
     batch_max: int = 1000
+    # Seconds plain records gather before their commit (durable ones don't wait).
+    commit_interval: float = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +334,7 @@ def _journal(r: _Reader) -> JournalConfig:
         path=r.path("path", None),
         synchronous=r.choice("synchronous", ("full", "normal"), d.synchronous),
         batch_max=r.positive("batch_max", int, d.batch_max),
+        commit_interval=r.nonnegative("commit_interval", float, d.commit_interval),
     )
     r.finish()
     return cfg

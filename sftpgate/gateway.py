@@ -71,6 +71,7 @@ class Gateway:
                     cfg.journal_path,
                     synchronous=cfg.journal.synchronous,
                     batch_max=cfg.journal.batch_max,
+                    interval=cfg.journal.commit_interval,
                     on_upload=rules.on_upload,
                     after_commit=rules.after_commit,
                 )

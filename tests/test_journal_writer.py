@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,60 @@ def test_many_events_are_committed_in_few_batches(tmp_path: Path) -> None:
     assert count(tmp_path / "j.sqlite3") == 5000
     assert writer.committed == 5000
     assert writer.batches < 100, "events should be group-committed, not one commit each"
+
+
+def test_a_durable_emit_commits_at_once_with_the_plain_events_before_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    writer = JournalWriter(path, interval=600)  # plain records alone would wait 10 minutes
+    writer.start()
+
+    async def session() -> None:
+        writer.emit(Event(Op.OPEN, SESSION, path="/v.mp4"))
+        close = Event(
+            Op.CLOSE, SESSION, path="/v.mp4", bytes_written=1, upload=UploadState.COMPLETE
+        )
+        await asyncio.wait_for(writer.emit_durable(close), 10)
+
+    try:
+        asyncio.run(session())
+        conn = sqlite3.connect(path)
+        try:
+            ops = [r[0] for r in conn.execute("SELECT op FROM operations ORDER BY id")]
+        finally:
+            conn.close()
+        assert ops == ["open", "close"]  # one batch, in emission order
+    finally:
+        writer.close()
+
+
+def test_a_lone_plain_event_is_committed_after_the_interval(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    writer = JournalWriter(path, interval=0.05)
+    writer.start()
+    try:
+        writer.emit(Event(Op.MKDIR, SESSION, path="/d"))  # wakes the idle writer
+        deadline = time.monotonic() + 10
+        while count(path) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert count(path) == 1
+        writer.emit(Event(Op.RMDIR, SESSION, path="/d"))  # and again, once it slept again
+        while count(path) == 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert count(path) == 2
+    finally:
+        writer.close()
+
+
+def test_close_commits_what_is_queued_without_waiting_for_the_interval(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    writer = JournalWriter(path, interval=600)
+    writer.start()
+    for i in range(10):
+        writer.emit(Event(Op.STAT, SESSION, path=f"/f{i}"))
+    writer.close(timeout=10)
+    assert count(path) == 10
 
 
 def test_emit_durable_returns_only_after_the_row_is_committed(tmp_path: Path) -> None:

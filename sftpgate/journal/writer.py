@@ -1,9 +1,13 @@
 """The one journal writer: a thread that group-commits events.
 
-The event loop only appends to a queue. The writer thread takes everything
-queued so far and commits it in one transaction, so while one commit waits on
-fsync the next batch gathers: thousands of operations per second cost a few
-fsyncs. ``emit_durable`` resolves once its batch is committed.
+The event loop only appends to a deque; it does not wake the writer for each
+event. A plain event wakes the writer only if it is asleep with nothing to do,
+and the writer then lets a burst gather for ``interval`` seconds before
+committing it in one transaction (at most that long before a record is on
+disk). A durable event (``emit_durable``: an upload whose job must exist
+before the client's reply) wakes it at once and resolves once its batch is
+committed. So thousands of operations per second cost a few commits and few
+thread wake-ups, and the loop never waits on the disk.
 
 If the disk is full or the database is locked, the batch is kept and retried
 with backoff; durable emits in it fail at once (the client gets an error for
@@ -13,6 +17,7 @@ that CLOSE) and plain events wait for the disk to come back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -28,7 +33,9 @@ from .store import UploadHook, connect, record_batch
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+_STOP = object()  # tokens on the wake queue
+_NOW = object()  # commit now: a durable event is waiting
+_WORK = object()  # work arrived while the writer slept
 
 
 @dataclass(slots=True)
@@ -51,6 +58,7 @@ class JournalWriter:
         *,
         synchronous: str = "full",
         batch_max: int = 1000,
+        interval: float = 0.02,
         on_upload: UploadHook | None = None,
         after_commit: Callable[[], None] | None = None,
     ) -> None:
@@ -59,7 +67,13 @@ class JournalWriter:
         self._after_commit = after_commit
         self._synchronous = synchronous
         self._batch_max = batch_max
-        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        self._interval = interval
+        # Events in emission order; deque appends and pops are thread-safe.
+        self._items: collections.deque[_Item] = collections.deque()
+        self._wake: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # True while the writer sleeps with nothing to do: only then does a
+        # plain emit pay for waking it.
+        self._idle = False
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.committed = 0
@@ -72,19 +86,23 @@ class JournalWriter:
         self._thread.start()
 
     def emit(self, event: Event) -> None:
-        self._queue.put(_Item(event))
+        self._items.append(_Item(event))
+        if self._idle:
+            self._idle = False
+            self._wake.put(_WORK)
 
     async def emit_durable(self, event: Event) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put(_Item(event, future, loop))
+        self._items.append(_Item(event, future, loop))
+        self._wake.put(_NOW)
         await future
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued and stop the thread (blocking; call off the loop)."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        self._wake.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
         if self._conn is not None:
@@ -94,19 +112,35 @@ class JournalWriter:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
-    def _take_batch(self, first: _Item) -> tuple[list[_Item], bool]:
-        batch, stop = [first], False
-        while len(batch) < self._batch_max:
+    def _take_batch(self) -> list[_Item]:
+        batch: list[_Item] = []
+        while self._items and len(batch) < self._batch_max:
+            batch.append(self._items.popleft())
+        return batch
+
+    def _wait(self) -> bool:
+        """Sleep until there is work; let plain work gather. True once asked to stop."""
+        token: object = None
+        if not self._items:
+            self._idle = True
+            if not self._items:  # checked again after saying so: no emit is missed
+                token = self._wake.get()
+            self._idle = False
+        if token is _STOP:
+            return True
+        if token is _NOW:
+            return False
+        deadline = time.monotonic() + self._interval
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                item = self._queue.get_nowait()
+                token = self._wake.get(timeout=left)
             except queue.Empty:
                 break
-            if item is _STOP:
-                stop = True
+            if token is _STOP:
+                return True
+            if token is _NOW:
                 break
-            assert isinstance(item, _Item)
-            batch.append(item)
-        return batch, stop
+        return False
 
     def _run(self) -> None:
         pending: list[_Item] = []
@@ -114,13 +148,13 @@ class JournalWriter:
         delay = 0.05
         while True:
             if not pending:
-                if stop:
-                    return
-                item = self._queue.get()
-                if item is _STOP:
-                    return
-                assert isinstance(item, _Item)
-                pending, stop = self._take_batch(item)
+                if not stop:
+                    stop = self._wait()
+                pending = self._take_batch()
+                if not pending:
+                    if stop:
+                        return
+                    continue
             try:
                 assert self._conn is not None
                 record_batch(self._conn, (item.event for item in pending), self._on_upload)
