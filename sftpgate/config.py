@@ -49,6 +49,9 @@ class ServerConfig:
     host_keys_dir: Path = Path("/etc/sftpgate/hostkeys")
     create_homes: bool = False
     io_threads: int = 32
+    # Metadata calls of homes wholly on local disks run on the event loop
+    # (see frontdoor/mounts.py); NFS, FUSE and unknown filesystems never do.
+    inline_local_metadata: bool = True
     login_timeout: float = 60.0
     max_auth_attempts: int = 6
 
@@ -320,6 +323,7 @@ def _server(r: _Reader) -> ServerConfig:
         host_keys_dir=r.path("host_keys_dir", d.host_keys_dir) or d.host_keys_dir,
         create_homes=r.get("create_homes", bool, d.create_homes),
         io_threads=r.positive("io_threads", int, d.io_threads),
+        inline_local_metadata=r.get("inline_local_metadata", bool, d.inline_local_metadata),
         login_timeout=r.positive("login_timeout", float, d.login_timeout),
         max_auth_attempts=r.positive("max_auth_attempts", int, d.max_auth_attempts),
     )

@@ -120,6 +120,7 @@ class Gateway:
             self.config.pipeline.temp_patterns,
             self.rules.wants if self.rules is not None else None,
             self.write_budget,
+            self.config.server.inline_local_metadata,
         )
         return server
 

@@ -9,6 +9,7 @@ Everything else - server, client, bob's transfer - is real.
 from __future__ import annotations
 
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -72,3 +73,67 @@ def test_one_users_hung_write_does_not_stall_another_users_transfer(
     finally:
         release.set()
         running.stop()
+
+
+stat_entered = threading.Event()
+stat_release = threading.Event()
+
+
+class HungStatFS(UserFS):
+    def stat(self, path: bytes, *, follow: bool) -> os.stat_result:
+        stat_entered.set()
+        stat_release.wait(60)  # a metadata call hung, as on an NFS server that went away
+        return super().stat(path, follow=follow)
+
+
+servers: list[GatewaySFTPServer] = []
+
+
+class StatHangsForAlice(GatewaySSHServer):
+    def _make_sftp_server(self, chan: SSHChannel[bytes]) -> GatewaySFTPServer:
+        server = super()._make_sftp_server(chan)
+        servers.append(server)
+        if server.ctx.user.login == "alice":
+            server.fs.__class__ = HungStatFS
+        return server
+
+
+def test_metadata_calls_stay_in_the_pool_when_inline_is_off(
+    tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    # What every NFS home gets: inline_local_metadata only applies to local disks.
+    running = start_gateway(
+        tmp_path,
+        user_keys,
+        extra={"server": {"inline_local_metadata": False}},
+        server_class=StatHangsForAlice,
+    )
+    alice = running.sftp("alice")
+    thread = threading.Thread(target=lambda: alice.stat("."), daemon=True)
+    try:
+        bob = running.sftp("bob", key=True)
+        thread.start()
+        assert stat_entered.wait(10), "alice's stat never reached the filesystem"
+
+        bob.putfo(io.BytesIO(b"b" * 65536), "moving.mp4")  # would hang if the loop were blocked
+        assert bob.stat("moving.mp4").st_size == 65536
+        assert thread.is_alive(), "alice's stat should still be hung"
+        assert [s._inline for s in servers] == [False, False]
+    finally:
+        stat_release.set()
+        thread.join(10)  # alice's stat completes before her connection goes
+        running.stop()
+        servers.clear()
+
+
+def test_homes_on_local_disks_make_metadata_calls_inline(
+    tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    running = start_gateway(tmp_path, user_keys, server_class=StatHangsForAlice)
+    try:
+        bob = running.sftp("bob", key=True)
+        bob.putfo(io.BytesIO(b"b" * 100), "small.mp4")
+        assert [s._inline for s in servers] == [True]  # decided at bob's first request
+    finally:
+        running.stop()
+        servers.clear()

@@ -24,11 +24,15 @@ from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..errors import JailError
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..patterns import name_matches
-from .fsops import OpenFile, UserFS, attrs_summary
+from .fsops import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE, OpenFile, UserFS, attrs_summary
 from .jail import Jail
+from .mounts import home_is_local
 from .writebehind import HANDLE_LIMIT, WRITE_BUDGET, WriteBudget, WriteQueue
 
 T = TypeVar("T")
+
+# Open flags that can change the filesystem (write, append, create, truncate).
+_CHANGES = FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC
 
 # errno → (journal status, asyncssh error). asyncssh lowers v4+ codes for v3 clients.
 _ERRNO: dict[int, tuple[str, Callable[[str], asyncssh.SFTPError]]] = {
@@ -87,6 +91,9 @@ class SessionContext:
     # this is asyncssh closing a handle the client left open.
     ending: bool = False
     open_files: set[int] = field(default_factory=set)
+    # Read-only metadata calls run on the loop when the whole home is on local
+    # disks (see mounts); calls that change anything always use the pool.
+    inline_local_metadata: bool = False
     # Bytes answered but not yet written, shared by every session of the gateway.
     write_budget: WriteBudget = field(default_factory=lambda: WriteBudget(WRITE_BUDGET))
 
@@ -103,6 +110,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         self.ctx = ctx
         self.fs = UserFS(Jail(ctx.user.home), ctx.owner)
         self._queues: set[WriteQueue] = set()
+        # Decided at the first request (it resolves the home, off the loop).
+        self._inline: bool | None = None if ctx.inline_local_metadata else False
 
     # -- plumbing -----------------------------------------------------------
 
@@ -117,6 +126,19 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
         return await loop.run_in_executor(self.ctx.executor, call)
 
+    async def _meta(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read-only metadata call: inline if the home is all on local disks, else pooled.
+
+        Only calls that change nothing: on ext4 a file creation waits for a
+        journal handle and took 0.6-0.9 ms of kernel time here, too long to
+        hold the loop; a stat of a cached inode takes microseconds.
+        """
+        if self._inline is None:
+            self._inline = await self._io(home_is_local, self.ctx.user.home)
+        if self._inline:
+            return fn(*args)
+        return await self._io(fn, *args)
+
     def _event(self, op: Op, path: bytes | None = None, **fields: Any) -> Event:
         if path is not None:
             fields["path"] = _decode(Jail.virtual(path))
@@ -129,13 +151,14 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         fn: Callable[..., T],
         *args: Any,
         journal_ok: bool = True,
+        read_only: bool = False,
         **fields: Any,
     ) -> T:
-        """Run ``fn`` off the loop; journal the outcome; raise the SFTP error on failure."""
+        """Run ``fn`` off the loop (``read_only``: see _meta); journal it; raise on failure."""
         await self._settle()  # a path request sees every write answered before it
         started = time.monotonic()
         try:
-            result = await self._io(fn, *args)
+            result = await (self._meta(fn, *args) if read_only else self._io(fn, *args))
         except Exception as exc:
             status, error = sftp_error(exc)
             self.ctx.sink.emit(
@@ -158,7 +181,15 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
         f = await self._do(
-            Op.OPEN, path, self.fs.open, path, pflags, attrs, flags=pflags, mode=mode
+            Op.OPEN,
+            path,
+            self.fs.open,
+            path,
+            pflags,
+            attrs,
+            flags=pflags,
+            mode=mode,
+            read_only=not pflags & _CHANGES,  # opening to read changes nothing
         )
         self.ctx.open_files.add(id(f))
         if f.writable:
@@ -234,15 +265,20 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         ending = self.ctx.ending
         self.ctx.open_files.discard(id(f))
         queue = f.queue
+        close_error: OSError | None = None
         if queue is not None:
-            await queue.drain()  # a failure found here sets f.error
+            # The last writes and the close in one trip; a write failure sets f.error.
+            close_error = await queue.close()
             self._queues.discard(queue)
             f.bytes_written = queue.written
+        else:
+            try:
+                await self._io(os.close, f.fd)
+            except OSError as exc:
+                close_error = exc
         status, message, error = "ok", f.error, None
-        try:
-            await self._io(os.close, f.fd)
-        except OSError as exc:  # NFS reports deferred write errors here
-            status, error = sftp_error(exc)
+        if close_error is not None:  # NFS reports deferred write errors here
+            status, error = sftp_error(close_error)
             message = f"close failed: {error.reason}"
         if queue is not None and queue.error is not None and not queue.reported:
             # Every WRITE was answered OK before this one failed: the CLOSE says so.
@@ -291,7 +327,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def fstat(self, file_obj: object) -> os.stat_result:
         f = _file(file_obj)
-        return await self._do(Op.STAT, f.resolved.virtual, os.fstat, f.fd, journal_ok=False)
+        return await self._do(
+            Op.STAT, f.resolved.virtual, os.fstat, f.fd, journal_ok=False, read_only=True
+        )
 
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _file(file_obj)
@@ -311,23 +349,41 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def fstatvfs(self, file_obj: object) -> os.statvfs_result:
         f = _file(file_obj)
-        return await self._do(Op.STATVFS, f.resolved.virtual, os.fstatvfs, f.fd, journal_ok=False)
+        return await self._do(
+            Op.STATVFS, f.resolved.virtual, os.fstatvfs, f.fd, journal_ok=False, read_only=True
+        )
 
     # -- paths --------------------------------------------------------------
 
     async def stat(self, path: bytes) -> os.stat_result:
         return await self._do(
-            Op.STAT, path, functools.partial(self.fs.stat, follow=True), path, journal_ok=False
+            Op.STAT,
+            path,
+            functools.partial(self.fs.stat, follow=True),
+            path,
+            journal_ok=False,
+            read_only=True,
         )
 
     async def lstat(self, path: bytes) -> os.stat_result:
         return await self._do(
-            Op.STAT, path, functools.partial(self.fs.stat, follow=False), path, journal_ok=False
+            Op.STAT,
+            path,
+            functools.partial(self.fs.stat, follow=False),
+            path,
+            journal_ok=False,
+            read_only=True,
         )
 
     async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         await self._do(
-            Op.SETSTAT, path, self.fs.setstat, path, None, attrs, attrs=attrs_summary(attrs)
+            Op.SETSTAT,
+            path,
+            self.fs.setstat,
+            path,
+            None,
+            attrs,
+            attrs=attrs_summary(attrs),
         )
 
     async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
@@ -364,7 +420,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         await self._do(Op.RMDIR, path, self.fs.rmdir, path)
 
     async def realpath(self, path: bytes) -> bytes:
-        return await self._do(Op.REALPATH, path, self.fs.realpath, path, journal_ok=False)
+        return await self._do(
+            Op.REALPATH, path, self.fs.realpath, path, journal_ok=False, read_only=True
+        )
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self._rename(oldpath, newpath, overwrite=False)
@@ -400,7 +458,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         await self._completed(event, new)
 
     async def readlink(self, path: bytes) -> bytes:
-        return await self._do(Op.READLINK, path, self.fs.readlink, path, journal_ok=False)
+        return await self._do(
+            Op.READLINK, path, self.fs.readlink, path, journal_ok=False, read_only=True
+        )
 
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         # asyncssh passes (target, link) whatever order the client used.
@@ -414,7 +474,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         )
 
     async def statvfs(self, path: bytes) -> os.statvfs_result:
-        return await self._do(Op.STATVFS, path, self.fs.statvfs, path, journal_ok=False)
+        return await self._do(
+            Op.STATVFS, path, self.fs.statvfs, path, journal_ok=False, read_only=True
+        )
 
 
 def _file(file_obj: object) -> OpenFile:

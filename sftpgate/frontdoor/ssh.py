@@ -207,7 +207,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS,
         durable: Callable[[str], bool] | None = None,
         write_budget: WriteBudget | None = None,
+        inline_local_metadata: bool = False,
     ) -> None:
+        self._inline_local_metadata = inline_local_metadata
         self._write_budget = write_budget if write_budget is not None else WriteBudget(WRITE_BUDGET)
         self._temp_patterns = temp_patterns
         self._durable = durable
@@ -364,6 +366,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             temp_patterns=self._temp_patterns,
             durable=self._durable if self._durable is not None else always_durable,
             write_budget=self._write_budget,
+            inline_local_metadata=self._inline_local_metadata,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)

@@ -7,7 +7,8 @@ writes, the hand-off alone was a quarter of the gateway's CPU). Instead a WRITE
 is queued on its handle and answered at once, and a flusher writes whatever has
 queued since its last trip in one thread-pool call, contiguous runs joined into
 one ``pwritev``. Network and disk then overlap, as they do in a kernel's page
-cache.
+cache. Less than ``FLUSH_AT`` waits up to ``FLUSH_DELAY`` for more, so a small
+file's only WRITE is written in the same thread trip as its CLOSE.
 
 What the client is promised stays the same: every other request on the
 handle (READ, FSTAT, FSETSTAT, FSYNC, CLOSE), and every path request of the
@@ -31,6 +32,10 @@ from typing import Any
 # windows' worth) and per gateway (so 1,000 sessions can't hold gigabytes).
 HANDLE_LIMIT = 4 * 1024 * 1024
 WRITE_BUDGET = 64 * 1024 * 1024
+# Below this much queued, a handle's writes wait up to FLUSH_DELAY seconds for
+# more (or for the CLOSE) before a thread writes them.
+FLUSH_AT = 256 * 1024
+FLUSH_DELAY = 0.005
 
 # Linux's IOV_MAX: pwritev takes at most this many buffers.
 _IOV_MAX = 1024
@@ -87,7 +92,9 @@ def coalesce(chunks: list[Chunk]) -> list[tuple[int, list[bytes]]]:
 class WriteQueue:
     """The queued writes of one handle and the task writing them.
 
-    All state is touched on the event loop only; the thread sees one batch.
+    All state is touched on the event loop only; a thread sees one batch.
+    Small amounts wait (up to ``FLUSH_DELAY``) for more or for the CLOSE, so a
+    small file's data and its close share one thread trip.
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class WriteQueue:
         self._chunks: list[Chunk] = []
         self._queued = 0
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.written = 0
         self.error: OSError | None = None
         # Set once a failure has been told to the client (a WRITE reply).
@@ -124,35 +132,78 @@ class WriteQueue:
         self._queued += len(data)
         self._budget.queued += len(data)
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._flush())
+            if self._queued >= FLUSH_AT:
+                self._start()
+            elif self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(FLUSH_DELAY, self._start)
         if self._queued > self._limit or self._budget.queued > self._budget.limit:
             await self.drain()
 
     async def drain(self) -> None:
         """Return once everything queued so far is written (or has failed)."""
+        self._start()
         while self._task is not None:
             await asyncio.shield(self._task)
+
+    async def close(self) -> OSError | None:
+        """Write what is left and close the fd, in one thread trip; the close's error."""
+        self._cancel_timer()
+        while self._task is not None:
+            await asyncio.shield(self._task)
+        chunks = self._take()
+        result: tuple[int, OSError | None, OSError | None]
+        result = await self._run_io(self._finish, chunks)
+        written, error, close_error = result
+        self._account(chunks, written, error)
+        return close_error
+
+    def _finish(self, chunks: list[Chunk]) -> tuple[int, OSError | None, OSError | None]:
+        # In a worker thread: the last batch (if any), then close(2).
+        written, error = self._write(self.fd, chunks) if chunks else (0, None)
+        try:
+            os.close(self.fd)
+        except OSError as exc:
+            return written, error, exc
+        return written, error, None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _start(self) -> None:
+        self._cancel_timer()
+        if self._task is None and self._chunks:
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    def _take(self) -> list[Chunk]:
+        """The queued chunks, or none if an earlier batch failed (they are dropped)."""
+        chunks, self._chunks = self._chunks, []
+        if self.error is not None:
+            self._account(chunks, 0, None)
+            return []
+        return chunks
+
+    def _account(self, chunks: list[Chunk], written: int, error: OSError | None) -> None:
+        size = sum(len(data) for _, data in chunks)
+        self._queued -= size
+        self._budget.queued -= size
+        self.written += written
+        if error is not None and self.error is None:
+            self.error = error
+            if self.on_error is not None:
+                self.on_error(error)
 
     async def _flush(self) -> None:
         try:
             while self._chunks and self.error is None:
-                batch, self._chunks = self._chunks, []
-                size = sum(len(data) for _, data in batch)
+                batch = self._take()
                 try:
                     written, error = await self._run_io(self._write, self.fd, batch)
                 except Exception as exc:  # the executor itself failed (e.g. shut down)
                     written, error = 0, OSError(errno.EIO, f"write not started: {exc}")
-                finally:
-                    self._queued -= size
-                    self._budget.queued -= size
-                self.written += written
-                if error is not None:
-                    self.error = error
-                    dropped = sum(len(data) for _, data in self._chunks)
-                    self._chunks = []
-                    self._queued -= dropped
-                    self._budget.queued -= dropped
-                    if self.on_error is not None:
-                        self.on_error(error)
+                self._account(batch, written, error)
+            self._take()  # after a failure: drop the rest
         finally:
             self._task = None
