@@ -10,6 +10,7 @@ import asyncio
 import io
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,17 @@ def test_a_write_on_a_read_only_handle_is_refused(gateway: RunningGateway) -> No
     assert (gateway.home("alice") / "ro.bin").read_bytes() == b"keep"
     write = next(r for r in gateway.op_rows("write"))
     assert write["status"] == "failure"
+
+
+def test_a_small_write_reaches_the_disk_without_waiting_for_the_close(
+    gateway: RunningGateway,
+) -> None:
+    # Under 256 KiB waits briefly for more or for the CLOSE, never indefinitely.
+    sftp = gateway.sftp("alice")
+    local = gateway.home("alice") / "idle.bin"
+    with sftp.open("idle.bin", "wb") as f:
+        f.write(b"z" * 4096)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and local.stat().st_size < 4096:
+            time.sleep(0.01)
+        assert local.read_bytes() == b"z" * 4096  # the handle is still open
