@@ -7,9 +7,11 @@ and port, and everything is stopped afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,43 @@ def need_tool(name: str, install: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run `{install}` (scripts/setup.sh does this)")
     return path
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A real, tiny filesystem (tmpfs of ``size``, e.g. "64k") mounted at ``path``.
+
+    For full-disk tests; the suite runs as root, as CI does.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "sftpgate-test", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"mounting a {size} tmpfs failed (the suite runs as root with CAP_SYS_ADMIN, "
+            f"as CI does): {done.stderr.strip()}"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the filesystem holding ``directory``; return the filler file."""
+    filler = directory / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
 
 
 class LoopThread:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fill, small_disk
 from sftpgate.events import Event, Op, SessionInfo, UploadState
 from sftpgate.journal.writer import JournalUnavailable, JournalWriter
 
@@ -105,12 +106,40 @@ def test_emit_durable_returns_only_after_the_row_is_committed(tmp_path: Path) ->
         writer.close()
 
 
+def test_a_full_disk_fails_durable_emits_and_loses_no_plain_record(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        path = disk / "j.sqlite3"
+        writer = JournalWriter(path, interval=0.01)
+        writer.start()
+        try:
+            filler = fill(disk)  # a real full disk, under the running writer
+            for i in range(3000):
+                writer.emit(Event(Op.STAT, SESSION, path=f"/{'x' * 200}/{i}"))
+
+            async def upload() -> None:
+                close = Event(
+                    Op.CLOSE, SESSION, path="/v.mp4", bytes_written=1, upload=UploadState.COMPLETE
+                )
+                await asyncio.wait_for(writer.emit_durable(close), 10)
+
+            with pytest.raises(JournalUnavailable, match="full"):
+                asyncio.run(upload())  # that client is told: its upload is not recorded
+            filler.unlink()  # room again: the writer's retries get the plain records in
+            deadline = time.monotonic() + 30
+            while writer.committed < 3000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            writer.close()
+        assert count(path) == 3000
+        assert count(path, "uploads") == 0
+
+
 def test_a_failing_database_fails_durable_emits_instead_of_hanging(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     writer = JournalWriter(path)
     writer.start()
-    # Fault injection: a real full disk is not something a test can make on demand,
-    # so the table the durable row goes to is dropped under the writer.
+    # Fault injection: a schema broken under the writer (the full-disk case is
+    # the test above, on a real full disk).
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE uploads")
     conn.commit()

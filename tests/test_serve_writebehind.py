@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from conftest import PASSWORDS, RunningGateway, start_gateway
+from conftest import PASSWORDS, RunningGateway, small_disk, start_gateway
 from sftpgate.frontdoor.writebehind import coalesce, write_chunks
 
 # -- the batch writer ----------------------------------------------------------
@@ -66,23 +65,8 @@ def test_write_chunks_reports_what_it_wrote_before_the_error(tmp_path: Path) -> 
 @pytest.fixture
 def full_disk_home(tmp_path: Path) -> Iterator[Path]:
     """alice's home on a 64 KiB tmpfs."""
-    home = tmp_path / "homes" / "alice"
-    home.mkdir(parents=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sftpgate-full", str(home)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(
-            "mounting a 64 KiB tmpfs failed (the suite runs as root with CAP_SYS_ADMIN, "
-            f"as CI does): {done.stderr.strip()}"
-        )
-    try:
+    with small_disk(tmp_path / "homes" / "alice", "64k") as home:
         yield home
-    finally:
-        subprocess.run(["umount", "-l", str(home)], check=False)
 
 
 def _connect_alice(port: int) -> Any:  # asyncssh.connect's context manager

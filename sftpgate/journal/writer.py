@@ -118,6 +118,19 @@ class JournalWriter:
             batch.append(self._items.popleft())
         return batch
 
+    def _fail_durable(self, pending: list[_Item], exc: BaseException) -> list[_Item]:
+        """Fail every durable item, pending or queued; return the plain ones to retry."""
+        pending = pending + self._take_all()
+        for item in pending:
+            _settle(item, JournalUnavailable(str(exc)))
+        return [item for item in pending if item.future is None]
+
+    def _take_all(self) -> list[_Item]:
+        items: list[_Item] = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
     def _wait(self) -> bool:
         """Sleep until there is work; let plain work gather. True once asked to stop."""
         token: object = None
@@ -160,13 +173,20 @@ class JournalWriter:
                 record_batch(self._conn, (item.event for item in pending), self._on_upload)
             except (sqlite3.Error, OSError) as exc:
                 log.error("journal: cannot commit %d events (%s); retrying", len(pending), exc)
-                for item in pending:
-                    _settle(item, JournalUnavailable(str(exc)))
-                pending = [item for item in pending if item.future is None]
+                pending = self._fail_durable(pending, exc)
                 if stop and pending:
                     log.error("journal: dropping %d events at shutdown", len(pending))
                     return
-                time.sleep(delay)
+                # Wait before retrying, but a durable emit arriving meanwhile
+                # fails at once instead of waiting for the disk to come back.
+                deadline = time.monotonic() + delay
+                while not stop and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        token = self._wake.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    stop = token is _STOP
+                    pending = self._fail_durable(pending, exc)
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.05
