@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import yaml
 
 from .errors import ConfigError
-from .passwords import check_hash_format
 
 ENV_PREFIX = "SFTPGATE_"
 
@@ -466,6 +464,12 @@ def _log(r: _Reader) -> LogConfig:
 def _authorized_keys(r: _Reader) -> tuple[str, ...]:
     value = r.get("authorized_keys", (list, str), [])
     lines = [value] if isinstance(value, str) else value
+    if not lines:
+        return ()
+    # Imported here: `sftpgate subsystem` loads a config without keys for every
+    # OpenSSH session and must not pay for asyncssh (~0.1 s).
+    import asyncssh
+
     keys: list[str] = []
     for index, line in enumerate(lines):
         where = f"authorized_keys[{index}]"
@@ -491,6 +495,9 @@ def _user(r: _Reader) -> User:
         raise r.error("home", "is required")
     password_hash = r.get("password_hash", str, None)
     if password_hash is not None:
+        # Imported here: importing passwords computes its dummy hash (scrypt, ~0.1 s).
+        from .passwords import check_hash_format
+
         problem = check_hash_format(password_hash)
         if problem:
             raise r.error("password_hash", problem)

@@ -1,234 +1,210 @@
-"""``sftpgate subsystem``: relay sshd ⇄ OpenSSH's sftp-server, and read copies of both streams.
+"""``sftpgate subsystem``: relay sshd ⇄ OpenSSH's sftp-server, and read what goes by.
 
-Two pump threads move bytes unchanged (a read, a write, nothing else in
-their way); they hand each chunk (the same bytes object, no copy) to a parser
-thread through a queue. The parser decodes packets, pairs requests with
-replies (``Tracker``) and passes events to an :class:`EventSender`, which
-sends them to the daemon's Unix socket and spools to disk whatever the daemon
-does not acknowledge. If the parser falls too far behind it stops parsing;
-the relay never waits for it.
+One thread does everything with ``poll()``: it reads a chunk from one side,
+passes it on unchanged (or queues what the other side does not take yet),
+then hands the same bytes to the parser. The parser decodes packets, pairs
+requests with replies (``Tracker``) and passes events to the
+:class:`~sftpgate.subsystem.sender.EventSender`, which never blocks either.
+Because one thread reads both directions, a request is always parsed before
+the reply to it. (The tap used to run the two directions and the parser in
+three threads; they took turns on the GIL for every chunk, and that ping-pong
+cost more than the parsing: about half the throughput of a plain sftp-server.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import pwd
-import queue
-import secrets
+import select
 import signal
-import socket
 import subprocess
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 from ..events import Event, Op, SessionInfo
 from .codec import PacketReader
+from .sender import EventSender
 from .tracker import Tracker
-from .wire import encode_line, with_key
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
-# Bytes the parser may lag behind before it gives up on this session.
-PARSER_BACKLOG = 64 * 1024 * 1024
-
-
-class EventSender:
-    """Delivers events to the daemon; what is not acknowledged ends in the spool. Thread-safe."""
-
-    def __init__(
-        self, socket_path: Path, spool_dir: Path, session_id: str, ack_timeout: float = 5.0
-    ) -> None:
-        self._spool_path = spool_dir / f"{os.getuid()}-{session_id}.jsonl"
-        self._ack_timeout = ack_timeout
-        self._lock = threading.Lock()
-        self._acked = threading.Condition(self._lock)
-        self._unacked: dict[int, bytes] = {}
-        self._seq = 0
-        self._spool_fd: int | None = None
-        self._sock: socket.socket | None = None
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(2)
-            sock.connect(str(socket_path))
-            sock.settimeout(None)
-            self._sock = sock
-            threading.Thread(target=self._read_acks, args=(sock,), daemon=True).start()
-        except OSError as exc:
-            log.warning("daemon unreachable at %s (%s); spooling events", socket_path, exc)
-
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
-    def send(self, event: Event) -> None:
-        with self._lock:
-            self._seq += 1
-            line = encode_line(self._seq, with_key(event, self._seq))
-            if self._sock is not None:
-                try:
-                    self._sock.sendall(line)
-                    self._unacked[self._seq] = line
-                    return
-                except OSError:
-                    self._lost_daemon()
-            self._spool([line])
-
-    def _read_acks(self, sock: socket.socket) -> None:
-        with contextlib.suppress(OSError, ValueError), sock.makefile("rb") as stream:
-            for raw in stream:
-                seq = int(json.loads(raw)["ack"])
-                with self._lock:
-                    self._unacked.pop(seq, None)
-                    self._acked.notify_all()
-        with self._lock:
-            if self._sock is sock:
-                self._lost_daemon()
-            self._acked.notify_all()
-
-    def _lost_daemon(self) -> None:
-        # Called with the lock held: from now on everything goes to the spool.
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
-            self._sock = None
-
-    def _spool(self, lines: list[bytes]) -> None:
-        if not lines:
-            return
-        try:
-            if self._spool_fd is None:
-                self._spool_fd = os.open(
-                    self._spool_path,
-                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                )
-                # Held while we write: the daemon replays only files nobody holds.
-                fcntl.flock(self._spool_fd, fcntl.LOCK_EX)
-            os.write(self._spool_fd, b"".join(lines))
-        except OSError as exc:
-            log.error("cannot spool %d events to %s: %s", len(lines), self._spool_path, exc)
-
-    def close(self) -> None:
-        """Wait (briefly) for outstanding acks, spool the rest, release the spool file."""
-        deadline = time.monotonic() + self._ack_timeout
-        with self._lock:
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_WR)
-            while self._unacked and self._sock is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._acked.wait(remaining)
-            leftover = [self._unacked[seq] for seq in sorted(self._unacked)]
-            self._unacked.clear()
-            self._spool(leftover)
-            self._lost_daemon()
-            if self._spool_fd is not None:
-                os.fsync(self._spool_fd)
-                os.close(self._spool_fd)  # also releases the lock
-                self._spool_fd = None
-
-
-def _pump(
-    src: int,
-    dst: int,
-    direction: str,
-    feed: queue.SimpleQueue[tuple[str, bytes]],
-    backlog: list[int],
-    at_eof: Callable[[], None],
-) -> None:
-    """Move bytes ``src`` → ``dst`` unchanged; hand each chunk to the parser."""
-    try:
-        while True:
-            data = os.read(src, CHUNK)
-            if not data:
-                break
-            # The copy is queued BEFORE the bytes go on: otherwise sftp-server's
-            # reply could reach the parser ahead of the request it answers.
-            if backlog[0] < PARSER_BACKLOG:
-                backlog[0] += len(data)
-                feed.put((direction, data))
-            else:
-                feed.put((direction, b""))  # tells the parser it missed bytes
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst, view) :]
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            at_eof()
-        feed.put((direction, None))  # type: ignore[arg-type]
+# A pipe holds 64 KiB by default, so a big upload took one poll, read, write and
+# parse per 64 KiB: 0.8x sftp-server's throughput. The two pipes of the upload
+# direction (sshd -> tap -> sftp-server) get room for a whole CHUNK (then 1.0x).
+# Not more, and not the download pipes: the kernel counts pipe buffers per user
+# (fs.pipe-user-pages-soft, 64 MiB), and a user over it gets 8 KiB pipes.
+UPLOAD_PIPE = CHUNK
+# Bytes queued for a side that is not reading before we stop reading the other.
+BACKLOG = 4 * CHUNK
+_IN, _OUT = select.POLLIN, select.POLLOUT
 
 
 class Parser:
-    """Turns copies of both streams into events; never raises into the relay."""
+    """Turns both streams into events; never raises into the relay."""
 
     def __init__(self, tracker: Tracker, sender: EventSender) -> None:
         self.tracker = tracker
         self.sender = sender
         self.readers = {"client": PacketReader("client"), "server": PacketReader("server")}
-        self.missed = False
+        self.failed = False
 
-    def run(self, feed: queue.SimpleQueue[tuple[str, bytes | None]], backlog: list[int]) -> None:
-        while True:
-            direction, data = feed.get()
-            if data is None:
-                if direction == "server":  # sftp-server is gone: the session is over
-                    return
-                continue
-            backlog[0] -= len(data)
-            try:
-                self._feed(direction, data)
-            except Exception as exc:  # the tap must never take the relay down
-                self._emit(
-                    [
-                        Event(
-                            Op.PROTOCOL_ERROR,
-                            self.tracker.session,
-                            status="failure",
-                            message=f"tap error: {type(exc).__name__}: {exc}",
-                        )
-                    ]
-                )
-                self.missed = True
-
-    def _feed(self, direction: str, data: bytes) -> None:
-        if self.missed:
+    def feed(self, direction: str, data: bytes) -> None:
+        if self.failed:
             return
-        if not data:
-            self.missed = True
-            self._emit(
+        try:
+            items = self.readers[direction].feed(data)
+            tracker = self.tracker
+            self.emit(tracker.client(items) if direction == "client" else tracker.server(items))
+        except Exception as exc:  # the tap must never take the relay down
+            self.failed = True
+            self.emit(
                 [
                     Event(
                         Op.PROTOCOL_ERROR,
                         self.tracker.session,
-                        status="bad_message",
-                        message="the tap fell behind; the rest of the session "
-                        "was relayed but not parsed",
+                        status="failure",
+                        message=f"tap error: {type(exc).__name__}: {exc}",
                     )
                 ]
             )
-            return
-        items = self.readers[direction].feed(data)
-        events = self.tracker.client(items) if direction == "client" else self.tracker.server(items)
-        self._emit(events)
 
-    def _emit(self, events: list[Event]) -> None:
+    def emit(self, events: list[Event]) -> None:
         for event in events:
             try:
                 self.sender.send(event)
             except Exception as exc:  # pragma: no cover - send spools on OSError already
                 log.error("event lost: %s", exc)
+
+
+class Relay:
+    """Moves bytes client (fds 0, 1) ⇄ sftp-server until sftp-server's output ends."""
+
+    def __init__(
+        self,
+        server: subprocess.Popen[bytes],
+        parser: Parser,
+        sender: EventSender,
+        client_in: int = 0,
+        client_out: int = 1,
+    ) -> None:
+        assert server.stdin is not None and server.stdout is not None
+        self.server = server
+        self.parser = parser
+        self.sender = sender
+        self.server_in = server.stdin.fileno()
+        self.server_out = server.stdout.fileno()
+        self.client_in = client_in
+        self.client_out = client_out
+        # source fd -> (destination fd, direction for the parser)
+        self.routes = {
+            client_in: (self.server_in, "client"),
+            self.server_out: (client_out, "server"),
+        }
+        self.queued = {self.server_in: bytearray(), client_out: bytearray()}
+        self.reading = {client_in, self.server_out}
+        self.writable = {self.server_in, client_out}
+        self.poller = select.poll()
+        self.masks: dict[int, int] = {}
+        self.sender_fd: int | None = None
+        for fd in (*self.routes, *self.queued):
+            os.set_blocking(fd, False)
+        for fd in (client_in, self.server_in):  # the upload direction (see UPLOAD_PIPE)
+            with contextlib.suppress(OSError):  # not a pipe, or the user is at the limit
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, UPLOAD_PIPE)
+
+    def run(self) -> None:
+        while self.server_out in self.reading or self.queued[self.client_out]:
+            self._register()
+            for fd, _ in self.poller.poll():
+                if fd in self.routes:
+                    self._read(fd)
+                elif fd in self.queued:
+                    self._write_queued(fd)
+                elif fd == self.sender_fd:
+                    self.sender.read_acks()
+            self.sender.flush()
+
+    def _register(self) -> None:
+        wanted: dict[int, int] = {}
+        for fd, (dst, _) in self.routes.items():
+            if fd in self.reading and len(self.queued[dst]) < BACKLOG:
+                wanted[fd] = _IN
+        for fd, queue in self.queued.items():
+            if queue and fd in self.writable:
+                wanted[fd] = _OUT
+        self.sender_fd = self.sender.fileno()
+        if self.sender_fd is not None:
+            wanted[self.sender_fd] = _IN | (_OUT if self.sender.wants_write else 0)
+        for fd in [fd for fd in self.masks if fd not in wanted]:
+            self.poller.unregister(fd)
+            del self.masks[fd]
+        for fd, mask in wanted.items():
+            if fd not in self.masks:
+                self.poller.register(fd, mask)
+            elif self.masks[fd] != mask:
+                self.poller.modify(fd, mask)
+            self.masks[fd] = mask
+
+    def _read(self, fd: int) -> None:
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        dst, direction = self.routes[fd]
+        if not data:
+            self.reading.discard(fd)
+            if fd == self.client_in:  # client EOF: sftp-server's too, once it has everything
+                self._end_server_input_when_sent()
+            return
+        if dst not in self.writable:
+            pass  # that side is gone: its bytes are dropped (the parser still reads them)
+        elif self.queued[dst]:
+            self.queued[dst] += data
+        else:
+            self._write(dst, data)
+        self.parser.feed(direction, data)  # after the bytes went on: they never wait for it
+
+    def _write(self, fd: int, data: bytes | bytearray) -> None:
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # that side is gone; what it would have got is dropped
+            self.writable.discard(fd)
+            self.queued[fd].clear()
+            return
+        if sent < len(data):
+            self.queued[fd] += memoryview(data)[sent:]
+
+    def _write_queued(self, fd: int) -> None:
+        queue = self.queued[fd]
+        try:
+            sent = os.write(fd, queue)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.writable.discard(fd)
+            queue.clear()
+        else:
+            del queue[:sent]
+        if fd == self.server_in:
+            self._end_server_input_when_sent()
+
+    def _end_server_input_when_sent(self) -> None:
+        if self.client_in not in self.reading and not self.queued[self.server_in]:
+            self.writable.discard(self.server_in)
+            if self.server_in in self.masks:
+                self.poller.unregister(self.server_in)
+                del self.masks[self.server_in]
+            assert self.server.stdin is not None
+            with contextlib.suppress(OSError):
+                self.server.stdin.close()
 
 
 def quiet_logging() -> None:
@@ -254,7 +230,7 @@ def session_info() -> SessionInfo:
     addr = parts[0] if parts else "?"
     port = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
     return SessionInfo(
-        id=secrets.token_hex(8),
+        id=os.urandom(8).hex(),  # what secrets.token_hex does, without importing hashlib
         remote_addr=addr,
         remote_port=port,
         login=pwd.getpwuid(os.getuid()).pw_name,
@@ -283,33 +259,20 @@ def run_tap(
     assert server.stdin is not None and server.stdout is not None
 
     def stop(signum: int, frame: FrameType | None) -> None:  # sshd hangs up: end cleanly
+        # The client's input now reads as EOF; /dev/null in its place (rather than
+        # a closed fd 0) keeps the number from going to a file opened later.
         with contextlib.suppress(OSError):
-            os.close(0)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
 
     signal.signal(signal.SIGHUP, stop)
     signal.signal(signal.SIGTERM, stop)
     sender.send(Event(Op.LOGIN, info))
-    feed: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-    backlog = [0]
-    pumps = [
-        # Client EOF: close sftp-server's stdin so it ends the session too.
-        threading.Thread(
-            target=_pump,
-            args=(0, server.stdin.fileno(), "client", feed, backlog, server.stdin.close),
-            daemon=True,
-        ),
-        threading.Thread(
-            target=_pump,
-            args=(server.stdout.fileno(), 1, "server", feed, backlog, lambda: None),
-            daemon=True,
-        ),
-    ]
-    for pump in pumps:
-        pump.start()
-    parser.run(feed, backlog)  # type: ignore[arg-type]
+    Relay(server, parser, sender).run()
     code = server.wait()
     server.stdout.close()
-    parser._emit(parser.tracker.finish())
+    parser.emit(parser.tracker.finish())
     sender.send(Event(Op.LOGOUT, info))
     sender.close()
     return code

@@ -9,18 +9,28 @@ journal drop an event it already has, so a lost ack never means a duplicate.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from ..events import Event, Op, SessionInfo, UploadState
 
 MAX_LINE = 1 << 20  # an event line is small; anything bigger is garbage
+_EVENT_FIELDS = tuple(f.name for f in dataclass_fields(Event))
+_SESSION_FIELDS = tuple(f.name for f in dataclass_fields(SessionInfo))
 
 
-def event_to_dict(event: Event) -> dict[str, Any]:
-    data = asdict(event)
+def event_to_dict(event: Event, key: str | None = None) -> dict[str, Any]:
+    """The event as JSON-ready data (``key`` replaces the event's own if given).
+
+    What ``dataclasses.asdict`` gives, without its deep copies: the tap encodes
+    every event at once, and asdict was half of its parsing time.
+    """
+    data = {name: getattr(event, name) for name in _EVENT_FIELDS}
+    data["session"] = {name: getattr(event.session, name) for name in _SESSION_FIELDS}
     data["op"] = event.op.value
     data["upload"] = event.upload.value if event.upload else None
+    if key is not None:
+        data["key"] = key
     return data
 
 
@@ -37,7 +47,9 @@ def event_from_dict(data: dict[str, Any]) -> Event:
 
 
 def encode_line(seq: int, event: Event) -> bytes:
-    return json.dumps({"seq": seq, "event": event_to_dict(event)}).encode() + b"\n"
+    """Event ``seq`` of a tap's stream, stamped with its de-duplication key."""
+    data = event_to_dict(event, key=f"{event.session.id}#{seq}")
+    return json.dumps({"seq": seq, "event": data}).encode() + b"\n"
 
 
 def decode_line(line: bytes) -> tuple[int, Event]:
@@ -53,8 +65,3 @@ def decode_line(line: bytes) -> tuple[int, Event]:
 
 def ack_line(seq: int) -> bytes:
     return json.dumps({"ack": seq}).encode() + b"\n"
-
-
-def with_key(event: Event, seq: int) -> Event:
-    """The event stamped with its de-duplication key."""
-    return replace(event, key=f"{event.session.id}#{seq}")
