@@ -187,9 +187,10 @@ class Options:
 
     rounds: int = 5
     warmup: int = 1
-    big_mib: int = 1024  # figures 1, 2
-    small_files: int = 2000  # figures 3, 9
+    big_mib: int = 1024  # figures 1, 2, 10
+    small_files: int = 2000  # figures 3, 9, 11
     small_kib: int = 4
+    short_sessions: int = 100  # figure 12: one small upload each, one after another
     concurrent: int = 300  # figure 4
     concurrent_mib: int = 1
     many: int = 1000  # figure 5
@@ -198,6 +199,10 @@ class Options:
     journal_rows: int = 1_000_000  # figure 7: query size
     clip_seconds: int = 60  # figure 8
     clip_size: str = "1280x720"
+    only: frozenset[int] = frozenset()  # figures asked for (empty: all)
+
+    def wants(self, number: int) -> bool:
+        return not self.only or number in self.only
 
 
 FULL = Options()
@@ -206,6 +211,7 @@ SMOKE = Options(
     warmup=0,
     big_mib=2,
     small_files=10,
+    short_sessions=3,
     concurrent=4,
     many=8,
     latency_uploads=5,

@@ -5,7 +5,10 @@
   MaxStartups raised for the concurrency runs.
 - sftpgate: ``sftpgate serve`` as its own process, the same user and key.
 
-Both write into homes on the same filesystem. The OpenSSH parts reuse the
+:func:`subsystem_site` adds the OpenSSH front door: a second private sshd whose
+``Subsystem sftp`` is ``sftpgate subsystem``, and the daemon that journals it.
+
+All write into homes on the same filesystem. The OpenSSH parts reuse the
 test suite's sshd kit (tests/sshd_kit.py).
 """
 
@@ -30,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import sshd_kit
 
 SFTPGATE = str(Path(sys.executable).parent / "sftpgate")
+SSHD_EXTRA = {"MaxStartups": "4000:30:8000", "MaxSessions": "100"}
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Servers:
     key: Path
     workdir: Path
     config: Path
+    user: sshd_kit.TestUser
 
     @property
     def pair(self) -> tuple[Endpoint, Endpoint]:
@@ -132,10 +137,7 @@ def running_servers(**gateway_sections: Any) -> Iterator[Servers]:
         os.chown(gw_home, user.uid, user.gid)
         _, sftp_server = sshd_kit.need_sshd()
         sshd = sshd_kit.start_sshd(
-            workdir / "sshd",
-            [sftp_server],
-            users=[user],
-            extra_config={"MaxStartups": "4000:30:8000", "MaxSessions": "100"},
+            workdir / "sshd", [sftp_server], users=[user], extra_config=SSHD_EXTRA
         )
         port = sshd_kit.free_port()
         config = gateway_config(
@@ -150,6 +152,7 @@ def running_servers(**gateway_sections: Any) -> Iterator[Servers]:
                 key=user.key_path,
                 workdir=workdir,
                 config=config,
+                user=user,
             )
         finally:
             _stop_serve(proc)
@@ -172,6 +175,67 @@ def extra_gateway(servers: Servers, name: str, **sections: Any) -> Iterator[Endp
     proc = _start_serve(config)
     try:
         yield Endpoint(name, port, home, proc.pid)
+    finally:
+        _stop_serve(proc)
+
+
+@dataclass
+class SubsystemSite:
+    """The OpenSSH front door: sshd + ``sftpgate subsystem``, and the daemon journaling it."""
+
+    endpoint: Endpoint  # the second sshd; its home is the bench user's, as for ``openssh``
+    journal: Path  # the daemon's SQLite journal
+    spool_dir: Path  # where taps put events the daemon did not acknowledge
+    daemon_pid: int
+
+
+@contextlib.contextmanager
+def subsystem_site(servers: Servers) -> Iterator[SubsystemSite]:
+    """A second private sshd whose ``Subsystem sftp`` is ``sftpgate subsystem``.
+
+    Set up as packaging/openssh describes: the taps read a config holding only
+    the ``subsystem`` section; the daemon is ``sftpgate serve`` with
+    ``subsystem.enabled``, the bench user listed with home = that user's
+    system home (the ``openssh`` endpoint's home too; rounds run one at a time
+    and empty it). The sshd has the same options as the plain one.
+    """
+    workdir = servers.workdir / "subsystem"
+    workdir.mkdir()
+    user = servers.user
+    # The taps run as the bench user, who cannot write __pycache__ in this checkout;
+    # an installed sftpgate has its bytecode (scripts/setup.sh compiles it), so here too.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "sftpgate")], check=True)
+    _, sftp_server = sshd_kit.need_sshd()
+    tap = {
+        "sftp_server": sftp_server,
+        "socket": str(workdir / "run" / "events.sock"),
+        "spool_dir": str(workdir / "spool"),
+    }
+    daemon_config = gateway_config(
+        workdir,
+        user.login,
+        user.public_key,
+        user.home,
+        sshd_kit.free_port(),
+        subsystem={"enabled": True, **tap},
+    )
+    tap_config = workdir / "subsystem.yaml"
+    tap_config.write_text(yaml.safe_dump({"subsystem": tap}))
+    tap_config.chmod(0o644)  # read by the taps, which run as the bench user
+    proc = _start_serve(daemon_config)  # "listening on" comes after the tap socket is up
+    try:
+        with sshd_kit.start_sshd(
+            workdir / "sshd",
+            [SFTPGATE, "subsystem", "--config", str(tap_config)],
+            users=[user],
+            extra_config=SSHD_EXTRA,
+        ) as sshd:
+            yield SubsystemSite(
+                Endpoint("subsystem", sshd.port, user.home, sshd.process.pid),
+                journal=workdir / "state" / "journal.sqlite3",
+                spool_dir=workdir / "spool",
+                daemon_pid=proc.pid,
+            )
     finally:
         _stop_serve(proc)
 

@@ -40,16 +40,20 @@ def run(servers: Servers, options: Options) -> list[Figure]:
     src = servers.workdir / "transfer-src"
     src.mkdir()
     try:
-        big = _make_file(src / BIG, options.big_mib * MIB)
+        big_mib = options.big_mib if options.wants(1) or options.wants(2) else 0
+        big = _make_file(src / BIG, big_mib * MIB)
         small_size = options.small_kib * 1024
         small = [_make_file(src / f"small-{i:05d}", small_size) for i in range(options.small_files)]
-        figures = [
-            _figure1(servers, options, big),
-            *_figure2(servers, options, big),
-            _figure3(servers, options, small),
-        ]
-        with extra_gateway(servers, "nojournal", journal={"enabled": False}) as nojournal:
-            figures.append(_figure9(servers, nojournal, options, small))
+        figures = []
+        if options.wants(1):
+            figures.append(_figure1(servers, options, big))
+        if options.wants(2):
+            figures += _figure2(servers, options, big)
+        if options.wants(3):
+            figures.append(_figure3(servers, options, small))
+        if options.wants(9):
+            with extra_gateway(servers, "nojournal", journal={"enabled": False}) as nojournal:
+                figures.append(_figure9(servers, nojournal, options, small))
     finally:
         shutil.rmtree(src, ignore_errors=True)
     return figures
