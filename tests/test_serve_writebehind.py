@@ -18,7 +18,7 @@ import asyncssh
 import pytest
 
 from conftest import PASSWORDS, RunningGateway, small_disk, start_gateway
-from sftpgate.frontdoor.writebehind import coalesce, write_chunks
+from sftpgate.frontdoor.writebehind import WriteBudget, WriteQueue, coalesce, write_chunks
 
 # -- the batch writer ----------------------------------------------------------
 
@@ -194,3 +194,28 @@ def test_a_small_write_reaches_the_disk_without_waiting_for_the_close(
         while time.monotonic() < deadline and local.stat().st_size < 4096:
             time.sleep(0.01)
         assert local.read_bytes() == b"z" * 4096  # the handle is still open
+
+
+def test_a_write_past_the_bound_waits_for_a_batch_not_the_whole_queue(tmp_path: Path) -> None:
+    path = tmp_path / "bounded"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    data = [os.urandom(16384) for _ in range(200)]
+    peaks: list[int] = []
+
+    async def upload() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def run_io(fn: Any, *args: Any) -> Any:
+            return await loop.run_in_executor(None, fn, *args)
+
+        queue = WriteQueue(fd, run_io, WriteBudget(1 << 30), per_handle_limit=65536)
+        for i, chunk in enumerate(data):
+            await queue.add(i * 16384, chunk)
+            peaks.append(queue._queued)
+        assert await queue.close() is None
+        assert queue.written == 200 * 16384 and queue.error is None
+
+    asyncio.run(upload())
+    assert max(peaks) <= 65536  # never more than the bound once add() returns
+    assert any(p > 0 for p in peaks)  # ...and writes did queue: it is not write-through
+    assert path.read_bytes() == b"".join(data)

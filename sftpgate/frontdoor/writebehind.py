@@ -115,6 +115,8 @@ class WriteQueue:
         self._queued = 0
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Resolved each time a batch is done: what a WRITE over a bound waits for.
+        self._batch_done: asyncio.Future[None] | None = None
         self.written = 0
         self.error: OSError | None = None
         # Set once a failure has been told to the client (a WRITE reply).
@@ -137,8 +139,24 @@ class WriteQueue:
             elif self._timer is None:
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(FLUSH_DELAY, self._start)
-        if self._queued > self._limit or self._budget.queued > self._budget.limit:
-            await self.drain()
+        # Past a bound, wait for the batch being written, not for the whole
+        # queue: the next batch starts at once, so the disk never idles.
+        while self._queued > 0 and (
+            self._queued > self._limit or self._budget.queued > self._budget.limit
+        ):
+            self._start()
+            if self._task is None:
+                break
+            await self._next_batch()
+
+    def _next_batch(self) -> asyncio.Future[None]:
+        if self._batch_done is None or self._batch_done.done():
+            self._batch_done = asyncio.get_running_loop().create_future()
+        return self._batch_done
+
+    def _batch_finished(self) -> None:
+        if self._batch_done is not None and not self._batch_done.done():
+            self._batch_done.set_result(None)
 
     async def drain(self) -> None:
         """Return once everything queued so far is written (or has failed)."""
@@ -204,6 +222,8 @@ class WriteQueue:
                 except Exception as exc:  # the executor itself failed (e.g. shut down)
                     written, error = 0, OSError(errno.EIO, f"write not started: {exc}")
                 self._account(batch, written, error)
+                self._batch_finished()
             self._take()  # after a failure: drop the rest
         finally:
             self._task = None
+            self._batch_finished()
