@@ -141,8 +141,8 @@ class JournalWriter:
             self._idle = False
         if token is _STOP:
             return True
-        if token is _NOW:
-            return False
+        if token is _NOW or len(self._items) >= self._batch_max:
+            return False  # a durable record waits, or a full batch is ready
         deadline = time.monotonic() + self._interval
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -151,7 +151,7 @@ class JournalWriter:
                 break
             if token is _STOP:
                 return True
-            if token is _NOW:
+            if token is _NOW or len(self._items) >= self._batch_max:
                 break
         return False
 
