@@ -98,6 +98,9 @@ class Gateway:
             agent_forwarding=False,
             x11_forwarding=False,
             allow_pty=False,
+            # No PTY, so no line editing: skip asyncssh's editor wrapper, a layer
+            # every packet of every session went through for nothing.
+            line_editor=False,
             window=WINDOW,
             max_pktsize=MAX_PACKET,
             encoding=None,
