@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -88,3 +89,16 @@ rmdir incoming
     assert uploads == [
         {"path": "/incoming/my clip.mp4", "state": "complete", "bytes": len(payload)}
     ]
+
+
+def test_a_multi_megabyte_upload_arrives_byte_for_byte(
+    gateway: RunningGateway, tmp_path: Path
+) -> None:
+    # Many SSH packets per socket read, and packets split across reads: the
+    # gateway hands asyncssh one packet at a time (ssh._feed_whole_packets).
+    local = tmp_path / "big.bin"
+    payload = os.urandom(24 * 1024 * 1024 + 12345)
+    local.write_bytes(payload)
+    run_sftp_batch(gateway, "bob", "put big.bin big.bin\nget big.bin back.bin\n", tmp_path)
+    assert (gateway.home("bob") / "big.bin").read_bytes() == payload
+    assert (tmp_path / "back.bin").read_bytes() == payload

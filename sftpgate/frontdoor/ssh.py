@@ -194,6 +194,53 @@ def _skip_cbc_ignores(conn: asyncssh.SSHServerConnection) -> None:
     conn.send_packet = send  # type: ignore[method-assign]
 
 
+def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
+    """Hand asyncssh's packet parser only the bytes it is waiting for.
+
+    asyncssh appends each read to one bytes buffer and re-slices what is left
+    after every packet, so a 256 KiB read holding eight 32 KiB packets (what
+    OpenSSH's client sends) is copied many times over: ~45% of the event loop
+    during a 1 GiB upload. Received bytes wait here instead, in a bytearray
+    consumed from the front, and asyncssh gets exactly the header or packet
+    body it needs next, so each byte is copied a fixed number of times
+    (interleaved A/B, 512 MiB: 1.13-1.22x with OpenSSH's sftp client). Before
+    packets start (the version line), or in any state not recognised here,
+    everything is passed on at once, as asyncssh expects.
+    """
+    received = conn.data_received
+    pending = bytearray()
+    c: Any = conn  # asyncssh's receive state is private: read here, never written
+
+    def needed() -> int:
+        handler = c._recv_handler
+        if handler == c._recv_pkthdr:
+            return int(c._recv_blocksize) - len(c._inpbuf)
+        if handler == c._recv_packet:
+            rest = 4 + c._pktlen + c._recv_macsize - c._recv_blocksize
+            return int(rest) - len(c._inpbuf)
+        return 0  # not parsing packets: pass everything on
+
+    def data_received(data: bytes, datatype: Any = None) -> None:
+        pending.extend(data)
+        while pending:
+            want = needed()
+            if want > len(pending):
+                return  # wait for the rest of this header or packet
+            if want <= 0 or want == len(pending):
+                chunk = bytes(pending)
+                pending.clear()
+            else:
+                with memoryview(pending) as view:
+                    chunk = bytes(view[:want])
+                del pending[:want]  # O(1): a bytearray drops its front in place
+            received(chunk)
+            if c._transport is None:  # the connection closed while parsing
+                pending.clear()
+                return
+
+    conn.data_received = data_received  # type: ignore[method-assign]
+
+
 class GatewaySSHServer(asyncssh.SSHServer):
     """One SSH connection: authenticates against :class:`Users`, journals the outcome."""
 
@@ -237,6 +284,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         _skip_cbc_ignores(conn)
+        _feed_whole_packets(conn)
         if self._registry is not None:
             self._registry.add(self)
         peer = conn.get_extra_info("peername") or ("?", 0)
