@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import SMOKE
-from bench.scenarios import subsystem
+from bench.scenarios import subsystem, transfer
 from bench.servers import Endpoint, SubsystemSite, clean_home, running_servers
 
 
@@ -33,7 +33,8 @@ def test_subsystem_figures_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
         seen.setdefault(endpoint.name, []).append(files)
         clean_home(endpoint)
 
-    monkeypatch.setattr(subsystem, "clean_home", recording_clean)
+    # Every round empties the home through transfer.run_round (shared by all figures).
+    monkeypatch.setattr(transfer, "clean_home", recording_clean)
     with running_servers() as servers:
         figures = subsystem.run(servers, SMOKE)
         assert not any(servers.openssh.home.iterdir()), "a round left files behind"

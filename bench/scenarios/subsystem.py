@@ -21,7 +21,6 @@ is reported as the journal lag. Then the home is emptied.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sqlite3
 import time
@@ -29,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common import Figure, Options, interleave, median, timed
-from ..servers import Endpoint, Servers, SubsystemSite, clean_home, subsystem_site
-from .transfer import BIG, CIPHER, MB, MIB, _make_file, _sftp_batch, _small_upload, check_arrived
+from ..common import Figure, Options, median
+from ..servers import Endpoint, Servers, SubsystemSite, subsystem_site
+from .transfer import BIG, CIPHER, MB, MIB, _make_file, _sftp_batch, _small_upload, measure_rates
 
 JOURNAL_TIMEOUT = 60.0  # seconds the daemon may take to journal a round after the client ends
 TITLE = "OpenSSH front door (sftpgate subsystem): "
@@ -188,20 +187,6 @@ class _Journal:
             time.sleep(0.01)
 
 
-def _round(
-    endpoint: Endpoint, upload: Upload, files: list[Path], journal: _Journal | None
-) -> float:
-    """One timed upload; then check what arrived (and what was journaled), empty the home."""
-    os.sync()  # earlier rounds' writeback stays out of this one
-    since = journal.mark() if journal else (0, 0)
-    seconds = timed(lambda: upload(endpoint))
-    check_arrived(endpoint.home, files)
-    if journal:
-        journal.wait(since, files)
-    clean_home(endpoint)
-    return seconds
-
-
 def _rate_figure(
     number: int,
     title: str,
@@ -220,15 +205,12 @@ def _rate_figure(
     """Interleave ``upload`` on the tapped sshd and the plain one; median rate ratio."""
     tapped = site.endpoint
     journal = _Journal(site, sessions)
-    seconds_a, seconds_b = interleave(
-        lambda: _round(tapped, upload, files, journal),
-        lambda: _round(plain, upload, files, None),
-        rounds=options.rounds,
-        warmup=options.warmup,
-    )
-    rate_a = median([per / s for s in seconds_a])
-    rate_b = median([per / s for s in seconds_b])
-    digits = 0 if min(rate_a, rate_b) >= 10 else 1
+
+    def check_journal() -> Callable[[], None]:
+        since = journal.mark()
+        return lambda: journal.wait(since, files)
+
+    rates = measure_rates(tapped, plain, upload, files, options, per=per, check_a=check_journal)
     lag_ms = [lag * 1000 for lag in journal.lags]
     checked = (
         f"sshd + `sftpgate subsystem` ÷ sshd + sftp-server, cipher {CIPHER}. Every round "
@@ -239,14 +221,14 @@ def _rate_figure(
     return Figure(
         number,
         TITLE + title,
-        f"{rate_a:.{digits}f} vs {rate_b:.{digits}f} {unit}",
-        rate_a / rate_b,
+        rates.measured(unit),
+        rates.ratio,
         target,
         f"{checked} {notes}".strip(),
         extra={
             "unit": unit,
-            tapped.name: seconds_a,
-            plain.name: seconds_b,
+            tapped.name: rates.seconds_a,
+            plain.name: rates.seconds_b,
             "seconds": "per round",
             "journal_lag_ms": lag_ms,
         },

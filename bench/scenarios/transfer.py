@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,31 +189,82 @@ def _rate_figure(
     notes: str = "",
 ) -> Figure:
     """Interleave ``upload`` on a and b; the figure is median rate a ÷ median rate b."""
-    seconds_a, seconds_b = interleave(
-        lambda: _round(a, upload, files),
-        lambda: _round(b, upload, files),
-        rounds=options.rounds,
-        warmup=options.warmup,
-    )
-    rate_a = median([per / s for s in seconds_a])
-    rate_b = median([per / s for s in seconds_b])
-    digits = 0 if min(rate_a, rate_b) >= 10 else 1
+    rates = measure_rates(a, b, upload, files, options, per=per)
     return Figure(
         number,
         title,
-        f"{rate_a:.{digits}f} vs {rate_b:.{digits}f} {unit}",
-        rate_a / rate_b,
+        rates.measured(unit),
+        rates.ratio,
         target,
         notes,
-        extra={"unit": unit, a.name: seconds_a, b.name: seconds_b, "seconds": "per round"},
+        extra={
+            "unit": unit,
+            a.name: rates.seconds_a,
+            b.name: rates.seconds_b,
+            "seconds": "per round",
+        },
     )
 
 
-def _round(endpoint: Endpoint, upload: Upload, files: list[Path]) -> float:
-    """One timed upload; then check what arrived and empty the home."""
+# Called before a round; returns what to check after it (e.g. the journal's rows).
+RoundCheck = Callable[[], Callable[[], None]]
+
+
+@dataclass
+class Rates:
+    """Per-round seconds of two interleaved sides and their median rates."""
+
+    seconds_a: list[float]
+    seconds_b: list[float]
+    per: float
+
+    @property
+    def rate_a(self) -> float:
+        return median([self.per / s for s in self.seconds_a])
+
+    @property
+    def rate_b(self) -> float:
+        return median([self.per / s for s in self.seconds_b])
+
+    @property
+    def ratio(self) -> float:
+        return self.rate_a / self.rate_b
+
+    def measured(self, unit: str) -> str:
+        digits = 0 if min(self.rate_a, self.rate_b) >= 10 else 1
+        return f"{self.rate_a:.{digits}f} vs {self.rate_b:.{digits}f} {unit}"
+
+
+def measure_rates(
+    a: Endpoint,
+    b: Endpoint,
+    upload: Upload,
+    files: list[Path],
+    options: Options,
+    *,
+    per: float,
+    check_a: RoundCheck | None = None,
+) -> Rates:
+    """Run ``upload`` on a and b alternately (warm-up discarded), each round checked."""
+    seconds_a, seconds_b = interleave(
+        lambda: run_round(a, upload, files, check_a),
+        lambda: run_round(b, upload, files),
+        rounds=options.rounds,
+        warmup=options.warmup,
+    )
+    return Rates(seconds_a, seconds_b, per)
+
+
+def run_round(
+    endpoint: Endpoint, upload: Upload, files: list[Path], check: RoundCheck | None = None
+) -> float:
+    """One timed upload; then check what arrived (and ``check``), and empty the home."""
     os.sync()  # earlier rounds' writeback stays out of this one
+    after = check() if check else None
     seconds = timed(lambda: upload(endpoint))
     check_arrived(endpoint.home, files)
+    if after is not None:
+        after()
     clean_home(endpoint)
     return seconds
 
