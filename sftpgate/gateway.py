@@ -11,7 +11,7 @@ import asyncssh
 
 from .config import Config
 from .events import EventSink
-from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
+from .frontdoor.ssh import MAX_IO, GatewaySSHServer, Users, ensure_host_keys
 from .frontdoor.writebehind import WRITE_BUDGET, WriteBudget
 from .jobs.rules import Rules
 from .jobs.store import JobStore
@@ -22,8 +22,11 @@ from .subsystem.daemon import TapDaemon
 log = logging.getLogger(__name__)
 
 # Larger SSH windows and packets: Python clients move 30-50% more per second.
+# A packet holds a whole WRITE of the largest size we offer (limits@openssh.com)
+# plus its SFTP header: at exactly 256 KiB, asyncssh's client sent every 256 KiB
+# WRITE as a full packet and a 30-byte one, both to decrypt and reassemble.
 WINDOW = 8 * 1024 * 1024
-MAX_PACKET = 256 * 1024
+MAX_PACKET = MAX_IO + 1024
 
 
 class Gateway:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 
@@ -63,3 +64,36 @@ def test_no_ignore_packet_goes_before_each_reply(
     sent = [r.getMessage() for r in caplog.records if "] Sent MSG_" in r.getMessage()]
     assert any("MSG_CHANNEL_DATA" in m for m in sent)
     assert not [m for m in sent if "MSG_IGNORE" in m]
+
+
+async def _largest_write(port: int) -> int:
+    async with (
+        asyncssh.connect(
+            "127.0.0.1",
+            port,
+            username="alice",
+            password=PASSWORDS["alice"],
+            known_hosts=None,
+            client_keys=None,
+        ) as conn,
+        conn.start_sftp_client() as sftp,
+    ):
+        return int(sftp.limits.max_write_len)
+
+
+def test_the_largest_write_offered_fits_in_one_ssh_packet(gateway: RunningGateway) -> None:
+    # Clients that follow limits@openssh.com (asyncssh's, OpenSSH's) write that
+    # much per request; if the request and its header don't fit in the packet
+    # size the server advertises, every WRITE travels as two packets.
+    largest = asyncio.run(_largest_write(gateway.port))
+    assert largest == 256 * 1024
+    t = paramiko.Transport(("127.0.0.1", gateway.port))
+    t.connect(username="alice", password=PASSWORDS["alice"])
+    try:
+        chan = t.open_session()
+        # WRITE: length, type, id, handle (string), offset, data (string)
+        header = 4 + 1 + 4 + (4 + 16) + 8 + 4
+        assert chan.out_max_packet_size >= largest + header
+        chan.close()
+    finally:
+        t.close()
