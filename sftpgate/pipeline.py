@@ -139,12 +139,12 @@ class Pipeline:
 
     async def _output_folder(self, user: User, jail: Jail) -> str:
         virtual = os.fsencode("/" + self.config.pipeline.output_dir)
-        owner = owner_for(user)
 
         def make() -> str:
             resolved = jail.resolve(virtual)  # refuses a folder that is a link out of the home
             if not os.path.isdir(resolved.local):
                 os.makedirs(resolved.local, mode=0o755, exist_ok=True)
+                owner = owner_for(user)  # may stat the home: here, in the thread
                 if owner is not None:
                     os.chown(resolved.local, *owner)
             return os.fsdecode(jail.resolve(virtual).local)
@@ -208,14 +208,15 @@ class Pipeline:
         moves = [(flv_tmp, names["flv"]), (poster_tmp, names["poster"])]
         made = thumbnail_files(Path(folder), thumbs_stem, len(names["thumbnails"]))
         moves += list(zip(made, names["thumbnails"], strict=True))
-        await asyncio.to_thread(self._place, moves, folder, owner_for(user))
+        await asyncio.to_thread(self._place, moves, folder, user)
         return await self._db(self.store.mark_step, job.id, owner, "transcode", finished=True)
 
     @staticmethod
-    def _place(moves: list[tuple[Path, str]], folder: str, owner: tuple[int, int] | None) -> None:
+    def _place(moves: list[tuple[Path, str]], folder: str, user: User) -> None:
         for tmp, name in moves:
             if not tmp.exists():
                 raise MediaError(f"ffmpeg did not write {name}")
+        owner = owner_for(user)
         for tmp, name in moves:
             if owner is not None:
                 os.chown(tmp, *owner)
@@ -247,13 +248,13 @@ class Pipeline:
             list(names["thumbnails"]),
         )
         target = os.path.join(folder, names["sidecar"])
-        owner_ids = owner_for(user)
 
         def write() -> None:
             tmp = os.path.join(folder, f".part-{job.id}-{names['sidecar']}")
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(sidecar, f, indent=2, ensure_ascii=False)
                 f.write("\n")
+            owner_ids = owner_for(user)  # may stat the home: here, in the thread
             if owner_ids is not None:
                 os.chown(tmp, *owner_ids)
             os.replace(tmp, target)

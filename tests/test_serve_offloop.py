@@ -11,8 +11,11 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from asyncssh.channel import SSHChannel
 
 from conftest import start_gateway
@@ -137,3 +140,55 @@ def test_homes_on_local_disks_make_metadata_calls_inline(
     finally:
         running.stop()
         servers.clear()
+
+
+def test_a_hung_home_at_session_start_does_not_stall_other_users(
+    tmp_path: Path, user_keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: calls that look at alice's home (realpath, stat) hang,
+    # as they would on an NFS server that went away. A session resolves its
+    # home and its files' owner when it starts: that must happen in the pool,
+    # where it stalls alice alone, not on the loop every session shares.
+    running = start_gateway(tmp_path, user_keys)
+    home = os.fspath(running.home("alice"))
+    entered, release = threading.Event(), threading.Event()
+
+    def hangs_for_alice(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(home):
+                entered.set()
+                release.wait(30)
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os.path, "realpath", hangs_for_alice(os.path.realpath))
+    monkeypatch.setattr(os, "stat", hangs_for_alice(os.stat))
+    alice_listing: list[list[str]] = []
+
+    def alice_session() -> None:
+        alice = running.sftp("alice")  # the SFTP session starts here
+        alice_listing.append(alice.listdir("."))  # its first request
+
+    def bob_session() -> None:
+        bob = running.sftp("bob", key=True)
+        bob.putfo(io.BytesIO(b"b" * 65536), "moving.mp4")
+        assert bob.stat("moving.mp4").st_size == 65536
+
+    alice = threading.Thread(target=alice_session, daemon=True)
+    bob = threading.Thread(target=bob_session, daemon=True)
+    try:
+        alice.start()
+        assert entered.wait(10), "nothing looked at alice's home"
+        bob.start()
+        bob.join(15)  # would hang if the loop were blocked
+        assert not bob.is_alive(), "bob's session stalled behind alice's hung home"
+        assert (running.home("bob") / "moving.mp4").stat().st_size == 65536
+        assert alice.is_alive() and not alice_listing, "alice's request should still be hung"
+        release.set()
+        alice.join(10)
+        assert alice_listing == [[]]
+    finally:
+        release.set()
+        monkeypatch.undo()
+        running.stop()

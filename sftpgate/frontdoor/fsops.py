@@ -7,9 +7,11 @@ executor so a slow (NFS) call stalls only the thread it runs in.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
@@ -81,19 +83,21 @@ def attrs_summary(attrs: SFTPAttrs) -> dict[str, Any]:
 class UserFS:
     """The operations of one SFTP session, on paths checked by its :class:`Jail`."""
 
-    def __init__(self, jail: Jail, owner: tuple[int, int] | None) -> None:
+    def __init__(self, jail: Jail, owner: Callable[[], tuple[int, int] | None]) -> None:
         self.jail = jail
-        # (uid, gid) to give new files when the gateway runs as root.
-        self.owner = owner
+        # (uid, gid) to give new files when the gateway runs as root; asked at
+        # the first file made (it may stat the home: blocking, so in the pool).
+        self._owner = functools.cache(owner)
         self._names: dict[tuple[str, int], str] = {}
 
     def _chown(self, local: bytes, fd: int | None = None) -> None:
-        if self.owner is None:
+        owner = self._owner()
+        if owner is None:
             return
         if fd is not None:
-            os.fchown(fd, *self.owner)
+            os.fchown(fd, *owner)
         else:
-            os.lchown(local, *self.owner)
+            os.lchown(local, *owner)
 
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         resolved = self.jail.resolve(path, follow=True)

@@ -5,6 +5,9 @@ what the client sent into a normalised absolute path in that view (``..``
 cannot climb above ``/``). :meth:`Jail.resolve` touches the filesystem: it
 follows symlinks that already exist (``os.path.realpath``) and refuses any
 path whose real location is outside the home. Callers run it in a thread.
+The home's own real path is found at the first use too (not when the jail is
+made, which happens on the event loop as a session starts): a home on a hung
+NFS server must stall that user's requests, not the gateway.
 
 What is left: a race where someone with shell access swaps a checked
 directory for a symlink between the check and the use. Users of the gateway
@@ -33,7 +36,15 @@ class Jail:
     """Maps a user's view (home = ``/``) onto the local filesystem and back."""
 
     def __init__(self, home: str | os.PathLike[str]) -> None:
-        self.root = os.fsencode(os.path.realpath(os.fspath(home)))
+        self._home = os.fspath(home)
+        self._root: bytes | None = None
+
+    @property
+    def root(self) -> bytes:
+        """The home's real path; the first call is blocking (stat calls)."""
+        if self._root is None:
+            self._root = os.fsencode(os.path.realpath(self._home))
+        return self._root
 
     @staticmethod
     def virtual(path: bytes, base: bytes = b"/") -> bytes:

@@ -73,6 +73,10 @@ def always_durable(path: str) -> bool:
     return True
 
 
+def no_owner() -> None:
+    return None
+
+
 @dataclass(slots=True)
 class SessionContext:
     """What the SSH layer hands to each SFTP session of an authenticated user."""
@@ -81,7 +85,8 @@ class SessionContext:
     user: User
     sink: EventSink
     executor: Executor | None
-    owner: tuple[int, int] | None = None
+    # (uid, gid) for new files, or None; called at most once, in the pool.
+    owner: Callable[[], tuple[int, int] | None] = no_owner
     # Uploads under these names complete when renamed to a name that isn't one.
     temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
     # Whether a completed upload at this path may start a job (then its CLOSE

@@ -7,6 +7,7 @@ forwarding requests are all refused.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -410,7 +411,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self._user,
             self._sink,
             self._executor,
-            owner_for(self._user),
+            functools.partial(owner_for, self._user),  # stats the home: in the pool
             temp_patterns=self._temp_patterns,
             durable=self._durable if self._durable is not None else always_durable,
             write_budget=self._write_budget,
