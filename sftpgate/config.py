@@ -50,6 +50,9 @@ class ServerConfig:
     # Metadata calls of homes wholly on local disks run on the event loop
     # (see frontdoor/mounts.py); NFS, FUSE and unknown filesystems never do.
     inline_local_metadata: bool = True
+    # Likewise quick changes: create, small write batches, close, mkdir,
+    # rename, remove, setstat (frontdoor/inline.py: a slow one turns it off).
+    inline_local_changes: bool = True
     login_timeout: float = 60.0
     max_auth_attempts: int = 6
 
@@ -322,6 +325,7 @@ def _server(r: _Reader) -> ServerConfig:
         create_homes=r.get("create_homes", bool, d.create_homes),
         io_threads=r.positive("io_threads", int, d.io_threads),
         inline_local_metadata=r.get("inline_local_metadata", bool, d.inline_local_metadata),
+        inline_local_changes=r.get("inline_local_changes", bool, d.inline_local_changes),
         login_timeout=r.positive("login_timeout", float, d.login_timeout),
         max_auth_attempts=r.positive("max_auth_attempts", int, d.max_auth_attempts),
     )

@@ -11,6 +11,7 @@ import asyncssh
 
 from .config import Config
 from .events import EventSink
+from .frontdoor.inline import InlineGuard
 from .frontdoor.ssh import MAX_IO, GatewaySSHServer, Users, ensure_host_keys
 from .frontdoor.writebehind import WRITE_BUDGET, WriteBudget
 from .jobs.rules import Rules
@@ -49,6 +50,7 @@ class Gateway:
         self.executor = ThreadPoolExecutor(config.server.io_threads, thread_name_prefix="fs")
         # Bytes of WRITEs answered but not yet on disk, over every session.
         self.write_budget = WriteBudget(WRITE_BUDGET)
+        self.inline_guard = InlineGuard()  # one for all sessions: see frontdoor/inline.py
         self._listener: asyncssh.SSHAcceptor | None = None
         self.connections: set[GatewaySSHServer] = set()
 
@@ -127,6 +129,8 @@ class Gateway:
             self.rules.wants if self.rules is not None else None,
             self.write_budget,
             self.config.server.inline_local_metadata,
+            inline_local_changes=self.config.server.inline_local_changes,
+            inline_guard=self.inline_guard,
         )
         return server
 

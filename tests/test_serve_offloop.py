@@ -41,6 +41,7 @@ class SlowForAlice(GatewaySSHServer):
         server = super()._make_sftp_server(chan)
         if server.ctx.user.login == "alice":
             server.fs.__class__ = HungFS
+            server._local = False  # her home stands for NFS: nothing runs inline
         return server
 
 
@@ -108,7 +109,7 @@ def test_metadata_calls_stay_in_the_pool_when_inline_is_off(
     running = start_gateway(
         tmp_path,
         user_keys,
-        extra={"server": {"inline_local_metadata": False}},
+        extra={"server": {"inline_local_metadata": False, "inline_local_changes": False}},
         server_class=StatHangsForAlice,
     )
     alice = running.sftp("alice")
@@ -121,7 +122,7 @@ def test_metadata_calls_stay_in_the_pool_when_inline_is_off(
         bob.putfo(io.BytesIO(b"b" * 65536), "moving.mp4")  # would hang if the loop were blocked
         assert bob.stat("moving.mp4").st_size == 65536
         assert thread.is_alive(), "alice's stat should still be hung"
-        assert [s._inline for s in servers] == [False, False]
+        assert [s._local for s in servers] == [False, False]
     finally:
         stat_release.set()
         thread.join(10)  # alice's stat completes before her connection goes
@@ -136,7 +137,7 @@ def test_homes_on_local_disks_make_metadata_calls_inline(
     try:
         bob = running.sftp("bob", key=True)
         bob.putfo(io.BytesIO(b"b" * 100), "small.mp4")
-        assert [s._inline for s in servers] == [True]  # decided at bob's first request
+        assert [s._local for s in servers] == [True]  # decided at bob's first request
     finally:
         running.stop()
         servers.clear()

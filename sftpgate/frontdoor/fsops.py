@@ -19,6 +19,8 @@ from typing import Any
 from asyncssh import SFTPAttrs, SFTPName
 
 from ..attrs import summarize
+from ..errors import JailError
+from .inline import SMALL_WRITE
 from .jail import Jail, Resolved
 from .writebehind import WriteQueue, write_chunks
 
@@ -114,6 +116,15 @@ class UserFS:
             os.close(fd)
             raise
         return OpenFile(fd, resolved, pflags, attrs.permissions, created)
+
+    def truncates_little(self, path: bytes) -> bool:
+        """Whether opening ``path`` with truncation frees little: absent, or a small file."""
+        try:
+            resolved = self.jail.resolve(path, follow=True)
+            st = os.stat(resolved.local)
+        except (OSError, JailError):
+            return True  # open() will report it
+        return not stat.S_ISREG(st.st_mode) or st.st_size <= SMALL_WRITE
 
     @staticmethod
     def read(f: OpenFile, offset: int, size: int) -> bytes:

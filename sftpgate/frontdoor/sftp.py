@@ -1,6 +1,7 @@
 """The SFTP server of ``sftpgate serve``: asyncssh hooks → off-loop I/O → events.
 
-Every hook runs its filesystem work in the gateway's thread pool, turns the
+Every hook runs its filesystem work in the gateway's thread pool (or inline,
+for quick calls on homes wholly on local disks: see :mod:`.inline`), turns the
 outcome into an :class:`~sftpgate.events.Event`, and translates errors into
 SFTP status replies in one place (:func:`sftp_error`).
 """
@@ -25,6 +26,7 @@ from ..errors import JailError
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..patterns import name_matches
 from .fsops import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE, OpenFile, UserFS, attrs_summary
+from .inline import SMALL_WRITE, InlineGuard
 from .jail import Jail
 from .mounts import home_is_local
 from .writebehind import HANDLE_LIMIT, WRITE_BUDGET, WriteBudget, WriteQueue
@@ -99,6 +101,11 @@ class SessionContext:
     # Read-only metadata calls run on the loop when the whole home is on local
     # disks (see mounts); calls that change anything always use the pool.
     inline_local_metadata: bool = False
+    # The same for quick calls that change something (create, small write
+    # batches, close, mkdir, rename, remove, setstat); see inline.py.
+    inline_local_changes: bool = False
+    # Shared by every session: a slow inline call turns inline calls off a while.
+    inline_guard: InlineGuard = field(default_factory=InlineGuard)
     # Bytes answered but not yet written, shared by every session of the gateway.
     write_budget: WriteBudget = field(default_factory=lambda: WriteBudget(WRITE_BUDGET))
 
@@ -115,8 +122,10 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         self.ctx = ctx
         self.fs = UserFS(Jail(ctx.user.home), ctx.owner)
         self._queues: set[WriteQueue] = set()
-        # Decided at the first request (it resolves the home, off the loop).
-        self._inline: bool | None = None if ctx.inline_local_metadata else False
+        # Whether the home is wholly on local disks: decided at the first
+        # request that could run inline (it resolves the home, off the loop).
+        wanted = ctx.inline_local_metadata or ctx.inline_local_changes
+        self._local: bool | None = None if wanted else False
 
     # -- plumbing -----------------------------------------------------------
 
@@ -131,17 +140,32 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
         return await loop.run_in_executor(self.ctx.executor, call)
 
-    async def _meta(self, fn: Callable[..., T], *args: Any) -> T:
-        """A read-only metadata call: inline if the home is all on local disks, else pooled.
+    async def _inline_ok(self, enabled: bool) -> bool:
+        if not enabled:
+            return False
+        if self._local is None:
+            self._local = await self._io(home_is_local, self.ctx.user.home)
+        return self._local and self.ctx.inline_guard.allowed()
 
-        Only calls that change nothing: on ext4 a file creation waits for a
-        journal handle and took 0.6-0.9 ms of kernel time here, too long to
-        hold the loop; a stat of a cached inode takes microseconds.
-        """
-        if self._inline is None:
-            self._inline = await self._io(home_is_local, self.ctx.user.home)
-        if self._inline:
+    def _inline(self, fn: Callable[..., T], *args: Any) -> T:
+        guard = self.ctx.inline_guard
+        started = guard.clock()
+        try:
             return fn(*args)
+        finally:
+            name = getattr(getattr(fn, "func", fn), "__name__", "a filesystem call")
+            guard.observe(started, name)
+
+    async def _meta(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read-only metadata call: inline on a local home (see inline.py), else pooled."""
+        if await self._inline_ok(self.ctx.inline_local_metadata):
+            return self._inline(fn, *args)
+        return await self._io(fn, *args)
+
+    async def _change(self, fn: Callable[..., T], *args: Any) -> T:
+        """A quick call that changes something: inline on a local home, else pooled."""
+        if await self._inline_ok(self.ctx.inline_local_changes):
+            return self._inline(fn, *args)
         return await self._io(fn, *args)
 
     def _event(self, op: Op, path: bytes | None = None, **fields: Any) -> Event:
@@ -157,13 +181,22 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         *args: Any,
         journal_ok: bool = True,
         read_only: bool = False,
+        quick: bool = False,
         **fields: Any,
     ) -> T:
-        """Run ``fn`` off the loop (``read_only``: see _meta); journal it; raise on failure."""
+        """Run ``fn`` in the pool, or per _meta (``read_only``) or _change (``quick``); journal it.
+
+        Raises the SFTP error for a failure.
+        """
         await self._settle()  # a path request sees every write answered before it
         started = time.monotonic()
         try:
-            result = await (self._meta(fn, *args) if read_only else self._io(fn, *args))
+            if read_only:
+                result = await self._meta(fn, *args)
+            elif quick:
+                result = await self._change(fn, *args)
+            else:
+                result = await self._io(fn, *args)
         except Exception as exc:
             status, error = sftp_error(exc)
             self.ctx.sink.emit(
@@ -185,6 +218,11 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
+        # A create is quick; truncating a big file frees its blocks, which is not.
+        quick = True
+        if pflags & FXF_TRUNC and await self._inline_ok(self.ctx.inline_local_changes):
+            await self._settle()  # the size seen includes every write answered
+            quick = self._inline(self.fs.truncates_little, path)
         f = await self._do(
             Op.OPEN,
             path,
@@ -195,6 +233,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             flags=pflags,
             mode=mode,
             read_only=not pflags & _CHANGES,  # opening to read changes nothing
+            quick=quick,
         )
         self.ctx.open_files.add(id(f))
         if f.writable:
@@ -204,6 +243,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 self.ctx.write_budget,
                 per_handle_limit=HANDLE_LIMIT,
                 write=self.fs.write_chunks,
+                run_small=self._change,
+                small=SMALL_WRITE,
             )
             queue.on_error = functools.partial(self._write_failed, f)
             f.queue = queue
@@ -278,7 +319,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             f.bytes_written = queue.written
         else:
             try:
-                await self._io(os.close, f.fd)
+                await self._change(os.close, f.fd)
             except OSError as exc:
                 close_error = exc
         status, message, error = "ok", f.error, None
@@ -419,10 +460,10 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
-        await self._do(Op.MKDIR, path, self.fs.mkdir, path, attrs, mode=mode)
+        await self._do(Op.MKDIR, path, self.fs.mkdir, path, attrs, mode=mode, quick=True)
 
     async def rmdir(self, path: bytes) -> None:
-        await self._do(Op.RMDIR, path, self.fs.rmdir, path)
+        await self._do(Op.RMDIR, path, self.fs.rmdir, path, quick=True)
 
     async def realpath(self, path: bytes) -> bytes:
         return await self._do(
@@ -470,12 +511,24 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         # asyncssh passes (target, link) whatever order the client used.
         await self._do(
-            Op.SYMLINK, newpath, self.fs.symlink, oldpath, newpath, path2=_decode(oldpath)
+            Op.SYMLINK,
+            newpath,
+            self.fs.symlink,
+            oldpath,
+            newpath,
+            path2=_decode(oldpath),
+            quick=True,
         )
 
     async def link(self, oldpath: bytes, newpath: bytes) -> None:
         await self._do(
-            Op.LINK, newpath, self.fs.link, oldpath, newpath, path2=_decode(Jail.virtual(oldpath))
+            Op.LINK,
+            newpath,
+            self.fs.link,
+            oldpath,
+            newpath,
+            path2=_decode(Jail.virtual(oldpath)),
+            quick=True,
         )
 
     async def statvfs(self, path: bytes) -> os.statvfs_result:

@@ -27,6 +27,7 @@ from asyncssh.stream import SSHServerStreamSession
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
+from .inline import InlineGuard
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 from .writebehind import WRITE_BUDGET, WriteBudget
 
@@ -256,8 +257,13 @@ class GatewaySSHServer(asyncssh.SSHServer):
         durable: Callable[[str], bool] | None = None,
         write_budget: WriteBudget | None = None,
         inline_local_metadata: bool = False,
+        *,
+        inline_local_changes: bool = False,
+        inline_guard: InlineGuard | None = None,
     ) -> None:
         self._inline_local_metadata = inline_local_metadata
+        self._inline_local_changes = inline_local_changes
+        self._inline_guard = inline_guard if inline_guard is not None else InlineGuard()
         self._write_budget = write_budget if write_budget is not None else WriteBudget(WRITE_BUDGET)
         self._temp_patterns = temp_patterns
         self._durable = durable
@@ -416,6 +422,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
             durable=self._durable if self._durable is not None else always_durable,
             write_budget=self._write_budget,
             inline_local_metadata=self._inline_local_metadata,
+            inline_local_changes=self._inline_local_changes,
+            inline_guard=self._inline_guard,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)

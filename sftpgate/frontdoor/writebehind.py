@@ -8,7 +8,8 @@ is queued on its handle and answered at once, and a flusher writes whatever has
 queued since its last trip in one thread-pool call, contiguous runs joined into
 one ``pwritev``. Network and disk then overlap, as they do in a kernel's page
 cache. Less than ``FLUSH_AT`` waits up to ``FLUSH_DELAY`` for more, so a small
-file's only WRITE is written in the same thread trip as its CLOSE.
+file's only WRITE is written in the same call as its CLOSE (one thread trip, or
+inline on a local disk: small batches may run on the loop, see inline.py).
 
 What the client is promised stays the same: every other request on the
 handle (READ, FSTAT, FSETSTAT, FSYNC, CLOSE), and every path request of the
@@ -105,9 +106,16 @@ class WriteQueue:
         *,
         per_handle_limit: int,
         write: Callable[[int, list[Chunk]], tuple[int, OSError | None]] = write_chunks,
+        run_small: RunIO | None = None,
+        small: int = 0,
     ) -> None:
         self.fd = fd
         self._run_io = run_io
+        # While the file has at most ``small`` bytes, its batches and its close
+        # go through run_small (which may run them inline on a local disk, see
+        # inline.py); a bigger file's go to the pool, all of them.
+        self._run_small = run_small or run_io
+        self._small = small
         self._budget = budget
         self._limit = per_handle_limit
         self._write = write
@@ -171,7 +179,7 @@ class WriteQueue:
             await asyncio.shield(self._task)
         chunks = self._take()
         result: tuple[int, OSError | None, OSError | None]
-        result = await self._run_io(self._finish, chunks)
+        result = await self._runner(chunks)(self._finish, chunks)
         written, error, close_error = result
         self._account(chunks, written, error)
         return close_error
@@ -184,6 +192,10 @@ class WriteQueue:
         except OSError as exc:
             return written, error, exc
         return written, error, None
+
+    def _runner(self, chunks: list[Chunk]) -> RunIO:
+        size = self.written + sum(len(data) for _, data in chunks)
+        return self._run_small if size <= self._small else self._run_io
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -218,7 +230,7 @@ class WriteQueue:
             while self._chunks and self.error is None:
                 batch = self._take()
                 try:
-                    written, error = await self._run_io(self._write, self.fd, batch)
+                    written, error = await self._runner(batch)(self._write, self.fd, batch)
                 except Exception as exc:  # the executor itself failed (e.g. shut down)
                     written, error = 0, OSError(errno.EIO, f"write not started: {exc}")
                 self._account(batch, written, error)

@@ -1,0 +1,187 @@
+"""Quick filesystem calls on local homes run on the event loop; a slow one sends all to the pool.
+
+The homes here are on the test machine's local disk (or a tmpfs), so the
+gateway may run creates, small write batches and closes inline. The
+filesystem layer below is the real one, wrapped only to record which thread
+each call ran on; the one fault injected (a mkdir made slow, standing for ext4
+waiting on its journal, which a test can't cause on demand) says so.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+from asyncssh import SFTPAttrs
+from asyncssh.channel import SSHChannel
+
+from conftest import RunningGateway, start_gateway
+from sftpgate.frontdoor.fsops import OpenFile, UserFS
+from sftpgate.frontdoor.inline import SMALL_WRITE, InlineGuard
+from sftpgate.frontdoor.sftp import GatewaySFTPServer
+from sftpgate.frontdoor.ssh import GatewaySSHServer
+from sftpgate.frontdoor.writebehind import Chunk, write_chunks
+
+# (call, bytes, thread name) of every recorded call, in order
+calls: list[tuple[str, int, str]] = []
+SLOW_MKDIR = 0.05
+
+
+def _record(name: str, size: int = 0) -> None:
+    calls.append((name, size, threading.current_thread().name))
+
+
+class RecordingFS(UserFS):
+    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+        _record("open")
+        return super().open(path, pflags, attrs)
+
+    @staticmethod
+    def write_chunks(fd: int, chunks: list[Chunk]) -> tuple[int, OSError | None]:
+        _record("write", sum(len(data) for _, data in chunks))
+        return write_chunks(fd, chunks)
+
+    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+        _record("mkdir")
+        if path.endswith(b"slow"):
+            time.sleep(SLOW_MKDIR)  # fault injection: a local disk stalling one call
+        super().mkdir(path, attrs)
+
+
+class Recording(GatewaySSHServer):
+    def _make_sftp_server(self, chan: SSHChannel[bytes]) -> GatewaySFTPServer:
+        server = super()._make_sftp_server(chan)
+        server.fs.__class__ = RecordingFS
+        return server
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, user_keys: dict[str, Path]) -> Any:
+    calls.clear()
+    running = start_gateway(tmp_path, user_keys, server_class=Recording)
+    try:
+        yield running
+    finally:
+        running.stop()
+        calls.clear()
+
+
+def _pooled(thread: str) -> bool:
+    return thread.startswith("fs_")  # the gateway's thread pool
+
+
+def test_small_uploads_run_inline_on_a_local_home(recorded: RunningGateway) -> None:
+    sftp = recorded.sftp("alice")
+    for i in range(3):
+        sftp.putfo(io.BytesIO(b"x" * 4096), f"small {i}.bin")
+    sftp.mkdir("folder")
+    assert [(name, size) for name, size, _ in calls] == [
+        ("open", 0),
+        ("write", 4096),
+        ("open", 0),
+        ("write", 4096),
+        ("open", 0),
+        ("write", 4096),
+        ("mkdir", 0),
+    ]
+    assert not [c for c in calls if _pooled(c[2])], calls
+    for i in range(3):
+        assert (recorded.home("alice") / f"small {i}.bin").read_bytes() == b"x" * 4096
+    rows = recorded.wait_rows(lambda r: sum(x["op"] == "close" for x in r) == 3)
+    assert [r["bytes_written"] for r in rows if r["op"] == "close"] == [4096] * 3
+
+
+def test_writes_of_bigger_files_stay_in_the_pool(recorded: RunningGateway) -> None:
+    sftp = recorded.sftp("alice")
+    payload = bytes(range(256)) * 4096 * 2  # 2 MiB
+    sftp.putfo(io.BytesIO(payload), "big.bin")
+    writes = [c for c in calls if c[0] == "write"]
+    assert sum(size for _, size, _ in writes) == len(payload)
+    # inline only while the file is still small; then everything in the pool
+    done = 0
+    for _, size, thread in writes:
+        done += size
+        assert _pooled(thread) == (done > SMALL_WRITE), writes
+    assert (recorded.home("alice") / "big.bin").read_bytes() == payload
+
+
+def test_nothing_runs_inline_when_turned_off(tmp_path: Path, user_keys: dict[str, Path]) -> None:
+    calls.clear()
+    running = start_gateway(
+        tmp_path,
+        user_keys,
+        extra={"server": {"inline_local_changes": False}},
+        server_class=Recording,
+    )
+    try:
+        sftp = running.sftp("alice")
+        sftp.putfo(io.BytesIO(b"x" * 4096), "small.bin")
+        sftp.mkdir("folder")
+        assert [c[0] for c in calls] == ["open", "write", "mkdir"]
+        assert all(_pooled(thread) for _, _, thread in calls), calls
+    finally:
+        running.stop()
+        calls.clear()
+
+
+def test_a_slow_inline_call_sends_every_call_to_the_pool_for_a_while(
+    recorded: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = recorded.gateway.inline_guard
+    guard.cooldown = 1.0
+    alice = recorded.sftp("alice")
+    bob: paramiko.SFTPClient = recorded.sftp("bob", key=True)
+    with caplog.at_level(logging.WARNING, logger="sftpgate.frontdoor.inline"):
+        alice.mkdir("slow")  # held the loop once, for SLOW_MKDIR
+    assert guard.trips == 1
+    assert "mkdir took" in caplog.text and "thread pool for the next 1 s" in caplog.text
+    calls.clear()
+    bob.putfo(io.BytesIO(b"b" * 4096), "during.bin")  # another user: the guard is shared
+    alice.mkdir("quick")
+    assert [c[0] for c in calls] == ["open", "write", "mkdir"]
+    assert all(_pooled(thread) for _, _, thread in calls), calls
+
+    time.sleep(guard.cooldown)
+    calls.clear()
+    alice.mkdir("after")
+    assert [(c[0], _pooled(c[2])) for c in calls] == [("mkdir", False)]
+    assert guard.trips == 1
+    assert (recorded.home("alice") / "slow").is_dir()
+    assert (recorded.home("bob") / "during.bin").read_bytes() == b"b" * 4096
+
+
+def test_the_guard_trips_only_past_its_threshold() -> None:
+    now = [100.0]
+    guard = InlineGuard(slow=0.002, cooldown=30, clock=lambda: now[0])
+    assert guard.allowed()
+    now[0] += 0.0015
+    guard.observe(100.0, "open")
+    assert guard.allowed() and guard.trips == 0
+    started = now[0]
+    now[0] += 0.01
+    guard.observe(started, "open")
+    assert not guard.allowed() and guard.trips == 1
+    now[0] += 29.9
+    assert not guard.allowed()
+    now[0] += 0.2
+    assert guard.allowed()
+
+
+def test_truncating_a_big_file_runs_in_the_pool(recorded: RunningGateway) -> None:
+    # Opening with truncation frees the old data's blocks: slow for a big file.
+    big = recorded.home("alice") / "video.mp4"
+    big.write_bytes(b"v" * (SMALL_WRITE + 1))
+    small = recorded.home("alice") / "note.txt"
+    small.write_bytes(b"n" * 100)
+    sftp = recorded.sftp("alice")
+    sftp.putfo(io.BytesIO(b"new"), "video.mp4")  # paramiko opens with TRUNC
+    sftp.putfo(io.BytesIO(b"new"), "note.txt")
+    opens = [(name, _pooled(thread)) for name, _, thread in calls if name == "open"]
+    assert opens == [("open", True), ("open", False)]
+    assert big.read_bytes() == b"new" and small.read_bytes() == b"new"
