@@ -156,16 +156,24 @@ def test_a_slow_inline_call_sends_every_call_to_the_pool_for_a_while(
     assert (recorded.home("bob") / "during.bin").read_bytes() == b"b" * 4096
 
 
-def test_the_guard_trips_only_past_its_threshold() -> None:
-    now = [100.0]
-    guard = InlineGuard(slow=0.002, cooldown=30, clock=lambda: now[0])
+def test_the_guard_trips_on_slow_calls_that_waited() -> None:
+    # The guard's clock and wait counter, driven by hand.
+    now, slept = [100.0], [0]
+    guard = InlineGuard(slow=0.002, cooldown=30, clock=lambda: now[0], waits=lambda: slept[0])
     assert guard.allowed()
+    before = guard.start()
     now[0] += 0.0015
-    guard.observe(100.0, "open")
+    slept[0] += 1
+    guard.observe(before, "open")  # quick, even though it slept
     assert guard.allowed() and guard.trips == 0
-    started = now[0]
+    before = guard.start()
     now[0] += 0.01
-    guard.observe(started, "open")
+    guard.observe(before, "open")  # slow, but never slept: another process had the CPU
+    assert guard.allowed() and guard.trips == 0
+    before = guard.start()
+    now[0] += 0.01
+    slept[0] += 1
+    guard.observe(before, "open")  # slow and waited: a busy disk
     assert not guard.allowed() and guard.trips == 1
     now[0] += 29.9
     assert not guard.allowed()

@@ -17,14 +17,18 @@ it out. In a thread those overlap with the loop's own work.
 
 A local disk can still be slow: ext4 makes a create wait for its journal, and
 a write can be throttled while much dirty data waits for the disk. The guard
-times every inline call; one that takes longer than :data:`SLOW` turns inline
-calls off for the whole gateway for :data:`COOLDOWN`, and says so in the log.
-At worst the loop is held once per cooldown, for one call.
+times every inline call; one that took longer than :data:`SLOW` and slept in
+the kernel on the way (a voluntary context switch: it waited for something)
+turns inline calls off for the whole gateway for :data:`COOLDOWN`, and says so
+in the log. At worst the loop is held once per cooldown, for one call. A call
+that was only slow because another process had the CPU does not count: on a
+busy machine that happens every few seconds, and the pool would not help.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Callable
 
@@ -37,6 +41,11 @@ SLOW = 0.002
 COOLDOWN = 30.0
 
 
+def waits() -> int:
+    """How many times this thread has slept in the kernel (voluntary switches)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
 class InlineGuard:
     """Shared by every session of a gateway: is inline allowed right now?"""
 
@@ -46,22 +55,29 @@ class InlineGuard:
         slow: float = SLOW,
         cooldown: float = COOLDOWN,
         clock: Callable[[], float] = time.monotonic,
+        waits: Callable[[], int] = waits,
     ) -> None:
         self.slow = slow
         self.cooldown = cooldown
         self.clock = clock
+        self.waits = waits
         self._until = 0.0
         self.trips = 0  # how many times a slow call turned inline calls off
 
     def allowed(self) -> bool:
         return self._until == 0.0 or self.clock() >= self._until
 
-    def observe(self, started: float, what: str) -> None:
-        """After an inline call that began at ``started`` (the guard's clock)."""
+    def start(self) -> tuple[float, int]:
+        """Before an inline call: what :meth:`observe` needs."""
+        return self.clock(), self.waits()
+
+    def observe(self, before: tuple[float, int], what: str) -> None:
+        """After an inline call; ``before`` is what :meth:`start` returned."""
+        started, waits = before
         ended = self.clock()
         took = ended - started
-        if took <= self.slow:
-            return
+        if took <= self.slow or self.waits() == waits:
+            return  # quick, or only kept off the CPU by other processes
         self._until = ended + self.cooldown
         self.trips += 1
         log.warning(

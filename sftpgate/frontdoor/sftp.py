@@ -149,12 +149,12 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     def _inline(self, fn: Callable[..., T], *args: Any) -> T:
         guard = self.ctx.inline_guard
-        started = guard.clock()
+        before = guard.start()
         try:
             return fn(*args)
         finally:
             name = getattr(getattr(fn, "func", fn), "__name__", "a filesystem call")
-            guard.observe(started, name)
+            guard.observe(before, name)
 
     async def _meta(self, fn: Callable[..., T], *args: Any) -> T:
         """A read-only metadata call: inline on a local home (see inline.py), else pooled."""
