@@ -33,6 +33,18 @@ from sftpgate.passwords import hash_password
 PASSWORDS = {"alice": "alice-secret", "carol": "carol-secret"}
 
 
+def asyncssh_login(port: int, login: str = "alice") -> Any:  # asyncssh.connect's context manager
+    """asyncssh's client, logged in with ``login``'s password."""
+    return asyncssh.connect(
+        "127.0.0.1",
+        port,
+        username=login,
+        password=PASSWORDS[login],
+        known_hosts=None,
+        client_keys=None,
+    )
+
+
 def need_tool(name: str, install: str) -> str:
     """Path of a system tool, or fail the test naming how to install it."""
     path = shutil.which(name) or (name if Path(name).is_file() else None)

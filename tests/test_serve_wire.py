@@ -10,7 +10,7 @@ import asyncssh
 import paramiko
 import pytest
 
-from conftest import PASSWORDS, RunningGateway
+from conftest import PASSWORDS, RunningGateway, asyncssh_login
 from sftpgate.frontdoor.ssh import _LevelCheckedLogger
 
 
@@ -68,14 +68,7 @@ def test_no_ignore_packet_goes_before_each_reply(
 
 async def _largest_write(port: int) -> int:
     async with (
-        asyncssh.connect(
-            "127.0.0.1",
-            port,
-            username="alice",
-            password=PASSWORDS["alice"],
-            known_hosts=None,
-            client_keys=None,
-        ) as conn,
+        asyncssh_login(port) as conn,
         conn.start_sftp_client() as sftp,
     ):
         return int(sftp.limits.max_write_len)

@@ -17,7 +17,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from conftest import PASSWORDS, RunningGateway, small_disk, start_gateway
+from conftest import RunningGateway, asyncssh_login, small_disk, start_gateway
 from sftpgate.frontdoor.writebehind import WriteBudget, WriteQueue, coalesce, write_chunks
 
 # -- the batch writer ----------------------------------------------------------
@@ -69,21 +69,10 @@ def full_disk_home(tmp_path: Path) -> Iterator[Path]:
         yield home
 
 
-def _connect_alice(port: int) -> Any:  # asyncssh.connect's context manager
-    return asyncssh.connect(
-        "127.0.0.1",
-        port,
-        username="alice",
-        password=PASSWORDS["alice"],
-        known_hosts=None,
-        client_keys=None,
-    )
-
-
 async def _write_then_close(port: int, path: str, data: bytes) -> str:
     """One WRITE (asyncssh sends it whole; raises unless answered OK), then CLOSE's error."""
     async with (
-        _connect_alice(port) as conn,
+        asyncssh_login(port) as conn,
         conn.start_sftp_client() as sftp,
     ):
         f = await sftp.open(path, "wb")
@@ -169,7 +158,7 @@ def test_a_write_on_a_read_only_handle_is_refused(gateway: RunningGateway) -> No
     async def write_read_only() -> None:
         # paramiko refuses this itself; asyncssh's client sends the WRITE.
         async with (
-            _connect_alice(gateway.port) as conn,
+            asyncssh_login(gateway.port) as conn,
             conn.start_sftp_client() as sftp,
             sftp.open("ro.bin", "rb") as f,
         ):
