@@ -347,6 +347,72 @@ def test_truncated_stream_yields_whole_packets_and_waits(
     assert reader.feed(stream[cut:]) == reqs[complete:]
 
 
+@FAST
+@given(
+    st.lists(requests, min_size=1, max_size=6),
+    st.lists(replies, min_size=1, max_size=6),
+    # (packet, byte of its header, new value): the header is where framing can go wrong
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 40), st.integers(0, 255)), max_size=3),
+    st.integers(0, 10_000),
+)
+def test_a_stream_fed_whole_or_byte_by_byte_gives_the_same_packets_and_errors(
+    reqs: list[Request],
+    reps: list[Reply],
+    flips: list[tuple[int, int, int]],
+    cut: int,
+) -> None:
+    # Whole packets in one chunk are decoded where they lie (no copy, no state
+    # machine); split ones go through the machine. Valid or damaged (flipped
+    # bytes, truncated), both ways must yield the same packets, errors and offsets.
+    for direction, packets in (
+        ("client", [encode_request(r) for r in reqs]),
+        ("server", [encode_reply(r) for r in reps]),
+    ):
+        starts = [sum(map(len, packets[:i])) for i in range(len(packets))]
+        damaged = bytearray(b"".join(packets))
+        for packet, at, value in flips:
+            damaged[(starts[packet % len(starts)] + at) % len(damaged)] = value
+        damaged = damaged[: max(1, len(damaged) - cut % 8)]
+        whole, bytewise = PacketReader(direction), PacketReader(direction)  # type: ignore[arg-type]
+        got_whole = whole.feed(bytes(damaged))
+        got_bytewise = feed_split(bytewise, bytes(damaged), range(len(damaged)))
+        assert got_whole == got_bytewise
+        assert (whole.offset, whole.broken) == (bytewise.offset, bytewise.broken)
+
+
+@pytest.mark.parametrize(
+    ("direction", "packet"),
+    [
+        (
+            "client",
+            encode_request(Request(codec.FXP_WRITE, 3, handle=b"hh", offset=7, data_len=40)),
+        ),
+        ("server", encode_reply(Reply(codec.FXP_DATA, 3, data_len=40))),
+    ],
+)
+def test_damaged_write_and_data_headers_fail_the_same_whole_or_split(
+    direction: codec.Direction, packet: bytes
+) -> None:
+    for at in range(30):
+        for value in (0, 1, 2, 0x30, 0x7F, 0xFF):
+            damaged = bytearray(packet + packet)
+            damaged[at] = value
+            whole, bytewise = PacketReader(direction), PacketReader(direction)
+            got = whole.feed(bytes(damaged))
+            assert got == feed_split(bytewise, bytes(damaged), range(len(damaged))), (at, value)
+            assert (whole.offset, whole.broken) == (bytewise.offset, bytewise.broken)
+
+
+def test_whole_write_and_data_packets_in_one_chunk_keep_headers_only() -> None:
+    write = Request(codec.FXP_WRITE, 9, handle=b"h1", offset=4096, data_len=4096)
+    stream = encode_request(write) * 3
+    reader = PacketReader("client")
+    assert reader.feed(stream) == [write] * 3
+    assert reader.buffered == 0 and reader.offset == len(stream)
+    data = Reply(codec.FXP_DATA, 4, data_len=32768)
+    assert PacketReader("server").feed(encode_reply(data) * 2) == [data] * 2
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 1000, 4096, 65536])
 def test_256k_write_streams_past_without_being_buffered(chunk: int) -> None:
     size = 256 * 1024

@@ -560,6 +560,12 @@ class PacketReader:
     def _consume(self, data: memoryview, out: list[Packet | ProtocolError]) -> None:
         i, n = 0, len(data)
         while True:
+            if self._state == _LENGTH and not self._buf:
+                # Most chunks hold whole packets: decode them where they lie.
+                end = self._whole(data, i, n, out)
+                if end:
+                    i = end
+                    continue
             if self._state == _SKIP:
                 take = min(self._skip, n - i)
                 i += take
@@ -580,6 +586,55 @@ class PacketReader:
                 if take < missing:
                     return
             self._advance(out)
+
+    def _whole(self, data: memoryview, i: int, n: int, out: list[Packet | ProtocolError]) -> int:
+        """Decode the packet at ``data[i:]`` if it is all there; return where it ends (0: not
+        done, the state machine below takes it, and says why if it does not decode).
+
+        The same result as the state machine, without its copies and steps: a
+        packet the machine would refuse is left to it, so errors read the same.
+        """
+        if n - i < 9:
+            return 0
+        length: int = _U32.unpack_from(data, i)[0]
+        end = i + 4 + length
+        if end > n or length > MAX_PACKET or length < 5:
+            return 0
+        if data[i + 4] == self._streamed:
+            streamed = self._streamed_header(data, i, length)
+            if streamed is None:
+                return 0
+            self._offset += end - i
+            out.append(streamed)
+        else:
+            self._offset += end - i  # before decoding, as the machine: an error keeps _start
+            out.append(self._decode(data[i + 4 : end]))
+        self._start = self._offset
+        return end
+
+    def _streamed_header(self, data: memoryview, i: int, length: int) -> Packet | None:
+        """WRITE or DATA at ``data[i:]``, decoded like :meth:`_header`; None if it fails."""
+        # offsets from the packet's start: 4 type, 5 id, 9 handle or data length
+        if length < 9:
+            return None
+        ident, size = _U32.unpack_from(data, i + 5)[0], _U32.unpack_from(data, i + 9)[0]
+        if self._streamed == FXP_WRITE:
+            header_end = 25 + size
+            if header_end > 4 + length:
+                return None
+            data_len = _U32.unpack_from(data, i + 21 + size)[0]
+            if data_len > 4 + length - header_end:
+                return None
+            return Request(
+                FXP_WRITE,
+                ident,
+                handle=bytes(data[i + 13 : i + 13 + size]),
+                offset=_U64.unpack_from(data, i + 13 + size)[0],
+                data_len=data_len,
+            )
+        if size > length - 9:
+            return None
+        return Reply(FXP_DATA, ident, data_len=size)
 
     def _advance(self, out: list[Packet | ProtocolError]) -> None:
         """The buffer holds ``_need`` bytes: act on them."""
