@@ -218,6 +218,27 @@ rm c.mp4
     ]
 
 
+def test_an_upload_reaches_the_journal_while_its_session_stays_open_and_quiet(
+    site_factory: Callable[..., Site],
+) -> None:
+    # The tap gathers events for a few ms before sending them; with no more
+    # traffic to wake it, its poll timeout must still hand them to the daemon.
+    site = site_factory()
+    transport, client = site.sftp(site.users[0])
+    try:
+        client.putfo(io.BytesIO(b"q" * 4096), "quiet.mp4")
+        uploads = wait_for(
+            site.gateway,
+            lambda rs: len(rs) == 1,
+            sql="SELECT path, state, bytes FROM uploads",
+        )
+        assert uploads == [{"path": "/quiet.mp4", "state": "complete", "bytes": 4096}]
+        assert transport.is_active()  # the session never ended: nothing flushed it at close
+    finally:
+        client.close()
+        transport.close()
+
+
 def test_upload_cut_off_midway_is_incomplete(site_factory: Callable[..., Site]) -> None:
     site = site_factory()
     transport, client = site.sftp(site.users[0])

@@ -80,6 +80,50 @@ def test_events_the_daemon_acks_are_not_spooled(
     assert spooled(tmp_path) == []
 
 
+def test_events_gather_for_flush_delay_then_go_together_without_close(
+    daemon: tuple[Path, list[int]], tmp_path: Path
+) -> None:
+    path, got = daemon
+    sender = EventSender(path, tmp_path, SESSION.id, ack_timeout=5)
+    assert sender.timeout() is None  # nothing waiting: the relay may sleep for good
+    for event in events(5):
+        sender.send(event)
+    timeout = sender.timeout()
+    assert timeout is not None and 0 <= timeout <= sender_module.FLUSH_DELAY * 1000 + 1
+    assert not sender.wants_write  # waiting by choice, not for the socket
+    time.sleep(sender_module.FLUSH_DELAY)
+    assert sender.timeout() == 0
+    sender.flush_due()
+    assert sender.timeout() is None
+    deadline = time.monotonic() + 5
+    while len(got) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == [1, 2, 3, 4, 5]  # the daemon has them while the session goes on
+    sender.close()
+    assert spooled(tmp_path) == []
+
+
+def test_flush_bytes_of_waiting_events_go_at_once(
+    daemon: tuple[Path, list[int]], tmp_path: Path
+) -> None:
+    path, got = daemon
+    sender = EventSender(path, tmp_path, SESSION.id, ack_timeout=5)
+    line = len(encode_line(1, events(1)[0]))
+    sent = 0
+    for event in events(2 * sender_module.FLUSH_BYTES // line):
+        sender.send(event)  # no flush_due, no delay
+        sent += 1
+        if sender.timeout() is None:  # handed over: nothing waits any more
+            break
+    assert sender.timeout() is None
+    deadline = time.monotonic() + 5
+    while len(got) < sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == list(range(1, sent + 1))
+    assert sent * line >= sender_module.FLUSH_BYTES * 0.9  # not one by one
+    sender.close()
+
+
 def test_a_daemon_that_stops_reading_never_blocks_the_sender(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -183,7 +183,9 @@ class TapDaemon:
         *,
         wait: bool,
     ) -> None:
-        # Acks go out in order, each once its event is committed.
+        # Acks go out in order, each once its event is committed; those ready
+        # together go in one write (taps send events in bursts: one send, not one each).
+        acks: list[bytes] = []
         while pending and (wait or pending[0][1].done()):
             seq, task = pending.popleft()
             try:
@@ -191,7 +193,9 @@ class TapDaemon:
             except Exception as exc:  # not committed: no ack, the tap spools it
                 log.error("tap event %d not journaled: %s", seq, exc)
                 continue
-            writer.write(ack_line(seq))
+            acks.append(ack_line(seq))
+        if acks:
+            writer.write(b"".join(acks))
         await writer.drain()
 
     async def _replay_loop(self) -> None:

@@ -1,10 +1,17 @@
 """The tap's side of the daemon's Unix socket: send events, collect acks, spool the rest.
 
 Single-threaded and never blocking: the socket is non-blocking, lines wait in
-a buffer that the relay flushes after each round of I/O (and when the socket
-is writable again), and acks are read when it is readable. A daemon that
+a buffer that the relay flushes once the oldest has waited ``FLUSH_DELAY``
+(or ``FLUSH_BYTES`` are waiting; and when the socket is writable again after
+it took only part), and acks are read when it is readable. A daemon that
 stops reading (``MAX_BEHIND`` bytes unsent) is treated like one that is gone:
 from then on events go to the spool.
+
+Why wait at all: a session of small files makes a few events per file, and
+sending each at once woke the daemon for each, and each durable emit woke its
+journal writer for a commit of its own. On a small machine that CPU is taken
+from the transfer the tap relays; a few milliseconds of gathering turn dozens
+of wake-ups and commits into one (figure 11 in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import select
 import socket
@@ -25,6 +33,8 @@ from .wire import encode_line
 log = logging.getLogger(__name__)
 
 MAX_BEHIND = 16 * 1024 * 1024
+FLUSH_DELAY = 0.01  # seconds an event may wait for others to go with it
+FLUSH_BYTES = 64 * 1024  # ... unless this much is waiting
 
 
 class EventSender:
@@ -38,6 +48,8 @@ class EventSender:
         self._unacked: dict[int, bytes] = {}
         self._out = bytearray()  # lines not yet taken by the socket
         self._in = bytearray()  # an ack line not yet complete
+        self._due = 0.0  # when the oldest line in _out must be handed to the socket
+        self._blocked = False  # the socket took less than we had: wait until it is writable
         self._seq = 0
         self._spool_fd: int | None = None
         self._sock: socket.socket | None = None
@@ -61,7 +73,19 @@ class EventSender:
 
     @property
     def wants_write(self) -> bool:
-        return self._sock is not None and bool(self._out)
+        """The socket did not take everything: poll it for writing, then :meth:`flush`."""
+        return self._sock is not None and self._blocked
+
+    def timeout(self) -> int | None:
+        """Milliseconds a poll may sleep before :meth:`flush_due` has work (None: no limit)."""
+        if self._sock is None or not self._out or self._blocked:
+            return None
+        return max(0, math.ceil((self._due - time.monotonic()) * 1000))
+
+    def flush_due(self) -> None:
+        """:meth:`flush` if the oldest waiting line has waited ``FLUSH_DELAY``."""
+        if self._out and not self._blocked and time.monotonic() >= self._due:
+            self.flush()
 
     def send(self, event: Event) -> None:
         self._seq += 1
@@ -70,11 +94,15 @@ class EventSender:
             self._spool([line])
             return
         self._unacked[self._seq] = line
+        if not self._out:
+            self._due = time.monotonic() + FLUSH_DELAY
         self._out += line
         if len(self._out) > MAX_BEHIND:
             log.warning("daemon is %d bytes behind; spooling events", len(self._out))
             self._lost_daemon()
-        # No send() here: the relay flushes once per round of I/O (one syscall, not one an event).
+        elif len(self._out) >= FLUSH_BYTES and not self._blocked:
+            self.flush()
+        # Otherwise no send() here: the relay calls flush_due (see FLUSH_DELAY).
 
     def flush(self) -> None:
         """Hand the socket what it takes now."""
@@ -83,11 +111,12 @@ class EventSender:
         try:
             sent = self._sock.send(self._out)
         except BlockingIOError:
-            return
+            sent = 0
         except OSError:
             self._lost_daemon()
             return
         del self._out[:sent]
+        self._blocked = bool(self._out)
 
     def read_acks(self) -> None:
         """Take the acks that arrived; a closed or garbled socket means the daemon is gone."""
@@ -120,6 +149,7 @@ class EventSender:
                 self._sock.close()
             self._sock = None
         self._out.clear()
+        self._blocked = False
 
     def _spool(self, lines: list[bytes]) -> None:
         if not lines:

@@ -64,4 +64,5 @@ def decode_line(line: bytes) -> tuple[int, Event]:
 
 
 def ack_line(seq: int) -> bytes:
-    return json.dumps({"ack": seq}).encode() + b"\n"
+    """``{"ack": seq}`` as one line: what json.dumps gives, without it (one per event)."""
+    return b'{"ack": %d}\n' % seq
