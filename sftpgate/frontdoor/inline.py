@@ -23,6 +23,11 @@ turns inline calls off for the whole gateway for :data:`COOLDOWN`, and says so
 in the log. At worst the loop is held once per cooldown, for one call. A call
 that was only slow because another process had the CPU does not count: on a
 busy machine that happens every few seconds, and the pool would not help.
+
+What the guard cannot cut short is a call that does not return: a local
+filesystem frozen for a snapshot (fsfreeze, LVM) makes a create wait for the
+thaw, and inline that wait holds every session. Sites that freeze their
+filesystems for long turn ``server.inline_local_changes`` off.
 """
 
 from __future__ import annotations
