@@ -6,7 +6,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -466,11 +466,27 @@ def _follow_in_thread(journal: Journal, *args: str) -> tuple[threading.Thread, l
     return thread, codes
 
 
+def _captured_until(
+    capsys: pytest.CaptureFixture[str], done: Callable[[str, str], bool], timeout: float = 10
+) -> tuple[str, str]:
+    """What the follower (another thread) printed, read until ``done(out, err)``."""
+    out = err = ""
+    deadline = time.monotonic() + timeout
+    while not done(out, err) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        captured = capsys.readouterr()
+        out, err = out + captured.out, err + captured.err
+    return out, err
+
+
 def test_follow_prints_operations_written_after_it_started(
     journal: Journal, capsys: pytest.CaptureFixture[str]
 ) -> None:
     thread, codes = _follow_in_thread(journal, "--json", "--user", "bob")
-    time.sleep(0.5)
+    # bob's six earlier operations first; only then is the new one written, so
+    # it can only reach the output through the follow loop
+    first, _ = _captured_until(capsys, lambda out, _: len(out.splitlines()) >= 6)
+    assert len(first.splitlines()) == 6
     write(
         journal.path,
         [
@@ -481,10 +497,9 @@ def test_follow_prints_operations_written_after_it_started(
     thread.join(10)
     assert not thread.is_alive()
     assert codes == [0]
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert rows[-1]["path"] == "/in/new-folder"
-    assert len(rows) == 7  # bob's six earlier operations, each once, then the new one
-    assert all(r["login"] == "bob" for r in rows)
+    followed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["login"], r["path"]) for r in followed] == [("bob", "/in/new-folder")]
+    assert all(json.loads(line)["login"] == "bob" for line in first.splitlines())
 
 
 def test_follow_waits_for_the_journal_to_appear(
@@ -495,11 +510,10 @@ def test_follow_waits_for_the_journal_to_appear(
     config.write_text(f"server:\n  state_dir: {json.dumps(str(state))}\n")
     journal = Journal(state / "journal.sqlite3", config, sqlite3.connect(":memory:"))
     thread, codes = _follow_in_thread(journal, "--xferlog")
-    time.sleep(0.5)
+    out, err = _captured_until(capsys, lambda _, err: "waiting" in err)
+    assert "waiting" in err and out == ""  # the journal does not exist yet
     write(journal.path, journal_events())
     thread.join(10)
     journal.conn.close()
     assert codes == [0]
-    captured = capsys.readouterr()
-    assert "waiting" in captured.err
-    assert len(captured.out.splitlines()) == 4
+    assert len(capsys.readouterr().out.splitlines()) == 4
