@@ -19,7 +19,6 @@ from typing import Any
 from asyncssh import SFTPAttrs, SFTPName
 
 from ..attrs import summarize
-from ..errors import JailError
 from .inline import SMALL_WRITE
 from .jail import Jail, Resolved
 from .writebehind import WriteQueue, write_chunks
@@ -118,11 +117,14 @@ class UserFS:
         return OpenFile(fd, resolved, pflags, attrs.permissions, created)
 
     def truncates_little(self, path: bytes) -> bool:
-        """Whether opening ``path`` with truncation frees little: absent, or a small file."""
+        """Whether opening ``path`` with truncation frees little: absent, or a small file.
+
+        Only picks where the open runs; the open itself resolves and checks the
+        path, so this skips the jail's realpath walk (a second one per open).
+        """
         try:
-            resolved = self.jail.resolve(path, follow=True)
-            st = os.stat(resolved.local)
-        except (OSError, JailError):
+            st = os.stat(self.jail.to_local(self.jail.virtual(path)))
+        except OSError:
             return True  # open() will report it
         return not stat.S_ISREG(st.st_mode) or st.st_size <= SMALL_WRITE
 
