@@ -5,8 +5,9 @@ microseconds; on NFS it can hang for as long as the server is away. Sending
 every one to the thread pool costs two thread wake-ups per SFTP request, which
 is most of the time of a small-file upload. So a session whose whole home is on
 local filesystems (the filesystem holding it and every one mounted below it)
-makes those calls inline; any network, FUSE or unknown filesystem there keeps
-every call in the pool. Data (reads, writes, fsync) always goes to the pool.
+may make quick calls inline (which ones, and the guard against a slow disk:
+see inline.py); any network, FUSE or unknown filesystem there keeps every call
+in the pool.
 """
 
 from __future__ import annotations
