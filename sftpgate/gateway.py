@@ -11,8 +11,9 @@ import asyncssh
 
 from .config import Config
 from .events import EventSink
+from .frontdoor.handler import MAX_IO
 from .frontdoor.inline import InlineGuard
-from .frontdoor.ssh import MAX_IO, GatewaySSHServer, Users, ensure_host_keys
+from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
 from .frontdoor.writebehind import WRITE_BUDGET, WriteBudget
 from .jobs.rules import Rules
 from .jobs.store import JobStore

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import struct
 
 import asyncssh
 import paramiko
 import pytest
 
 from conftest import PASSWORDS, RunningGateway, asyncssh_login
-from sftpgate.frontdoor.ssh import _LevelCheckedLogger
+from sftpgate.frontdoor.handler import _LevelCheckedLogger
 
 
 class Counted:
@@ -90,3 +91,123 @@ def test_the_largest_write_offered_fits_in_one_ssh_packet(gateway: RunningGatewa
         chan.close()
     finally:
         t.close()
+
+
+class RawSFTP:
+    """SFTP version 3 spoken by hand over a paramiko channel, to send what clients won't."""
+
+    def __init__(self, t: paramiko.Transport) -> None:
+        self.chan = t.open_session()
+        self.chan.invoke_subsystem("sftp")
+        self.next_id = 0
+        self._send(struct.pack(">BI", 1, 3))  # INIT, version 3
+        kind, body = self._recv()
+        assert kind == 2 and struct.unpack_from(">I", body)[0] == 3  # VERSION 3
+
+    def _send(self, payload: bytes) -> None:
+        self.chan.sendall(struct.pack(">I", len(payload)) + payload)
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.chan.recv(n - len(data))
+            assert chunk, "the gateway closed the channel"
+            data += chunk
+        return data
+
+    def _recv(self) -> tuple[int, bytes]:
+        (size,) = struct.unpack(">I", self._exactly(4))
+        payload = self._exactly(size)
+        return payload[0], payload[1:]
+
+    def request(self, kind: int, *fields: bytes) -> tuple[int, bytes]:
+        """Send one request; return the reply's type and body after the request id."""
+        self.next_id += 1
+        self._send(struct.pack(">BI", kind, self.next_id) + b"".join(fields))
+        reply, body = self._recv()
+        assert struct.unpack_from(">I", body)[0] == self.next_id
+        return reply, body[4:]
+
+    def status(self, kind: int, *fields: bytes) -> tuple[int, str]:
+        reply, body = self.request(kind, *fields)
+        assert reply == 101, f"expected a STATUS reply, got type {reply}"
+        (code,) = struct.unpack_from(">I", body)
+        (size,) = struct.unpack_from(">I", body, 4)
+        return code, body[8 : 8 + size].decode()
+
+
+def s(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def u32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def u64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT, STAT = 3, 4, 5, 6, 7, 8, 17
+FX_OK, FX_EOF, FX_NO_SUCH_FILE, FX_FAILURE, FX_BAD_MESSAGE, FX_OP_UNSUPPORTED = 0, 1, 2, 4, 5, 8
+WRITE_CREATE_TRUNC = 0x02 | 0x08 | 0x10
+
+
+def test_upload_requests_answered_by_the_fast_path_decode_and_reply_exactly(
+    gateway: RunningGateway,
+) -> None:
+    # OPEN, WRITE, FSTAT, CLOSE, STAT, LSTAT, READ are decoded by sftpgate's own
+    # handler (frontdoor/handler.py), not asyncssh's: check each reply's bytes.
+    raw = RawSFTP(gateway.transport("alice"))
+    attrs = u32(0x04) + u32(0o640)  # permissions only
+    reply, body = raw.request(OPEN, s(b"new file.bin"), u32(WRITE_CREATE_TRUNC), attrs)
+    assert reply == 102  # HANDLE
+    handle = body[4 : 4 + struct.unpack_from(">I", body)[0]]
+    assert raw.status(WRITE, s(handle), u64(0), s(b"hello ")) == (FX_OK, "")
+    assert raw.status(WRITE, s(handle), u64(6), s(b"world")) == (FX_OK, "")
+    reply, body = raw.request(FSTAT, s(handle))
+    assert reply == 105  # ATTRS
+    (flags,) = struct.unpack_from(">I", body)
+    assert flags & 0x01 and struct.unpack_from(">Q", body, 4)[0] == 11  # size
+    assert raw.status(CLOSE, s(handle)) == (FX_OK, "")
+
+    path = gateway.home("alice") / "new file.bin"
+    assert path.read_bytes() == b"hello world"
+    assert path.stat().st_mode & 0o777 == 0o640
+    for kind in (STAT, LSTAT):
+        reply, body = raw.request(kind, s(b"/new file.bin"))
+        assert reply == 105 and struct.unpack_from(">Q", body, 4)[0] == 11
+
+    reply, body = raw.request(OPEN, s(b"new file.bin"), u32(0x01), u32(0))  # READ
+    assert reply == 102
+    handle = body[4:]
+    reply, body = raw.request(READ, s(handle), u64(6), u32(100))
+    assert (reply, body) == (103, s(b"world"))  # DATA
+    assert raw.status(READ, s(handle), u64(11), u32(100)) == (FX_EOF, "End of file")
+    assert raw.status(CLOSE, s(handle)) == (FX_OK, "")
+    close = gateway.op_rows("close", count=2)
+    assert close[0]["path"] == "/new file.bin" and close[0]["bytes_written"] == 11
+    uploads = gateway.rows("SELECT path, bytes, state FROM uploads")
+    assert uploads == [{"path": "/new file.bin", "bytes": 11, "state": "complete"}]
+
+
+def test_bad_requests_get_a_status_and_the_session_goes_on(gateway: RunningGateway) -> None:
+    raw = RawSFTP(gateway.transport("alice"))
+    stale = b"\0\0\0\x63"
+    for kind, fields in [
+        (WRITE, (s(stale), u64(0), s(b"x"))),
+        (READ, (s(stale), u64(0), u32(10))),
+        (FSTAT, (s(stale),)),
+        (CLOSE, (s(stale),)),
+    ]:
+        assert raw.status(kind, *fields) == (FX_FAILURE, "Invalid file handle")
+    # A WRITE whose data is shorter than it says, a STAT with bytes left over.
+    code, _ = raw.status(WRITE, s(stale), u64(0), u32(10) + b"abc")
+    assert code == FX_BAD_MESSAGE
+    code, _ = raw.status(STAT, s(b"/"), b"junk")
+    assert code == FX_BAD_MESSAGE
+    assert raw.status(OPEN, s(b"missing"), u32(0x01), u32(0))[0] == FX_NO_SUCH_FILE
+    # A request type nobody knows goes to asyncssh's dispatch, which refuses it.
+    assert raw.status(250, b"")[0] == FX_OP_UNSUPPORTED
+    reply, _ = raw.request(STAT, s(b"/"))  # still serving
+    assert reply == 105

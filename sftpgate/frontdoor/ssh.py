@@ -20,21 +20,17 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.constants import MSG_IGNORE
-from asyncssh.logging import SSHLogger
-from asyncssh.sftp import SFTPLimits, SFTPServerHandler
 from asyncssh.stream import SSHServerStreamSession
 
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
+from .handler import GatewaySFTPHandler
 from .inline import InlineGuard
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 from .writebehind import WRITE_BUDGET, WriteBudget
 
 log = logging.getLogger(__name__)
-
-# Largest read/write we advertise (limits@openssh.com), as OpenSSH's sftp-server does.
-MAX_IO = 256 * 1024
 
 HOST_KEY_ALGORITHMS = {"ssh_host_ed25519_key": "ssh-ed25519", "ssh_host_rsa_key": "ssh-rsa"}
 
@@ -90,57 +86,6 @@ def owner_for(user: User) -> tuple[int, int] | None:
     return st.st_uid, st.st_gid
 
 
-class _LevelCheckedLogger(SSHLogger):
-    """asyncssh's logger, formatting its arguments only when the level is on.
-
-    asyncssh's SFTP handler logs every request and packet at debug level, and
-    its logger turns the arguments (file attributes, packet dumps) into text
-    before the level check: ~10% of the event loop's time on small files.
-    """
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if self.isEnabledFor(level):
-            super().log(level, msg, *args, **kwargs)
-
-
-class _TrackingHandler(SFTPServerHandler):
-    """asyncssh's handler, telling our server when the session is being torn down.
-
-    asyncssh closes every handle still open when the session ends and then
-    calls ``exit()``; to the server those closes look like the client's own.
-    Setting ``ctx.ending`` first lets ``close()`` journal them as incomplete.
-    It also logs only what the log level lets through (:class:`_LevelCheckedLogger`).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        parent: SSHLogger = self._logger
-        self._logger = _LevelCheckedLogger(parent.logger, context=parent._context)
-
-    def _log_packet(self, *args: Any, **kwargs: Any) -> None:
-        if self._logger.isEnabledFor(logging.DEBUG):
-            super()._log_packet(*args, **kwargs)
-
-    async def _cleanup(self, exc: Exception | None) -> None:
-        server = self._server
-        if isinstance(server, GatewaySFTPServer):
-            server.ctx.ending = True
-        await super()._cleanup(exc)
-
-    async def _process_limits(self, packet: Any) -> SFTPLimits:
-        # asyncssh offers 4 MiB reads/writes; clients that take it (asyncssh's
-        # own) then move 4 MiB per request, which is slower here than OpenSSH's
-        # 256 KiB: each request is one trip to the filesystem thread.
-        packet.check_end()
-        return SFTPLimits(MAX_IO + 1024, MAX_IO, MAX_IO, 0)
-
-    # asyncssh dispatches through this class-level dict of functions.
-    _packet_handlers = {  # noqa: RUF012 - asyncssh's own class attribute, extended
-        **SFTPServerHandler._packet_handlers,
-        b"limits@openssh.com": cast(Any, _process_limits),
-    }
-
-
 class _SFTPOnlySession(SSHServerStreamSession[bytes]):
     """A session channel that accepts the ``sftp`` subsystem and nothing else."""
 
@@ -166,7 +111,7 @@ class _SFTPOnlySession(SSHServerStreamSession[bytes]):
         chan.set_encoding(None)
         reader = asyncssh.SSHReader[bytes](self, chan)
         writer = asyncssh.SSHWriter[bytes](self, chan)
-        handler = _TrackingHandler(self._factory(chan), reader, writer, 3)
+        handler = GatewaySFTPHandler(self._factory(chan), reader, writer, 3)
         conn = chan.get_connection()
         conn.create_task(handler.run(), reader.logger)
 
