@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +236,73 @@ def test_inside_does_not_accept_a_sibling_with_the_same_prefix(tree: Tree) -> No
     assert tree.jail.inside(tree.root)
     assert tree.jail.inside(tree.root + b"/x")
     assert not tree.jail.inside(tree.root + b"-other")
+
+
+@pytest.fixture
+def maze(tmp_path: Path) -> tuple[Jail, list[bytes]]:
+    """A home reached through a symlink, full of links of every kind; and paths to try."""
+    real_base = tmp_path / "real-base"
+    home = real_base / "home"
+    (home / "dir" / "sub").mkdir(parents=True)
+    (home / "dir" / "sub" / "f.txt").write_text("x")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("s")
+    links = {
+        "rel": "dir/sub",  # relative, inward
+        "abs-in": str(home / "dir"),  # absolute, inward
+        "abs-out": str(tmp_path / "outside"),  # absolute, outward
+        "dotdot-out": "../../outside",  # relative, climbs above the home
+        "dotdot-back": "../home/dir",  # climbs above the home and comes back
+        "chain": "rel",  # a link to a link
+        "dangling": "no/such/thing",
+        "dir/up": "..",
+        "dir/sub/upup": "../../dir",
+        "dir/sub/slashes": "..//./sub/",
+    }
+    for name, target in links.items():
+        os.symlink(target, home / name)
+    (tmp_path / "via").symlink_to(real_base)  # the configured home path holds a link too
+    jail = Jail(tmp_path / "via" / "home")
+    names = [b"/" + name.encode() for name in links]
+    tails = [b"", b"/f.txt", b"/sub", b"/sub/f.txt", b"/secret", b"/..", b"/missing/x"]
+    paths = [b"/", b"/dir", b"/dir/sub/f.txt", b"/missing", b"/missing/deeper"]
+    paths += [name + tail for name in names for tail in tails]
+    return jail, paths
+
+
+def test_real_matches_realpath_walking_only_below_the_home(
+    maze: tuple[Jail, list[bytes]],
+) -> None:
+    jail, paths = maze
+    for path in paths:
+        virtual = Jail.virtual(path)
+        assert jail.real(virtual) == os.path.realpath(jail.to_local(virtual)), path
+
+
+def test_real_does_not_look_at_the_homes_own_path_after_the_first_call(
+    maze: tuple[Jail, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jail, _ = maze
+    root = jail.root
+    looked: list[bytes] = []
+    lstat = os.lstat
+
+    def recording_lstat(path: bytes) -> os.stat_result:  # records, then the real lstat
+        looked.append(path)
+        return lstat(path)
+
+    monkeypatch.setattr(os, "lstat", recording_lstat)
+    assert jail.real(b"/dir/sub/f.txt") == root + b"/dir/sub/f.txt"
+    assert looked == [root + b"/dir", root + b"/dir/sub", root + b"/dir/sub/f.txt"]
+
+
+def test_a_symlink_loop_is_an_eloop_error(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    os.symlink("b", tmp_path / "home" / "a")
+    os.symlink("a", tmp_path / "home" / "b")
+    jail = Jail(tmp_path / "home")
+    with pytest.raises(OSError) as raised:
+        jail.resolve(b"/a/x")
+    assert raised.value.errno == errno.ELOOP
+    # The link itself can still be named (to remove it), without following it.
+    assert jail.resolve(b"/a", follow=False).local == jail.root + b"/a"

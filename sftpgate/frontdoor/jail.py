@@ -3,11 +3,15 @@
 The user sees their home as ``/``. :meth:`Jail.virtual` is pure: it turns
 what the client sent into a normalised absolute path in that view (``..``
 cannot climb above ``/``). :meth:`Jail.resolve` touches the filesystem: it
-follows symlinks that already exist (``os.path.realpath``) and refuses any
-path whose real location is outside the home. Callers run it in a thread.
-The home's own real path is found at the first use too (not when the jail is
-made, which happens on the event loop as a session starts): a home on a hung
-NFS server must stall that user's requests, not the gateway.
+follows symlinks that already exist and refuses any path whose real location
+is outside the home. Callers run it in a thread (or inline on local disks).
+The home's own real path is found once, at the first use (not when the jail
+is made, which happens on the event loop as a session starts): a home on a
+hung NFS server must stall that user's requests, not the gateway. After
+that, :meth:`Jail.real` walks only the components below the home, as
+``os.path.realpath`` would from there: an lstat of each of the home's own
+components on every request was 6-8% of the gateway's time on small files,
+and on NFS each one can be a server round trip.
 
 What is left: a race where someone with shell access swaps a checked
 directory for a symlink between the check and the use. Users of the gateway
@@ -17,11 +21,16 @@ final component is opened with ``O_NOFOLLOW``.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 
 from ..errors import JailError
+
+# Symlinks followed in one lookup before giving up, as Linux does (MAXSYMLINKS).
+MAX_LINKS = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,47 @@ class Jail:
             return local[len(self.root) :]
         raise JailError("path is outside the home")
 
+    def real(self, virtual: bytes) -> bytes:
+        """``os.path.realpath(self.to_local(virtual))``, walking only below the home.
+
+        ``virtual`` is normalised (see :meth:`virtual`). The home's real path
+        is known, so the walk starts there and lstats each component below
+        it; a symlink's target is walked in its place (absolute targets from
+        ``/``, ``..`` from the resolved folder), so the result may lie outside
+        the home: callers check. As with ``realpath``, a missing component
+        ends nothing: the rest is appended as given. More than
+        :data:`MAX_LINKS` symlinks raise ELOOP. Blocking (lstat, readlink).
+        """
+        path = self.root
+        todo = virtual.split(b"/")
+        todo.reverse()
+        links = 0
+        while todo:
+            name = todo.pop()
+            if not name or name == b".":
+                continue
+            if name == b"..":
+                path = posixpath.dirname(path)
+                continue
+            candidate = path + b"/" + name if path != b"/" else b"/" + name
+            try:
+                mode = os.lstat(candidate).st_mode
+            except OSError:
+                mode = 0  # missing or unreadable: taken as it is, as realpath does
+            if not stat.S_ISLNK(mode):
+                path = candidate
+                continue
+            links += 1
+            if links > MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), candidate)
+            target = os.readlink(candidate)
+            if target.startswith(b"/"):
+                path = b"/"
+            parts = target.split(b"/")
+            parts.reverse()
+            todo.extend(parts)
+        return path
+
     def resolve(self, path: bytes, *, follow: bool = True) -> Resolved:
         """Check ``path`` and return where to operate. Blocking (stat calls).
 
@@ -78,14 +128,13 @@ class Jail:
         location is outside the home.
         """
         virtual = self.virtual(path)
-        local = self.to_local(virtual)
         if follow or virtual == b"/":
-            real = os.path.realpath(local)
+            real = self.real(virtual)
             if not self.inside(real):
                 raise JailError("path leads outside the home")
             return Resolved(virtual, real)
-        parent, name = posixpath.split(local)
-        real_parent = os.path.realpath(parent)
+        parent, name = posixpath.split(virtual)
+        real_parent = self.real(parent)
         if not self.inside(real_parent):
             raise JailError("path leads outside the home")
         return Resolved(virtual, posixpath.join(real_parent, name))
@@ -100,7 +149,7 @@ class Jail:
         """
         link_dir_virtual = posixpath.dirname(link.virtual)
         target_virtual = self.virtual(target, link_dir_virtual)
-        target_real = os.path.realpath(self.to_local(target_virtual))
+        target_real = self.real(target_virtual)
         if not self.inside(target_real):
             raise JailError("symlink target is outside the home")
         link_dir_real = posixpath.dirname(link.local)
