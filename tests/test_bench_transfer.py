@@ -42,13 +42,14 @@ def test_transfer_figures_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
         assert fig.target.startswith(">= "), fig
         assert isinstance(fig.met, bool)
 
-    # rounds per endpoint: figure 1 + two of figure 2 + figure 3 (+ figure 9 for sftpgate)
+    # rounds per endpoint: figure 1 + two of figure 2 + figure 3; figure 9 has its own two
     per_pair = SMOKE.rounds + SMOKE.warmup
     big = SMOKE.big_mib * 1024 * 1024
     small = SMOKE.small_kib * 1024
     small_names = {f"small-{i:05d}" for i in range(SMOKE.small_files)}
     assert len(seen["openssh"]) == 4 * per_pair
-    assert len(seen["sftpgate"]) == 5 * per_pair
+    assert len(seen["sftpgate"]) == 4 * per_pair
+    assert len(seen["journal"]) == per_pair
     assert len(seen["nojournal"]) == per_pair
     for name, rounds in seen.items():
         for files in rounds:
