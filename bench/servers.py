@@ -132,10 +132,11 @@ def running_servers(**gateway_sections: Any) -> Iterator[Servers]:
         sshd_kit.temp_users(workdir) as make_user,
     ):
         user = make_user()
-        sshd_home = user.home
-        gw_home = workdir / "gateway-home"
-        gw_home.mkdir()
-        os.chown(gw_home, user.uid, user.gid)
+        # One home for both servers (rounds run one at a time, emptied in
+        # between): on this machine's ext4 the cost of a create depends on
+        # where a folder's inodes sit and what was deleted near them, and two
+        # homes of the same age measured up to 1.3x apart.
+        sshd_home = gw_home = user.home
         _, sftp_server = sshd_kit.need_sshd()
         sshd = sshd_kit.start_sshd(
             workdir / "sshd", [sftp_server], users=[user], extra_config=SSHD_EXTRA
@@ -161,13 +162,22 @@ def running_servers(**gateway_sections: Any) -> Iterator[Servers]:
 
 
 @contextlib.contextmanager
-def extra_gateway(servers: Servers, name: str, **sections: Any) -> Iterator[Endpoint]:
-    """One more `sftpgate serve` for the same user (e.g. with the journal off)."""
+def extra_gateway(
+    servers: Servers, name: str, *, shared_home: bool = False, **sections: Any
+) -> Iterator[Endpoint]:
+    """One more `sftpgate serve` for the same user (e.g. with the journal off).
+
+    Its home is a new folder, or with ``shared_home`` the main servers' home
+    (for figures that compare small-file rates: see :func:`running_servers`).
+    """
     home = servers.workdir / f"{name}-home"
-    home.mkdir()
-    shutil.copystat(servers.sftpgate.home, home)
-    st = servers.sftpgate.home.stat()
-    os.chown(home, st.st_uid, st.st_gid)
+    if shared_home:
+        home = servers.sftpgate.home
+    else:
+        home.mkdir()
+        shutil.copystat(servers.sftpgate.home, home)
+        st = servers.sftpgate.home.stat()
+        os.chown(home, st.st_uid, st.st_gid)
     workdir = servers.workdir / name
     workdir.mkdir()
     public_key = yaml.safe_load(servers.config.read_text())["users"][0]["authorized_keys"][0]
