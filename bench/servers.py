@@ -8,8 +8,9 @@
 :func:`subsystem_site` adds the OpenSSH front door: a second private sshd whose
 ``Subsystem sftp`` is ``sftpgate subsystem``, and the daemon that journals it.
 
-All write into homes on the same filesystem. The OpenSSH parts reuse the
-test suite's sshd kit (tests/sshd_kit.py).
+sftpgate and OpenSSH write into one home, the bench user's (see
+:func:`running_servers`); extra gateways get their own unless asked to share
+it. The OpenSSH parts reuse the test suite's sshd kit (tests/sshd_kit.py).
 """
 
 from __future__ import annotations
@@ -170,10 +171,10 @@ def extra_gateway(
     Its home is a new folder, or with ``shared_home`` the main servers' home
     (for figures that compare small-file rates: see :func:`running_servers`).
     """
-    home = servers.workdir / f"{name}-home"
     if shared_home:
         home = servers.sftpgate.home
     else:
+        home = servers.workdir / f"{name}-home"
         home.mkdir()
         shutil.copystat(servers.sftpgate.home, home)
         st = servers.sftpgate.home.stat()
