@@ -73,6 +73,9 @@ def _start_serve(config: Path) -> subprocess.Popen[str]:
         for line in proc.stderr:
             if "listening on" in line:
                 ready.set()
+            elif line.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback")):
+                # A gateway that complains during a run says something about the figure.
+                print(f"sftpgate serve: {line.rstrip()}", file=sys.stderr, flush=True)
 
     threading.Thread(target=drain, daemon=True).start()
     if not ready.wait(60):
