@@ -12,6 +12,26 @@ import paramiko
 import pytest
 
 from conftest import PASSWORDS, RunningGateway, asyncssh_login
+from rawsftp import (
+    CLOSE,
+    FSTAT,
+    FX_BAD_MESSAGE,
+    FX_EOF,
+    FX_FAILURE,
+    FX_NO_SUCH_FILE,
+    FX_OK,
+    FX_OP_UNSUPPORTED,
+    LSTAT,
+    OPEN,
+    READ,
+    STAT,
+    WRITE,
+    WRITE_CREATE_TRUNC,
+    RawSFTP,
+    s,
+    u32,
+    u64,
+)
 from sftpgate.frontdoor.handler import _LevelCheckedLogger
 
 
@@ -91,66 +111,6 @@ def test_the_largest_write_offered_fits_in_one_ssh_packet(gateway: RunningGatewa
         chan.close()
     finally:
         t.close()
-
-
-class RawSFTP:
-    """SFTP version 3 spoken by hand over a paramiko channel, to send what clients won't."""
-
-    def __init__(self, t: paramiko.Transport) -> None:
-        self.chan = t.open_session()
-        self.chan.invoke_subsystem("sftp")
-        self.next_id = 0
-        self._send(struct.pack(">BI", 1, 3))  # INIT, version 3
-        kind, body = self._recv()
-        assert kind == 2 and struct.unpack_from(">I", body)[0] == 3  # VERSION 3
-
-    def _send(self, payload: bytes) -> None:
-        self.chan.sendall(struct.pack(">I", len(payload)) + payload)
-
-    def _exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.chan.recv(n - len(data))
-            assert chunk, "the gateway closed the channel"
-            data += chunk
-        return data
-
-    def _recv(self) -> tuple[int, bytes]:
-        (size,) = struct.unpack(">I", self._exactly(4))
-        payload = self._exactly(size)
-        return payload[0], payload[1:]
-
-    def request(self, kind: int, *fields: bytes) -> tuple[int, bytes]:
-        """Send one request; return the reply's type and body after the request id."""
-        self.next_id += 1
-        self._send(struct.pack(">BI", kind, self.next_id) + b"".join(fields))
-        reply, body = self._recv()
-        assert struct.unpack_from(">I", body)[0] == self.next_id
-        return reply, body[4:]
-
-    def status(self, kind: int, *fields: bytes) -> tuple[int, str]:
-        reply, body = self.request(kind, *fields)
-        assert reply == 101, f"expected a STATUS reply, got type {reply}"
-        (code,) = struct.unpack_from(">I", body)
-        (size,) = struct.unpack_from(">I", body, 4)
-        return code, body[8 : 8 + size].decode()
-
-
-def s(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-def u32(n: int) -> bytes:
-    return struct.pack(">I", n)
-
-
-def u64(n: int) -> bytes:
-    return struct.pack(">Q", n)
-
-
-OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT, STAT = 3, 4, 5, 6, 7, 8, 17
-FX_OK, FX_EOF, FX_NO_SUCH_FILE, FX_FAILURE, FX_BAD_MESSAGE, FX_OP_UNSUPPORTED = 0, 1, 2, 4, 5, 8
-WRITE_CREATE_TRUNC = 0x02 | 0x08 | 0x10
 
 
 def test_upload_requests_answered_by_the_fast_path_decode_and_reply_exactly(

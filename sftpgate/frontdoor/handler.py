@@ -14,17 +14,29 @@ request of a session that negotiated a version other than 3, goes to
 asyncssh's own dispatch; both paths share the handle tables, and errors
 become the same status replies. Requests are still served one at a time,
 in order, as asyncssh does.
+
+The requests also arrive without asyncssh's stream layer: :class:`SFTPSession`
+is the channel's session, keeps what the client sent in one buffer, and the
+handler takes each whole request from it as the data comes in. A request
+runs at once, inside that data callback, and usually finishes there (a file
+call that runs inline never waits; see inline.py); only one that has to wait
+(a trip to the thread pool, a durable commit) becomes a task, and the next
+request is taken when it is done. asyncssh's stream read three times per
+request (a lock, list juggling, a copy), and each request waited for the
+event loop's next turn to resume the task that read it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
 import asyncssh
+from asyncssh.channel import SSHChannel
 from asyncssh.logging import SSHLogger
 from asyncssh.packet import PacketDecodeError, SSHPacket
 from asyncssh.sftp import MAX_SFTP_PACKET_LEN, SFTPAttrs, SFTPLimits, SFTPServerHandler
@@ -110,10 +122,25 @@ class GatewaySFTPHandler(SFTPServerHandler):
 
     _server: GatewaySFTPServer
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        server: GatewaySFTPServer,
+        session: SFTPSession,
+        reader: asyncssh.SSHReader[bytes],
+        writer: asyncssh.SSHWriter[bytes],
+    ) -> None:
+        super().__init__(server, reader, writer, 3)
         parent: SSHLogger = self._logger
         self._logger = _LevelCheckedLogger(parent.logger, context=parent._context)
+        self._session = session
+        self._inbox = session.inbox
+        # Set while asyncssh's run() waits for the INIT.
+        self._waiter: asyncio.Future[None] | None = None
+        # Set once requests are served; its result ends the session.
+        self._finished: asyncio.Future[Exception | None] | None = None
+        # The request that had to wait; no other starts until it is done.
+        self._task: asyncio.Task[None] | None = None
+        self._pumping = False
 
     # -- asyncssh's plumbing, trimmed -----------------------------------------
 
@@ -160,20 +187,95 @@ class GatewaySFTPHandler(SFTPServerHandler):
 
     # -- the loop ----------------------------------------------------------------
 
+    def _take(self) -> bytes | None:
+        """The next whole request waiting in the session's buffer, or None."""
+        inbox = self._inbox
+        if len(inbox) < 4:
+            return None
+        (size,) = _U32.unpack_from(inbox)
+        if size > MAX_SFTP_PACKET_LEN:
+            raise asyncssh.SFTPBadMessage("Max packet size exceeded")
+        end = 4 + size
+        if len(inbox) < end:
+            return None
+        with memoryview(inbox) as view:
+            payload = bytes(view[4:end])
+        del inbox[:end]  # a bytearray drops its front in place
+        self._session.consumed()
+        return payload
+
+    async def recv_packet(self) -> SSHPacket:
+        """The client's INIT (asyncssh's run() reads it through this)."""
+        while (payload := self._take()) is None:
+            if self._session.ended is not _OPEN:
+                raise asyncssh.SFTPConnectionLost("Connection closed before SFTP init")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return SSHPacket(payload)
+
     async def recv_packets(self) -> None:
+        """Serve requests as they arrive until the client leaves; then clean up."""
+        self._finished = asyncio.get_running_loop().create_future()
+        self._pump()
+        await self._cleanup(await self._finished)
+
+    def arrived(self) -> None:
+        """The session got data or its end (called from the channel's callbacks)."""
+        if self._finished is not None:
+            if self._task is None:
+                self._pump()
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _pump(self) -> None:
+        """Run every whole request waiting, in order, until one has to wait."""
+        if self._pumping:  # a request we run resumed reading; the loop below sees the data
+            return
+        self._pumping = True
         try:
-            while self._reader is not None:
-                header = await self._reader.readexactly(4)
-                (size,) = _U32.unpack(header)
-                if size > MAX_SFTP_PACKET_LEN:
-                    raise asyncssh.SFTPBadMessage("Max packet size exceeded")
-                await self._request(await self._reader.readexactly(size))
-        except PacketDecodeError as exc:
-            await self._cleanup(asyncssh.SFTPBadMessage(str(exc)))
-        except EOFError:
-            await self._cleanup(None)
-        except (OSError, asyncssh.Error) as exc:
-            await self._cleanup(exc)
+            while self._task is None and self._finished is not None:
+                if self._finished.done():
+                    return
+                try:
+                    payload = self._take()
+                    if payload is None:
+                        if self._session.ended is not _OPEN:
+                            self._finish(self._session.ended)
+                        return
+                    self._task = start_eagerly(self._request(payload))
+                except Exception as exc:
+                    self._failed(exc)
+                    return
+                if self._task is not None:
+                    self._task.add_done_callback(self._request_done)
+        finally:
+            self._pumping = False
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if task.cancelled():
+            self._finish(None)
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._failed(cast(Exception, exc))
+            return
+        self._pump()
+
+    def _failed(self, exc: Exception) -> None:
+        """A request ended the session (what asyncssh's receive loop did with it)."""
+        if isinstance(exc, PacketDecodeError):
+            exc = asyncssh.SFTPBadMessage(str(exc))
+        elif not isinstance(exc, (OSError, asyncssh.Error)):
+            log.error("SFTP session failed", exc_info=exc)
+        self._finish(exc)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(exc)
 
     async def _request(self, payload: bytes) -> None:
         if len(payload) < 5:
@@ -284,3 +386,124 @@ _FAST: dict[int, Callable[[GatewaySFTPHandler, bytes], Awaitable[Reply]]] = {
     FXP_LSTAT: GatewaySFTPHandler._stat,
     FXP_FSTAT: GatewaySFTPHandler._fstat,
 }
+
+
+# -- running a request --------------------------------------------------------
+
+
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``coro`` now, up to the first time it waits; None if it finished.
+
+    If it has to wait, the rest runs in a task, returned: it first waits for
+    what the coroutine is waiting on, then resumes it where it stopped. This
+    is Python 3.12's eager task start, for the 3.11 this runs on too: most
+    requests never wait, and a task per request cost a scheduling round
+    each. Exceptions raised before the first wait are raised here.
+    """
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.get_running_loop().create_task(_resume(coro, waiting))
+
+
+class _Rest:
+    """Awaitable: the rest of a coroutine that ``start_eagerly`` ran until it waited."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coro, waiting = self.coro, self.waiting
+        while True:
+            # The task waits for what the coroutine waits for (a future, or
+            # None for a bare yield), then resumes it, or throws in what was
+            # thrown at the task (its cancellation).
+            try:
+                yield waiting
+            except BaseException as exc:  # handed on, as ``yield from`` would
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                return
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    await _Rest(coro, waiting)
+
+
+# -- the channel --------------------------------------------------------------
+
+_OPEN: Any = object()  # SFTPSession.ended while the client may still send
+
+
+class SFTPSession(asyncssh.SSHServerSession[bytes]):
+    """The ``sftp`` subsystem's channel: buffers what arrives for :class:`GatewaySFTPHandler`.
+
+    Reading from the client pauses while more than the channel's receive
+    window is buffered (a client pipelining faster than requests are served),
+    as asyncssh's stream did.
+    """
+
+    def __init__(self, factory: Callable[[asyncssh.SSHServerChannel[bytes]], GatewaySFTPServer]):
+        self._factory = factory
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self.inbox = bytearray()
+        self._limit = 0
+        self._paused = False
+        self._handler: GatewaySFTPHandler | None = None
+        # _OPEN, then None at the client's EOF or the exception that ended the channel.
+        self.ended: Exception | None = _OPEN
+
+    def connection_made(self, chan: SSHChannel[bytes]) -> None:
+        self._chan = cast(asyncssh.SSHServerChannel[bytes], chan)
+        self._chan.set_encoding(None)
+        self._limit = self._chan.get_recv_window()
+
+    def session_started(self) -> None:
+        chan = self._chan
+        assert chan is not None
+        # asyncssh's handler reads its logger and the client's version through
+        # the reader, and writes through the writer; neither uses the session.
+        stream = cast(Any, self)
+        reader = asyncssh.SSHReader[bytes](stream, chan)
+        writer = asyncssh.SSHWriter[bytes](stream, chan)
+        self._handler = GatewaySFTPHandler(self._factory(chan), self, reader, writer)
+        chan.get_connection().create_task(self._handler.run(), reader.logger)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.inbox += data
+        if self._limit and not self._paused and len(self.inbox) >= self._limit:
+            self._paused = True
+            assert self._chan is not None
+            self._chan.pause_reading()
+        if self._handler is not None:
+            self._handler.arrived()
+
+    def consumed(self) -> None:
+        """The handler took a request out of the buffer."""
+        if self._paused and len(self.inbox) < self._limit:
+            self._paused = False
+            assert self._chan is not None
+            self._chan.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._end(None)
+        return True  # the handler closes the channel once its last reply is out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+
+    def _end(self, exc: Exception | None) -> None:
+        if self.ended is _OPEN:
+            self.ended = exc
+        if self._handler is not None:
+            self._handler.arrived()

@@ -20,12 +20,11 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.constants import MSG_IGNORE
-from asyncssh.stream import SSHServerStreamSession
 
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
-from .handler import GatewaySFTPHandler
+from .handler import SFTPSession
 from .inline import InlineGuard
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 from .writebehind import WRITE_BUDGET, WriteBudget
@@ -86,12 +85,8 @@ def owner_for(user: User) -> tuple[int, int] | None:
     return st.st_uid, st.st_gid
 
 
-class _SFTPOnlySession(SSHServerStreamSession[bytes]):
+class _SFTPOnlySession(SFTPSession):
     """A session channel that accepts the ``sftp`` subsystem and nothing else."""
-
-    def __init__(self, factory: Callable[[SSHChannel[bytes]], GatewaySFTPServer]):
-        super().__init__(None, factory, 3, False)
-        self._factory = factory
 
     def pty_requested(self, *args: Any) -> bool:
         return False
@@ -104,16 +99,6 @@ class _SFTPOnlySession(SSHServerStreamSession[bytes]):
 
     def subsystem_requested(self, subsystem: str) -> bool:
         return subsystem == "sftp"
-
-    def session_started(self) -> None:
-        chan = cast(asyncssh.SSHServerChannel[bytes], self._chan)
-        assert chan is not None
-        chan.set_encoding(None)
-        reader = asyncssh.SSHReader[bytes](self, chan)
-        writer = asyncssh.SSHWriter[bytes](self, chan)
-        handler = GatewaySFTPHandler(self._factory(chan), reader, writer, 3)
-        conn = chan.get_connection()
-        conn.create_task(handler.run(), reader.logger)
 
 
 _EMPTY_STRING = b"\0\0\0\0"

@@ -1,0 +1,283 @@
+"""How requests reach the handler: pipelined, dribbled, cut short, run eagerly.
+
+The gateway takes SFTP requests straight from the channel's data (see
+frontdoor/handler.py); these tests speak raw SFTP over a paramiko channel so
+they can send what real clients send only sometimes: many requests in one
+write, a request split over many SSH packets, an end in the middle of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+
+from conftest import RunningGateway, start_gateway
+from rawsftp import (
+    CLOSE,
+    FX_OK,
+    OPEN,
+    STAT,
+    WRITE,
+    WRITE_CREATE_TRUNC,
+    RawSFTP,
+    frame,
+    s,
+    u32,
+    u64,
+)
+from sftpgate.frontdoor.handler import SFTPSession, start_eagerly
+
+HANDLE, ATTRS, STATUS = 102, 105, 101
+
+
+def handle_of(body: bytes) -> bytes:
+    return body[4 : 4 + struct.unpack_from(">I", body)[0]]
+
+
+@pytest.fixture(params=["inline", "pool"])
+def any_gateway(request: pytest.FixtureRequest, tmp_path: Path, user_keys: dict[str, Path]) -> Any:
+    # "pool": every filesystem call goes to the thread pool (what an NFS home
+    # gets), so every request waits and runs as a task; "inline": most finish
+    # inside the data callback.
+    off = {"inline_local_metadata": False, "inline_local_changes": False}
+    extra = {"server": off} if request.param == "pool" else None
+    running = start_gateway(tmp_path, user_keys, extra=extra)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_pipelined_requests_are_answered_in_order(any_gateway: RunningGateway) -> None:
+    raw = RawSFTP(any_gateway.transport("alice"))
+    names = [f"f{i}.bin".encode() for i in range(20)]
+    # Twenty creates and stats in one channel write: each answered, in order.
+    batch = [raw.framed(OPEN, s(n), u32(WRITE_CREATE_TRUNC), u32(0)) for n in names]
+    batch += [raw.framed(STAT, s(b"/" + n)) for n in names]
+    raw.chan.sendall(b"".join(data for _, data in batch))
+    handles = []
+    for number, (request_id, _) in enumerate(batch):
+        kind, reply_id, body = raw.reply()
+        assert reply_id == request_id
+        if number < len(names):
+            assert kind == HANDLE
+            handles.append(handle_of(body))
+        else:
+            assert kind == ATTRS
+    # Then every file's writes and its close in one write: a close must see its writes.
+    batch = []
+    for name, handle in zip(names, handles, strict=True):
+        batch += [raw.framed(WRITE, s(handle), u64(i * 3), s(name[:3])) for i in range(4)]
+        batch.append(raw.framed(CLOSE, s(handle)))
+    raw.chan.sendall(b"".join(data for _, data in batch))
+    for request_id, _ in batch:
+        kind, reply_id, body = raw.reply()
+        assert (kind, reply_id, struct.unpack_from(">I", body)[0]) == (STATUS, request_id, FX_OK)
+    home = any_gateway.home("alice")
+    for name in names:
+        assert (home / name.decode()).read_bytes() == name[:3] * 4
+    rows = any_gateway.op_rows("close", count=len(names))
+    assert sorted(r["bytes_written"] for r in rows) == [12] * len(names)
+
+
+def test_a_session_sent_one_byte_per_ssh_packet(gateway: RunningGateway) -> None:
+    t = gateway.transport("alice")
+    chan = t.open_session()
+    chan.invoke_subsystem("sftp")
+    init = frame(struct.pack(">BI", 1, 3))
+    upload = [
+        frame(struct.pack(">BI", OPEN, 1) + s(b"slow.bin") + u32(WRITE_CREATE_TRUNC) + u32(0)),
+    ]
+
+    def dribble(data: bytes) -> None:
+        for i in range(len(data)):
+            chan.sendall(data[i : i + 1])  # paramiko sends each call as its own packet
+
+    raw = RawSFTP.__new__(RawSFTP)  # the channel is set up by hand here
+    raw.chan, raw.next_id = chan, 1
+    dribble(init)
+    assert raw.recv()[0] == 2  # VERSION
+    dribble(upload[0])
+    kind, reply_id, body = raw.reply()
+    assert (kind, reply_id) == (HANDLE, 1)
+    handle = handle_of(body)
+    dribble(frame(struct.pack(">BI", WRITE, 2) + s(handle) + u64(0) + s(b"drip" * 100)))
+    assert raw.reply()[:2] == (STATUS, 2)
+    dribble(frame(struct.pack(">BI", CLOSE, 3) + s(handle)))
+    assert raw.reply()[:2] == (STATUS, 3)
+    assert (gateway.home("alice") / "slow.bin").read_bytes() == b"drip" * 100
+
+
+def _closed_by_gateway(chan: paramiko.Channel, timeout: float = 10) -> bool:
+    chan.settimeout(timeout)
+    while True:
+        if not chan.recv(4096):
+            return True
+
+
+def test_an_end_in_the_middle_of_a_request_ends_the_session_cleanly(
+    gateway: RunningGateway,
+) -> None:
+    t = gateway.transport("alice")
+    raw = RawSFTP(t)
+    kind, body = raw.request(OPEN, s(b"cut.bin"), u32(WRITE_CREATE_TRUNC), u32(0))
+    assert kind == HANDLE
+    handle = handle_of(body)
+    assert raw.status(WRITE, s(handle), u64(0), s(b"half")) == (FX_OK, "")
+    _, data = raw.framed(WRITE, s(handle), u64(4), s(b"x" * 1000))
+    raw.chan.sendall(data[:500])  # half a WRITE, then the client's EOF
+    raw.chan.shutdown_write()
+    assert _closed_by_gateway(raw.chan)
+    close = gateway.op_rows("close")[0]
+    assert close["path"] == "/cut.bin" and close["bytes_written"] == 4
+    assert close["message"] == "session ended with the file open"
+    assert (gateway.home("alice") / "cut.bin").read_bytes() == b"half"
+
+    # A channel that ends before its INIT, and one whose INIT is cut short.
+    for sent in (b"", frame(struct.pack(">BI", 1, 3))[:3]):
+        chan = t.open_session()
+        chan.invoke_subsystem("sftp")
+        chan.sendall(sent)
+        chan.shutdown_write()
+        assert _closed_by_gateway(chan)
+    # The connection still serves new sessions.
+    assert RawSFTP(t).request(STAT, s(b"/cut.bin"))[0] == ATTRS
+
+
+def test_a_request_longer_than_the_limit_ends_only_its_session(gateway: RunningGateway) -> None:
+    t = gateway.transport("alice")
+    raw = RawSFTP(t)
+    raw.chan.sendall(struct.pack(">I", 0x7FFFFFFF) + b"\x11")
+    assert _closed_by_gateway(raw.chan)
+    assert RawSFTP(t).request(STAT, s(b"/"))[0] == ATTRS
+
+
+# -- start_eagerly ---------------------------------------------------------------
+
+
+def test_a_coroutine_that_never_waits_finishes_inside_the_call() -> None:
+    done = []
+
+    async def quick() -> None:
+        done.append("ran")
+
+    async def main() -> None:
+        assert start_eagerly(quick()) is None
+        assert done == ["ran"]  # before the loop got a turn
+
+    asyncio.run(main())
+
+
+def test_a_coroutine_that_waits_goes_on_in_a_task() -> None:
+    steps = []
+
+    async def waits(fut: asyncio.Future[str]) -> None:
+        steps.append("before")
+        steps.append(await fut)
+        await asyncio.sleep(0)  # a bare yield, as asyncio.sleep(0) is
+        steps.append("after")
+
+    async def main() -> None:
+        fut = asyncio.get_running_loop().create_future()
+        task = start_eagerly(waits(fut))
+        assert task is not None and steps == ["before"]
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        fut.set_result("value")
+        await task
+        assert steps == ["before", "value", "after"]
+
+    asyncio.run(main())
+
+
+def test_errors_come_out_where_the_coroutine_raised_them() -> None:
+    async def fails_at_once() -> None:
+        raise ValueError("at once")
+
+    async def fails_later(fut: asyncio.Future[None]) -> None:
+        await fut
+        raise KeyError("later")
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="at once"):
+            start_eagerly(fails_at_once())
+        fut = asyncio.get_running_loop().create_future()
+        task = start_eagerly(fails_later(fut))
+        assert task is not None
+        fut.set_result(None)
+        with pytest.raises(KeyError, match="later"):
+            await task
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_task_cancels_what_the_coroutine_waits_on() -> None:
+    seen = []
+
+    async def waits(fut: asyncio.Future[None]) -> None:
+        try:
+            await fut
+        except asyncio.CancelledError:
+            seen.append("cancelled inside")
+            raise
+
+    async def main() -> None:
+        fut = asyncio.get_running_loop().create_future()
+        task = start_eagerly(waits(fut))
+        assert task is not None
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fut.cancelled() and seen == ["cancelled inside"]
+
+    asyncio.run(main())
+
+
+# -- reading pauses while requests wait ------------------------------------------
+
+
+class RecordingChannel:
+    """Stands in for asyncssh's channel: only to see pause/resume calls.
+
+    A fake by necessity: making a real request wait long enough for a real
+    client to overrun the window needs a hung filesystem.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.calls: list[str] = []
+
+    def set_encoding(self, encoding: str | None) -> None:
+        assert encoding is None
+
+    def get_recv_window(self) -> int:
+        return self.window
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+def test_reading_pauses_while_a_window_of_requests_waits() -> None:
+    session = SFTPSession(factory=lambda chan: None)  # type: ignore[arg-type,return-value]
+    chan = RecordingChannel(window=100)
+    session.connection_made(chan)  # type: ignore[arg-type]
+    session.data_received(b"x" * 60, None)
+    assert chan.calls == []
+    session.data_received(b"x" * 60, None)
+    session.data_received(b"x" * 60, None)
+    assert chan.calls == ["pause"]  # once, at the limit
+    del session.inbox[:50]
+    session.consumed()
+    assert chan.calls == ["pause"]  # 130 bytes still buffered: over the limit
+    del session.inbox[:50]
+    session.consumed()
+    assert chan.calls == ["pause", "resume"]
