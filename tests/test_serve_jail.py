@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import stat
 from pathlib import Path
 
 import paramiko
@@ -154,3 +156,22 @@ def test_users_cannot_see_each_others_homes(gateway: RunningGateway, outside: Pa
         with pytest.raises(FileNotFoundError):
             carol.open(path).read()
     assert carol.listdir("/") == []
+
+
+def test_a_fifo_or_socket_in_a_home_is_refused_without_waiting(
+    gateway: RunningGateway, sftp: paramiko.SFTPClient
+) -> None:
+    # A FIFO opened for reading waits for a writer: inline on the event loop
+    # that froze every session of the gateway (found by hand, fixed in fsops.open).
+    home = gateway.home("alice")
+    os.mkfifo(home / "pipe")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(home / "sock"))
+        sftp.get_channel().settimeout(10)
+        for name, mode in [("pipe", "r"), ("pipe", "w"), ("pipe", "a"), ("sock", "r")]:
+            with pytest.raises(PermissionError, match="Not a regular file"):
+                sftp.open(name, mode)
+    assert stat.S_ISFIFO(sftp.stat("pipe").st_mode or 0)  # still listed and stat'able
+    refused = _journal_refusals(gateway, 4)
+    assert [r["path"] for r in refused] == ["/pipe", "/pipe", "/pipe", "/sock"]
+    assert {r["message"] for r in refused} == {"Not a regular file"}

@@ -7,6 +7,7 @@ executor so a slow (NFS) call stalls only the thread it runs in.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import os
 import pwd
@@ -48,6 +49,10 @@ class OpenFile:
     @property
     def writable(self) -> bool:
         return bool(self.pflags & (FXF_WRITE | FXF_APPEND))
+
+
+def _not_regular() -> OSError:
+    return PermissionError(errno.EPERM, "Not a regular file")
 
 
 def os_flags(pflags: int) -> int:
@@ -101,14 +106,34 @@ class UserFS:
             os.lchown(local, *owner)
 
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+        """Open a regular file (or a folder, to read); refuse anything else.
+
+        The open is non-blocking: a FIFO someone made in a home (a shell
+        user, the NFS server's side) would otherwise wait for a writer
+        forever, holding a pool thread, or, inline, the event loop and every
+        session with it. Devices and sockets are refused too.
+        """
         resolved = self.jail.resolve(path, follow=True)
         mode = attrs.permissions & _MODE_MASK if attrs.permissions is not None else 0o666
         existed = os.path.lexists(resolved.local)
-        fd = os.open(resolved.local, os_flags(pflags), mode)
+        flags = os_flags(pflags)
+        try:
+            fd = os.open(resolved.local, flags | os.O_NONBLOCK, mode)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a FIFO without a reader, a socket
+                raise _not_regular() from None
+            raise
         created = not existed and bool(pflags & FXF_CREAT)
         try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode) and pflags & (FXF_WRITE | FXF_APPEND):
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind == stat.S_IFDIR and pflags & (FXF_WRITE | FXF_APPEND):
                 raise IsADirectoryError(errno.EISDIR, "Is a directory")
+            if kind not in (stat.S_IFREG, stat.S_IFDIR):
+                raise _not_regular()
+            # Back to blocking I/O, as any file (O_NONBLOCK also changes how
+            # a lease break is waited for): F_SETFL takes the open's own
+            # flags, of which it keeps only O_APPEND; one call.
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
             if created:
                 self._chown(resolved.local, fd)
         except BaseException:
