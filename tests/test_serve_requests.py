@@ -265,6 +265,9 @@ class RecordingChannel:
     def resume_reading(self) -> None:
         self.calls.append("resume")
 
+    def _log_packet(self, *args: object) -> None:
+        raise AssertionError("packet logged at debug level 1")
+
 
 def test_reading_pauses_while_a_window_of_requests_waits() -> None:
     session = SFTPSession(factory=lambda chan: None)  # type: ignore[arg-type,return-value]

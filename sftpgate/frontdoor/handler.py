@@ -442,6 +442,23 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
 
 # -- the channel --------------------------------------------------------------
 
+
+def _log_packets_only_at_level_3(chan: SSHChannel[bytes]) -> None:
+    """Skip asyncssh's packet log line for each data packet unless it will be written.
+
+    asyncssh logs packets only at its debug level 3, but the channel built
+    the line first (packet name, a plural of the size) for every packet sent
+    and received: two per request.
+    """
+    log_packet = chan._log_packet
+
+    def _log_packet(*args: Any) -> None:
+        if SSHLogger._debug_level >= 3:
+            log_packet(*args)
+
+    chan._log_packet = _log_packet  # type: ignore[method-assign,assignment]
+
+
 _OPEN: Any = object()  # SFTPSession.ended while the client may still send
 
 
@@ -467,6 +484,7 @@ class SFTPSession(asyncssh.SSHServerSession[bytes]):
         self._chan = cast(asyncssh.SSHServerChannel[bytes], chan)
         self._chan.set_encoding(None)
         self._limit = self._chan.get_recv_window()
+        _log_packets_only_at_level_3(chan)
 
     def session_started(self) -> None:
         chan = self._chan
