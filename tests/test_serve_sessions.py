@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
 import stat
+from pathlib import Path
 
 import asyncssh
 import paramiko
 import pytest
 
-from conftest import RunningGateway
+from conftest import RunningGateway, start_gateway
 
 
 def test_password_login_is_journaled_with_address_and_client_version(
@@ -308,3 +310,32 @@ def test_too_many_wrong_passwords_disconnect_the_client(gateway: RunningGateway)
     rows = gateway.op_rows("login_failed", count=limit)
     assert len(rows) == limit
     assert _StubbornClient.tries == limit
+
+
+def test_new_files_get_the_users_owner_and_overwritten_ones_keep_theirs(
+    tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("run as root (CI does): only root gives files to another owner")
+    running = start_gateway(tmp_path, user_keys, users={"alice": {"uid": 4242, "gid": 4343}})
+    try:
+        home = running.home("alice")
+        theirs = home / "theirs.bin"
+        theirs.write_bytes(b"old")
+        os.chown(theirs, 5151, 5252)
+        sftp = running.sftp("alice")
+        sftp.putfo(io.BytesIO(b"new"), "new.bin")
+        sftp.putfo(io.BytesIO(b"replaced"), "theirs.bin")  # opened with create + truncate
+        with sftp.open("excl.bin", "wx") as f:  # an exclusive create
+            f.write(b"x")
+        for name in ("new.bin", "excl.bin"):
+            st = (home / name).stat()
+            assert (st.st_uid, st.st_gid) == (4242, 4343), name
+        st = theirs.stat()
+        assert (st.st_uid, st.st_gid, theirs.read_bytes()) == (5151, 5252, b"replaced")
+        with pytest.raises(OSError):
+            sftp.open("excl.bin", "wx")  # exclusive create of an existing file
+        opens = running.op_rows("open", count=4)
+        assert [r["status"] for r in opens] == ["ok", "ok", "ok", "file_already_exists"]
+    finally:
+        running.stop()
