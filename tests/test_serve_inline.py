@@ -134,7 +134,7 @@ def test_a_slow_inline_call_sends_every_call_to_the_pool_for_a_while(
     recorded: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     guard = recorded.gateway.inline_guard
-    guard.cooldown = 1.0
+    assert guard.first_cooldown == 1.0
     alice = recorded.sftp("alice")
     bob: paramiko.SFTPClient = recorded.sftp("bob", key=True)
     with caplog.at_level(logging.WARNING, logger="sftpgate.frontdoor.inline"):
@@ -147,7 +147,7 @@ def test_a_slow_inline_call_sends_every_call_to_the_pool_for_a_while(
     assert [c[0] for c in calls] == ["open", "write", "mkdir"]
     assert all(_pooled(thread) for _, _, thread in calls), calls
 
-    time.sleep(guard.cooldown)
+    time.sleep(guard.first_cooldown)
     calls.clear()
     alice.mkdir("after")
     assert [(c[0], _pooled(c[2])) for c in calls] == [("mkdir", False)]
@@ -159,7 +159,9 @@ def test_a_slow_inline_call_sends_every_call_to_the_pool_for_a_while(
 def test_the_guard_trips_on_slow_calls_that_waited() -> None:
     # The guard's clock and wait counter, driven by hand.
     now, slept = [100.0], [0]
-    guard = InlineGuard(slow=0.002, cooldown=30, clock=lambda: now[0], waits=lambda: slept[0])
+    guard = InlineGuard(
+        slow=0.002, first_cooldown=1, cooldown=30, clock=lambda: now[0], waits=lambda: slept[0]
+    )
     assert guard.allowed()
     before = guard.start()
     now[0] += 0.0015
@@ -175,10 +177,36 @@ def test_the_guard_trips_on_slow_calls_that_waited() -> None:
     slept[0] += 1
     guard.observe(before, "open")  # slow and waited: a busy disk
     assert not guard.allowed() and guard.trips == 1
-    now[0] += 29.9
+    now[0] += 0.9
     assert not guard.allowed()
     now[0] += 0.2
     assert guard.allowed()
+
+
+def _slow_call(guard: InlineGuard, now: list[float], slept: list[int]) -> float:
+    """One slow call that waited; how long inline calls are then off."""
+    before = guard.start()
+    now[0] += 0.01
+    slept[0] += 1
+    guard.observe(before, "create")
+    off = 0.0
+    while not guard.allowed():
+        now[0] += 0.5
+        off += 0.5
+    return off
+
+
+def test_a_disk_that_stays_busy_keeps_calls_in_the_pool_longer_each_time() -> None:
+    now, slept = [100.0], [0]
+    guard = InlineGuard(
+        slow=0.002, first_cooldown=1, cooldown=30, clock=lambda: now[0], waits=lambda: slept[0]
+    )
+    # Each slow call comes right after the last cooldown: 1, 2, 4, ... up to 30 s.
+    assert [_slow_call(guard, now, slept) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    # A slow call long after the last cooldown ended is a new episode: 1 s again.
+    now[0] += 31
+    assert _slow_call(guard, now, slept) == 1
+    assert guard.trips == 8
 
 
 def test_truncating_a_big_file_runs_in_the_pool(recorded: RunningGateway) -> None:

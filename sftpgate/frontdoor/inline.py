@@ -19,10 +19,19 @@ A local disk can still be slow: ext4 makes a create wait for its journal, and
 a write can be throttled while much dirty data waits for the disk. The guard
 times every inline call; one that took longer than :data:`SLOW` and slept in
 the kernel on the way (a voluntary context switch: it waited for something)
-turns inline calls off for the whole gateway for :data:`COOLDOWN`, and says so
-in the log. At worst the loop is held once per cooldown, for one call. A call
-that was only slow because another process had the CPU does not count: on a
-busy machine that happens every few seconds, and the pool would not help.
+turns inline calls off for the whole gateway for a while, and says so in the
+log. A call that was only slow because another process had the CPU does not
+count: on a busy machine that happens every few seconds, and the pool would
+not help.
+
+The while starts at :data:`FIRST_COOLDOWN` and doubles, up to
+:data:`COOLDOWN`, each time a call is slow again soon after the last one
+ended (within its length): a disk that stays busy gets the pool for good
+after a few trips, each holding the loop once, for one call. A one-off sleep
+costs a second: a call that waited for the GIL while another thread held it
+(the journal writer, a garbage collection) sleeps in the kernel too, and
+looked to the guard like a busy disk; with one fixed 30 s cooldown such a
+trip in a benchmark run cost a third of figure 9's throughput.
 
 What the guard cannot cut short is a call that does not return: a local
 filesystem frozen for a snapshot (fsfreeze, LVM) makes a create wait for the
@@ -41,8 +50,10 @@ log = logging.getLogger(__name__)
 
 # Files up to this size may be written and closed inline (a copy into the page cache).
 SMALL_WRITE = 64 * 1024
-# An inline call slower than this sends every call to the pool for COOLDOWN.
+# An inline call slower than this sends every call to the pool for a while:
+# FIRST_COOLDOWN, doubled for each trip soon after the last, up to COOLDOWN.
 SLOW = 0.002
+FIRST_COOLDOWN = 1.0
 COOLDOWN = 30.0
 
 
@@ -58,15 +69,18 @@ class InlineGuard:
         self,
         *,
         slow: float = SLOW,
+        first_cooldown: float = FIRST_COOLDOWN,
         cooldown: float = COOLDOWN,
         clock: Callable[[], float] = time.monotonic,
         waits: Callable[[], int] = waits,
     ) -> None:
         self.slow = slow
-        self.cooldown = cooldown
+        self.first_cooldown = first_cooldown
+        self.cooldown = cooldown  # the longest
         self.clock = clock
         self.waits = waits
         self._until = 0.0
+        self._current = 0.0  # the last trip's cooldown
         self.trips = 0  # how many times a slow call turned inline calls off
 
     def allowed(self) -> bool:
@@ -83,12 +97,16 @@ class InlineGuard:
         took = ended - started
         if took <= self.slow or self.waits() == waits:
             return  # quick, or only kept off the CPU by other processes
-        self._until = ended + self.cooldown
+        if self._until and ended - self._until < self._current:
+            self._current = min(self._current * 2, self.cooldown)  # still busy
+        else:
+            self._current = min(self.first_cooldown, self.cooldown)
+        self._until = ended + self._current
         self.trips += 1
         log.warning(
             "%s took %.1f ms on the event loop (local disk busy); filesystem calls "
             "go to the thread pool for the next %.0f s",
             what,
             took * 1000,
-            self.cooldown,
+            self._current,
         )
