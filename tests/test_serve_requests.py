@@ -90,9 +90,7 @@ def test_a_session_sent_one_byte_per_ssh_packet(gateway: RunningGateway) -> None
     chan = t.open_session()
     chan.invoke_subsystem("sftp")
     init = frame(struct.pack(">BI", 1, 3))
-    upload = [
-        frame(struct.pack(">BI", OPEN, 1) + s(b"slow.bin") + u32(WRITE_CREATE_TRUNC) + u32(0)),
-    ]
+    create = frame(struct.pack(">BI", OPEN, 1) + s(b"slow.bin") + u32(WRITE_CREATE_TRUNC) + u32(0))
 
     def dribble(data: bytes) -> None:
         for i in range(len(data)):
@@ -102,7 +100,7 @@ def test_a_session_sent_one_byte_per_ssh_packet(gateway: RunningGateway) -> None
     raw.chan, raw.next_id = chan, 1
     dribble(init)
     assert raw.recv()[0] == 2  # VERSION
-    dribble(upload[0])
+    dribble(create)
     kind, reply_id, body = raw.reply()
     assert (kind, reply_id) == (HANDLE, 1)
     handle = handle_of(body)
