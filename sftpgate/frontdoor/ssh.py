@@ -115,15 +115,25 @@ def _skip_cbc_ignores(conn: asyncssh.SSHServerConnection) -> None:
     wrapped; every other packet passes unchanged.
     """
     send_packet = conn.send_packet
+    c: Any = conn  # asyncssh's send state is private: read here, never written
+    # The decision for the current send keys (they change at each rekey).
+    decided: list[Any] = [None, False]
 
     def send(pkttype: int, *args: bytes, **kwargs: Any) -> None:
         if pkttype == MSG_IGNORE and args == (_EMPTY_STRING,) and not kwargs:
-            cipher = conn.get_extra_info("send_cipher") or ""
-            if cipher and "-cbc" not in cipher:
+            keys = c._send_encryption
+            if keys is not decided[0]:
+                cipher = conn.get_extra_info("send_cipher") or ""
+                decided[:] = [keys, bool(cipher) and "-cbc" not in cipher]
+            if decided[1]:
                 return
         send_packet(pkttype, *args, **kwargs)
 
     conn.send_packet = send  # type: ignore[method-assign]
+
+
+# A read this small goes to asyncssh's parser at once (see _feed_whole_packets).
+_SMALL_READ = 16 * 1024
 
 
 def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
@@ -138,6 +148,11 @@ def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
     (interleaved A/B, 512 MiB: 1.13-1.22x with OpenSSH's sftp client). Before
     packets start (the version line), or in any state not recognised here,
     everything is passed on at once, as asyncssh expects.
+
+    A read of at most :data:`_SMALL_READ` bytes with nothing waiting before
+    it is handed on whole too: re-slicing a few KiB costs nothing, and a
+    small request (header and body, usually one read) then takes one trip
+    through asyncssh's receive entry instead of two.
     """
     received = conn.data_received
     pending = bytearray()
@@ -153,6 +168,9 @@ def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
         return 0  # not parsing packets: pass everything on
 
     def data_received(data: bytes, datatype: Any = None) -> None:
+        if not pending and len(data) <= _SMALL_READ:
+            received(data)
+            return
         pending.extend(data)
         while pending:
             want = needed()
