@@ -13,14 +13,16 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import paramiko
 import pytest
 
-from conftest import RunningGateway, start_gateway
+from conftest import RunningGateway, asyncssh_login, start_gateway
 from rawsftp import (
     CLOSE,
     FX_OK,
     OPEN,
+    READ,
     STAT,
     WRITE,
     WRITE_CREATE_TRUNC,
@@ -32,7 +34,7 @@ from rawsftp import (
 )
 from sftpgate.frontdoor.handler import SFTPSession, start_eagerly
 
-HANDLE, ATTRS, STATUS = 102, 105, 101
+HANDLE, DATA, ATTRS, STATUS = 102, 103, 105, 101
 
 
 def handle_of(body: bytes) -> bytes:
@@ -83,6 +85,72 @@ def test_pipelined_requests_are_answered_in_order(any_gateway: RunningGateway) -
         assert (home / name.decode()).read_bytes() == name[:3] * 4
     rows = any_gateway.op_rows("close", count=len(names))
     assert sorted(r["bytes_written"] for r in rows) == [12] * len(names)
+
+
+class _Replies(asyncssh.SSHClientSession[bytes]):
+    """What the gateway sends on a raw sftp channel, as it arrives."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.arrived = asyncio.Event()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.data += data
+        self.arrived.set()
+
+    async def take(self) -> tuple[int, int, bytes]:
+        """The next reply: (type, request id, body after the id)."""
+        while len(self.data) < 4 or len(self.data) < 4 + struct.unpack_from(">I", self.data)[0]:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), 10)
+        size = struct.unpack_from(">I", self.data)[0]
+        payload = bytes(self.data[4 : 4 + size])
+        del self.data[: 4 + size]
+        return payload[0], struct.unpack_from(">I", payload, 1)[0], payload[5:]
+
+
+def test_replies_wait_for_a_small_client_window_and_keep_their_order(
+    gateway: RunningGateway,
+) -> None:
+    # asyncssh's client ends the connection if a server sends past its window
+    # ("Window exceeded"). A 4 KiB window and 1 KiB packets, and the client
+    # reads nothing until the whole batch is sent: most replies wait in the
+    # gateway's channel, and a small one must not overtake one queued.
+    content = bytes(range(256)) * 100
+    (gateway.home("alice") / "data.bin").write_bytes(content)
+
+    async def run() -> None:
+        async with asyncssh_login(gateway.port) as conn:
+            chan, replies = await conn.create_session(
+                _Replies, subsystem="sftp", encoding=None, window=4096, max_pktsize=1024
+            )
+            chan.write(frame(struct.pack(">BI", 1, 3)))
+            kind, _, _ = await replies.take()
+            assert kind == 2  # VERSION
+            chan.write(frame(struct.pack(">BI", OPEN, 1) + s(b"data.bin") + u32(1) + u32(0)))
+            kind, _, body = await replies.take()
+            assert kind == HANDLE
+            handle = handle_of(body)
+            chan.pause_reading()
+            expected = []
+            for i in range(30):
+                # Replies that fit a packet (the window runs out in the middle
+                # of one), then ones that don't (split), and tiny ones.
+                offset, size = i * 500, 500 if i < 10 else (1500, 100)[i % 2]
+                read = struct.pack(">BI", READ, 2 + 2 * i) + s(handle) + u64(offset) + u32(size)
+                chan.write(frame(read))
+                chan.write(frame(struct.pack(">BI", STAT, 3 + 2 * i) + s(b"/data.bin")))
+                expected += [(DATA, 2 + 2 * i, offset, size), (ATTRS, 3 + 2 * i, None, 0)]
+            await asyncio.sleep(0.2)  # the gateway answers into a closed window meanwhile
+            chan.resume_reading()
+            for kind, request_id, offset, size in expected:
+                got_kind, got_id, body = await replies.take()
+                assert (got_kind, got_id) == (kind, request_id)
+                if offset is not None:
+                    assert body[4:] == content[offset : offset + size]
+            chan.close()
+
+    asyncio.run(run())
 
 
 def test_a_session_sent_one_byte_per_ssh_packet(gateway: RunningGateway) -> None:
