@@ -7,11 +7,21 @@ rules (is this upload a video candidate?).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import posixpath
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 
 
 def name_matches(path: str, patterns: Iterable[str]) -> bool:
     """True if the file name of ``path`` matches any pattern, ignoring case."""
-    name = posixpath.basename(path).lower()
-    return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in patterns)
+    return bool(_matcher(tuple(patterns))(posixpath.basename(path).lower()))
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled regex for a set of patterns (asked at every close and rename)."""
+    if not patterns:
+        return lambda name: False
+    either = "|".join(f"(?:{fnmatch.translate(pattern.lower())})" for pattern in patterns)
+    return re.compile(either).match
