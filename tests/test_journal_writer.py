@@ -11,6 +11,7 @@ import pytest
 
 from conftest import fill, small_disk
 from sftpgate.events import Event, Op, SessionInfo, UploadState
+from sftpgate.journal.store import connect, record_batch
 from sftpgate.journal.writer import JournalUnavailable, JournalWriter
 
 SESSION = SessionInfo(id="s1", remote_addr="127.0.0.1", remote_port=5000, login="alice")
@@ -162,3 +163,60 @@ def test_a_failing_database_fails_durable_emits_instead_of_hanging(tmp_path: Pat
     finally:
         writer.close()
     assert count(path) >= 1
+
+
+def test_a_batch_numbers_its_rows_and_links_each_upload_to_its_close(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    conn = connect(path)
+    hooked: list[tuple[int, str]] = []
+
+    def on_upload(conn: sqlite3.Connection, upload_id: int, final: str, event: Event) -> None:
+        # Called inside the transaction, once the upload row is in.
+        row = conn.execute("SELECT path FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+        hooked.append((upload_id, row["path"]))
+
+    other = SessionInfo(id="s2", remote_addr="127.0.0.1", remote_port=5001, login="bob")
+    first = [
+        Event(Op.LOGIN, SESSION),
+        Event(Op.OPEN, SESSION, path="/a.mp4"),
+        Event(Op.CLOSE, SESSION, path="/a.mp4", bytes_written=5, upload=UploadState.COMPLETE),
+        Event(Op.CLOSE, other, path="/b.mp4", bytes_written=2, upload=UploadState.INCOMPLETE),
+        Event(Op.MKDIR, SESSION, path="/dir", key="k1"),
+    ]
+    second = [
+        Event(Op.MKDIR, SESSION, path="/dir", key="k1"),  # delivered twice: skipped
+        Event(Op.RENAME, other, path="/c.part", path2="/c.mp4", upload=UploadState.COMPLETE),
+        Event(Op.LOGOUT, SESSION),
+    ]
+    try:
+        record_batch(conn, first, on_upload)
+        record_batch(conn, second, on_upload)
+        ops = [
+            (r["id"], r["op"], r["path"])
+            for r in conn.execute("SELECT id, op, path FROM operations ORDER BY id")
+        ]
+        uploads = [
+            (r["id"], r["path"], r["state"], r["operation_id"])
+            for r in conn.execute("SELECT * FROM uploads ORDER BY id")
+        ]
+        sessions = [
+            (r["id"], r["ended_at"] is not None) for r in conn.execute("SELECT * FROM sessions")
+        ]
+    finally:
+        conn.close()
+    assert ops == [
+        (1, "login", None),
+        (2, "open", "/a.mp4"),
+        (3, "close", "/a.mp4"),
+        (4, "close", "/b.mp4"),
+        (5, "mkdir", "/dir"),
+        (6, "rename", "/c.part"),
+        (7, "logout", None),
+    ]
+    assert uploads == [
+        (1, "/a.mp4", "complete", 3),
+        (2, "/b.mp4", "incomplete", 4),
+        (3, "/c.mp4", "complete", 6),  # a rename's upload has the new name
+    ]
+    assert hooked == [(1, "/a.mp4"), (3, "/c.mp4")]
+    assert sessions == [("s1", True)]

@@ -50,7 +50,7 @@ _SELECT = (
     + ", ".join(f"s.{name}" for name in SESSION_COLUMNS)
 )
 _FROM = " FROM operations AS o LEFT JOIN sessions AS s ON s.id = o.session_id"
-# store.record() writes an upload with the same ts as its operation, so the
+# store.record_batch() writes an upload with the same ts as its operation, so the
 # join can go through the uploads_ts index (uploads.operation_id has none).
 _TRANSFER_JOIN = " LEFT JOIN uploads AS u ON u.ts = o.ts AND u.operation_id = o.id"
 

@@ -148,15 +148,17 @@ ON CONFLICT(id) DO UPDATE SET
     ended_at = COALESCE(excluded.ended_at, sessions.ended_at)
 """
 
+# Ids are given explicitly: a batch learns the last ids once and numbers its
+# rows itself, so every row of a batch goes in through one executemany.
 _OPERATION_INSERT = """
-INSERT INTO operations (ts, session_id, login, remote_addr, op, path, path2, flags, mode, attrs,
-                        bytes_read, bytes_written, duration_ms, status, message)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO operations (id, ts, session_id, login, remote_addr, op, path, path2, flags, mode,
+                        attrs, bytes_read, bytes_written, duration_ms, status, message)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 _UPLOAD_INSERT = """
-INSERT INTO uploads (ts, session_id, login, path, bytes, state, operation_id)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+INSERT INTO uploads (id, ts, session_id, login, path, bytes, state, operation_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 _SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
@@ -167,81 +169,101 @@ _SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
 UploadHook = Callable[[sqlite3.Connection, int, str, Event], None]
 
 
-def record(conn: sqlite3.Connection, event: Event, on_upload: UploadHook | None = None) -> int:
-    """Write one event inside the caller's transaction; return the operation id.
-
-    An event whose ``key`` was recorded before is skipped (returns 0).
-    """
-    if event.key is not None:
-        seen = conn.execute("INSERT OR IGNORE INTO event_keys (key) VALUES (?)", (event.key,))
-        if seen.rowcount == 0:
-            return 0
-    s = event.session
-    if event.op in _SESSION_OPS:
-        conn.execute(
-            _SESSION_UPSERT,
-            {
-                "id": s.id,
-                "login": s.login,
-                "remote_addr": s.remote_addr,
-                "remote_port": s.remote_port,
-                "client_version": s.client_version,
-                "auth_method": s.auth_method,
-                "result": "ok" if event.op is Op.LOGIN else "failed",
-                "started_at": s.started_at,
-                "ended_at": event.time if event.op is Op.LOGOUT else None,
-            },
-        )
-    cursor = conn.execute(
-        _OPERATION_INSERT,
-        (
-            event.time,
-            s.id,
-            s.login,
-            s.remote_addr,
-            event.op.value,
-            event.path,
-            event.path2,
-            event.flags,
-            event.mode,
-            json.dumps(event.attrs, sort_keys=True) if event.attrs is not None else None,
-            event.bytes_read,
-            event.bytes_written,
-            round(event.duration * 1000, 3) if event.duration is not None else None,
-            event.status,
-            event.message,
-        ),
-    )
-    op_id = int(cursor.lastrowid or 0)
-    # A rename that completes a temporary upload names the file by its new name.
-    final = event.path2 if event.op is Op.RENAME else event.path
-    if event.upload is not None and final is not None:
-        cursor = conn.execute(
-            _UPLOAD_INSERT,
-            (
-                event.time,
-                s.id,
-                s.login,
-                final,
-                event.bytes_written or 0,
-                UploadState(event.upload).value,
-                op_id,
-            ),
-        )
-        if on_upload is not None and event.upload is UploadState.COMPLETE:
-            on_upload(conn, int(cursor.lastrowid or 0), final, event)
-    return op_id
-
-
 def record_batch(
     conn: sqlite3.Connection, events: Iterable[Event], on_upload: UploadHook | None = None
 ) -> None:
-    """Write events in one transaction (one fsync for the lot)."""
+    """Write events in one transaction (one fsync for the lot).
+
+    An event whose ``key`` was recorded before is skipped. Operation and
+    upload rows are numbered here, in order, and written by one
+    ``executemany`` each: per event, the writer thread then runs little
+    Python (it shares the GIL with the event loop). ``on_upload`` runs for
+    each complete upload once its row is in, inside the transaction.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for event in events:
-            record(conn, event, on_upload)
+        _record_all(conn, events, on_upload)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _record_all(
+    conn: sqlite3.Connection, events: Iterable[Event], on_upload: UploadHook | None
+) -> None:
+    # Inside BEGIN IMMEDIATE: no other writer can take these ids meanwhile.
+    op_id = conn.execute("SELECT coalesce(max(id), 0) FROM operations").fetchone()[0]
+    upload_id: int | None = None  # looked up at the batch's first upload
+    operations: list[tuple[object, ...]] = []
+    uploads: list[tuple[object, ...]] = []
+    completed: list[tuple[int, str, Event]] = []
+    for event in events:
+        if event.key is not None:
+            seen = conn.execute("INSERT OR IGNORE INTO event_keys (key) VALUES (?)", (event.key,))
+            if seen.rowcount == 0:
+                continue
+        s = event.session
+        if event.op in _SESSION_OPS:
+            conn.execute(
+                _SESSION_UPSERT,
+                {
+                    "id": s.id,
+                    "login": s.login,
+                    "remote_addr": s.remote_addr,
+                    "remote_port": s.remote_port,
+                    "client_version": s.client_version,
+                    "auth_method": s.auth_method,
+                    "result": "ok" if event.op is Op.LOGIN else "failed",
+                    "started_at": s.started_at,
+                    "ended_at": event.time if event.op is Op.LOGOUT else None,
+                },
+            )
+        op_id += 1
+        operations.append(
+            (
+                op_id,
+                event.time,
+                s.id,
+                s.login,
+                s.remote_addr,
+                event.op.value,
+                event.path,
+                event.path2,
+                event.flags,
+                event.mode,
+                json.dumps(event.attrs, sort_keys=True) if event.attrs is not None else None,
+                event.bytes_read,
+                event.bytes_written,
+                round(event.duration * 1000, 3) if event.duration is not None else None,
+                event.status,
+                event.message,
+            )
+        )
+        # A rename that completes a temporary upload names the file by its new name.
+        final = event.path2 if event.op is Op.RENAME else event.path
+        if event.upload is not None and final is not None:
+            if upload_id is None:
+                upload_id = conn.execute("SELECT coalesce(max(id), 0) FROM uploads").fetchone()[0]
+            upload_id += 1
+            state = UploadState(event.upload)
+            uploads.append(
+                (
+                    upload_id,
+                    event.time,
+                    s.id,
+                    s.login,
+                    final,
+                    event.bytes_written or 0,
+                    state.value,
+                    op_id,
+                )
+            )
+            if state is UploadState.COMPLETE:
+                completed.append((upload_id, final, event))
+    conn.executemany(_OPERATION_INSERT, operations)
+    if uploads:
+        conn.executemany(_UPLOAD_INSERT, uploads)
+    if on_upload is not None:
+        for upload, final, event in completed:
+            on_upload(conn, upload, final, event)
