@@ -20,7 +20,7 @@ from typing import Any
 from asyncssh import SFTPAttrs, SFTPName
 
 from ..attrs import summarize
-from .inline import SMALL_WRITE
+from .inline import SMALL_WRITE, NotQuick
 from .jail import Jail, Resolved
 from .writebehind import WriteQueue, write_chunks
 
@@ -51,19 +51,36 @@ class OpenFile:
         return bool(self.pflags & (FXF_WRITE | FXF_APPEND))
 
 
-def _open(local: bytes, flags: int, mode: int) -> tuple[int, bool]:
+def _open(local: bytes, flags: int, mode: int, quick: bool) -> tuple[int, bool]:
     """``os.open``, and whether it made the file (new files get their owner).
 
     An upload names a new file: an exclusive create says so in one call
     (what a check before the open took a second for); only an existing file
-    costs a second open.
+    costs a second open. ``quick``: raise :class:`NotQuick` instead of
+    truncating a file bigger than :data:`SMALL_WRITE` (freeing its blocks
+    takes the filesystem a while).
     """
     if flags & os.O_CREAT and not flags & os.O_EXCL:
         try:
             return os.open(local, flags | os.O_EXCL, mode), True
         except FileExistsError:
-            return os.open(local, flags, mode), False
+            pass
+        if quick and flags & os.O_TRUNC:
+            _truncates_little(local)
+        return os.open(local, flags, mode), False
+    if quick and flags & os.O_TRUNC and not flags & os.O_EXCL:
+        _truncates_little(local)
     return os.open(local, flags, mode), bool(flags & os.O_CREAT)
+
+
+def _truncates_little(local: bytes) -> None:
+    """Raise NotQuick if truncating ``local`` would free more than a small file."""
+    try:
+        st = os.lstat(local)
+    except OSError:
+        return  # the open will say what is wrong
+    if stat.S_ISREG(st.st_mode) and st.st_size > SMALL_WRITE:
+        raise NotQuick
 
 
 def _not_regular() -> OSError:
@@ -120,8 +137,11 @@ class UserFS:
         else:
             os.lchown(local, *owner)
 
-    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs, *, quick: bool = False) -> OpenFile:
         """Open a regular file (or a folder, to read); refuse anything else.
+
+        ``quick``: the open runs on the event loop, so it raises
+        :class:`~.inline.NotQuick` rather than truncate a big file.
 
         The open is non-blocking: a FIFO someone made in a home (a shell
         user, the NFS server's side) would otherwise wait for a writer
@@ -132,7 +152,7 @@ class UserFS:
         mode = attrs.permissions & _MODE_MASK if attrs.permissions is not None else 0o666
         flags = os_flags(pflags)
         try:
-            fd, created = _open(resolved.local, flags | os.O_NONBLOCK, mode)
+            fd, created = _open(resolved.local, flags | os.O_NONBLOCK, mode, quick)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # a FIFO without a reader, a socket
                 raise _not_regular() from None
@@ -154,18 +174,6 @@ class UserFS:
             raise
         return OpenFile(fd, resolved, pflags, attrs.permissions, created)
 
-    def truncates_little(self, path: bytes) -> bool:
-        """Whether opening ``path`` with truncation frees little: absent, or a small file.
-
-        Only picks where the open runs; the open itself resolves and checks the
-        path, so this skips the jail's realpath walk (a second one per open).
-        """
-        try:
-            st = os.stat(self.jail.to_local(self.jail.virtual(path)))
-        except OSError:
-            return True  # open() will report it
-        return not stat.S_ISREG(st.st_mode) or st.st_size <= SMALL_WRITE
-
     @staticmethod
     def read(f: OpenFile, offset: int, size: int) -> bytes:
         data = os.pread(f.fd, size, offset)
@@ -175,9 +183,11 @@ class UserFS:
     # Writes go through the handle's write-behind queue, a batch per thread trip.
     write_chunks = staticmethod(write_chunks)
 
-    def stat(self, path: bytes, *, follow: bool) -> os.stat_result:
-        resolved = self.jail.resolve(path, follow=follow)
-        return os.stat(resolved.local, follow_symlinks=follow)
+    def stat(self, path: bytes) -> os.stat_result:
+        return self.jail.stat(path)[1]
+
+    def lstat(self, path: bytes) -> os.stat_result:
+        return os.lstat(self.jail.resolve(path, follow=False).local)
 
     def list(self, path: bytes) -> list[SFTPName]:
         resolved = self.jail.resolve(path, follow=True)

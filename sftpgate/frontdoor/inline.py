@@ -57,6 +57,15 @@ FIRST_COOLDOWN = 1.0
 COOLDOWN = 30.0
 
 
+class NotQuick(Exception):
+    """Raised by a call made to run inline that found it would not be quick.
+
+    The caller runs it again in the pool (an open that would truncate a big
+    file: learnt from the exclusive create that failed, at no cost to the
+    usual upload of a new file).
+    """
+
+
 def waits() -> int:
     """How many times this thread has slept in the kernel (voluntary switches)."""
     return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
@@ -90,8 +99,11 @@ class InlineGuard:
         """Before an inline call: what :meth:`observe` needs."""
         return self.clock(), self.waits()
 
-    def observe(self, before: tuple[float, int], what: str) -> None:
-        """After an inline call; ``before`` is what :meth:`start` returned."""
+    def observe(self, before: tuple[float, int], what: str | Callable[..., object]) -> None:
+        """After an inline call; ``before`` is what :meth:`start` returned.
+
+        ``what``: the call's name, or the function (named only if it was slow).
+        """
         started, waits = before
         ended = self.clock()
         took = ended - started
@@ -103,6 +115,8 @@ class InlineGuard:
             self._current = min(self.first_cooldown, self.cooldown)
         self._until = ended + self._current
         self.trips += 1
+        if not isinstance(what, str):
+            what = getattr(getattr(what, "func", what), "__name__", "a filesystem call")
         log.warning(
             "%s took %.1f ms on the event loop (local disk busy); filesystem calls "
             "go to the thread pool for the next %.0f s",

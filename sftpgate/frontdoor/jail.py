@@ -88,21 +88,33 @@ class Jail:
         ends nothing: the rest is appended as given. More than
         :data:`MAX_LINKS` symlinks raise ELOOP. Blocking (lstat, readlink).
         """
+        return self._walk(virtual)[0]
+
+    def _walk(self, virtual: bytes) -> tuple[bytes, os.stat_result | OSError | None]:
+        """:meth:`real`, and what the lstat of its last component gave (None: not known).
+
+        The last component is never a symlink, so that lstat is a stat of
+        the result: a STAT of an upload's target needs no second call.
+        """
         path = self.root
         todo = virtual.split(b"/")
         todo.reverse()
         links = 0
+        last: os.stat_result | OSError | None = None
         while todo:
             name = todo.pop()
             if not name or name == b".":
                 continue
             if name == b"..":
                 path = posixpath.dirname(path)
+                last = None
                 continue
             candidate = path + b"/" + name if path != b"/" else b"/" + name
             try:
-                mode = os.lstat(candidate).st_mode
-            except OSError:
+                last = os.lstat(candidate)
+                mode = last.st_mode
+            except OSError as exc:
+                last = exc
                 mode = 0  # missing or unreadable: taken as it is, as realpath does
             if not stat.S_ISLNK(mode):
                 path = candidate
@@ -116,7 +128,8 @@ class Jail:
             parts = target.split(b"/")
             parts.reverse()
             todo.extend(parts)
-        return path
+            last = None  # the link was followed: its own lstat is not the result's
+        return path, last
 
     def resolve(self, path: bytes, *, follow: bool = True) -> Resolved:
         """Check ``path`` and return where to operate. Blocking (stat calls).
@@ -138,6 +151,20 @@ class Jail:
         if not self.inside(real_parent):
             raise JailError("path leads outside the home")
         return Resolved(virtual, posixpath.join(real_parent, name))
+
+    def stat(self, path: bytes) -> tuple[Resolved, os.stat_result]:
+        """``resolve(path)`` and a stat of it, following symlinks. Blocking.
+
+        Raises :class:`JailError` (outside the home) or the stat's OSError.
+        """
+        virtual = self.virtual(path)
+        real, last = self._walk(virtual)
+        if not self.inside(real):
+            raise JailError("path leads outside the home")
+        resolved = Resolved(virtual, real)
+        if isinstance(last, OSError):
+            raise last
+        return resolved, last if last is not None else os.stat(real)
 
     def link_target(self, target: bytes, link: Resolved) -> bytes:
         """What to store in a new symlink at ``link`` pointing at client path ``target``.

@@ -26,7 +26,7 @@ from ..errors import JailError
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..patterns import name_matches
 from .fsops import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE, OpenFile, UserFS, attrs_summary
-from .inline import SMALL_WRITE, InlineGuard
+from .inline import SMALL_WRITE, InlineGuard, NotQuick
 from .jail import Jail
 from .mounts import home_is_local
 from .writebehind import HANDLE_LIMIT, WRITE_BUDGET, WriteBudget, WriteQueue
@@ -153,8 +153,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         try:
             return fn(*args)
         finally:
-            name = getattr(getattr(fn, "func", fn), "__name__", "a filesystem call")
-            guard.observe(before, name)
+            guard.observe(before, fn)
 
     async def _meta(self, fn: Callable[..., T], *args: Any) -> T:
         """A read-only metadata call: inline on a local home (see inline.py), else pooled."""
@@ -197,6 +196,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 result = await self._change(fn, *args)
             else:
                 result = await self._io(fn, *args)
+        except NotQuick:
+            raise  # not an outcome: the caller runs it in the pool
         except Exception as exc:
             status, error = sftp_error(exc)
             self.ctx.sink.emit(
@@ -218,23 +219,26 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
-        # A create is quick; truncating a big file frees its blocks, which is not.
-        quick = True
-        if pflags & FXF_TRUNC and await self._inline_ok(self.ctx.inline_local_changes):
-            await self._settle()  # the size seen includes every write answered
-            quick = self._inline(self.fs.truncates_little, path)
-        f = await self._do(
-            Op.OPEN,
-            path,
-            self.fs.open,
-            path,
-            pflags,
-            attrs,
-            flags=pflags,
-            mode=mode,
-            read_only=not pflags & _CHANGES,  # opening to read changes nothing
-            quick=quick,
-        )
+        # A create is quick; truncating a big file frees its blocks, which is
+        # not: an inline open finds out (NotQuick), and it runs in the pool.
+        may_be_inline = self.ctx.inline_local_changes and self._local is not False
+        try:
+            f = await self._do(
+                Op.OPEN,
+                path,
+                self._open_quick if pflags & FXF_TRUNC and may_be_inline else self.fs.open,
+                path,
+                pflags,
+                attrs,
+                flags=pflags,
+                mode=mode,
+                read_only=not pflags & _CHANGES,  # opening to read changes nothing
+                quick=True,
+            )
+        except NotQuick:
+            f = await self._do(
+                Op.OPEN, path, self.fs.open, path, pflags, attrs, flags=pflags, mode=mode
+            )
         self.ctx.open_files.add(id(f))
         if f.writable:
             queue = WriteQueue(
@@ -250,6 +254,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             f.queue = queue
             self._queues.add(queue)
         return f
+
+    def _open_quick(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+        return self.fs.open(path, pflags, attrs, quick=True)
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = _file(file_obj)
@@ -405,7 +412,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         return await self._do(
             Op.STAT,
             path,
-            functools.partial(self.fs.stat, follow=True),
+            self.fs.stat,
             path,
             journal_ok=False,
             read_only=True,
@@ -415,7 +422,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         return await self._do(
             Op.STAT,
             path,
-            functools.partial(self.fs.stat, follow=False),
+            self.fs.lstat,
             path,
             journal_ok=False,
             read_only=True,
