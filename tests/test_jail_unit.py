@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,3 +307,52 @@ def test_a_symlink_loop_is_an_eloop_error(tmp_path: Path) -> None:
     assert raised.value.errno == errno.ELOOP
     # The link itself can still be named (to remove it), without following it.
     assert jail.resolve(b"/a", follow=False).local == jail.root + b"/a"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/",
+        b"inner.txt",
+        b"/sub",
+        b"/sub/deep.txt",
+        b"/in",  # a link to a folder: the folder's stat
+        b"/in/deep.txt",
+        b"/abs_in",  # an absolute link to a file
+        b"/in/..",
+        b"/sub/.",
+    ],
+)
+def test_stat_is_the_resolved_paths_own(tree: Tree, path: bytes) -> None:
+    # Jail.stat answers from the walk's last lstat where it can: it must be
+    # what a stat of the resolved path gives.
+    resolved, st = tree.jail.stat(path)
+    assert resolved == tree.jail.resolve(path)
+    expected = os.stat(resolved.local)
+    assert (st.st_ino, st.st_mode, st.st_size) == (
+        expected.st_ino,
+        expected.st_mode,
+        expected.st_size,
+    )
+
+
+def test_stat_of_what_is_missing_or_outside(tree: Tree) -> None:
+    with pytest.raises(FileNotFoundError):
+        tree.jail.stat(b"/sub/missing.txt")
+    with pytest.raises(FileNotFoundError):
+        tree.jail.stat(b"/missing/deeper.txt")
+    with pytest.raises(NotADirectoryError):
+        tree.jail.stat(b"/inner.txt/x")
+    for outward in (b"/out", b"/rel_out/secret.txt"):
+        with pytest.raises(JailError):
+            tree.jail.stat(outward)
+
+
+def test_stat_through_links_that_end_on_a_folder_already_walked(tree: Tree) -> None:
+    # Links whose targets add no component: the last lstat was the link's own.
+    os.symlink(".", os.fsdecode(tree.root + b"/here"))
+    os.symlink("..", os.fsdecode(tree.root + b"/sub/up"))
+    for path, local in ((b"/here", tree.root), (b"/sub/up", tree.root), (b"/in/up", tree.root)):
+        resolved, st = tree.jail.stat(path)
+        assert resolved.local == local
+        assert st.st_ino == os.stat(local).st_ino and not stat.S_ISLNK(st.st_mode)
