@@ -331,8 +331,13 @@ class RecordingChannel:
     def resume_reading(self) -> None:
         self.calls.append("resume")
 
-    def _log_packet(self, *args: object) -> None:
+    def log_sent_packet(self, *args: object) -> None:
         raise AssertionError("packet logged at debug level 1")
+
+    log_received_packet = log_sent_packet
+
+    def process_packet(self, *args: object) -> None:
+        raise AssertionError("no packets in this test")
 
 
 def test_reading_pauses_while_a_window_of_requests_waits() -> None:

@@ -38,7 +38,11 @@ from typing import Any, cast
 
 import asyncssh
 from asyncssh.channel import SSHChannel
-from asyncssh.constants import FILEXFER_ATTR_PERMISSIONS, MSG_CHANNEL_DATA
+from asyncssh.constants import (
+    FILEXFER_ATTR_PERMISSIONS,
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_WINDOW_ADJUST,
+)
 from asyncssh.logging import SSHLogger
 from asyncssh.packet import PacketDecodeError, SSHPacket
 from asyncssh.sftp import MAX_SFTP_PACKET_LEN, SFTPAttrs, SFTPLimits, SFTPServerHandler
@@ -491,20 +495,63 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
 # -- the channel --------------------------------------------------------------
 
 
-def _log_packets_only_at_level_3(chan: SSHChannel[bytes]) -> None:
+def _quieten_packet_logs(chan: SSHChannel[bytes]) -> None:
     """Skip asyncssh's packet log line for each data packet unless it will be written.
 
     asyncssh logs packets only at its debug level 3, but the channel built
     the line first (packet name, a plural of the size) for every packet sent
     and received: two per request.
     """
-    log_packet = chan._log_packet
+    log_sent, log_received = chan.log_sent_packet, chan.log_received_packet
 
-    def _log_packet(*args: Any) -> None:
+    def log_sent_packet(*args: Any) -> None:
         if SSHLogger._debug_level >= 3:
-            log_packet(*args)
+            log_sent(*args)
 
-    chan._log_packet = _log_packet  # type: ignore[method-assign,assignment]
+    def log_received_packet(*args: Any) -> None:
+        if SSHLogger._debug_level >= 3:
+            log_received(*args)
+
+    chan.log_sent_packet = log_sent_packet  # type: ignore[method-assign,assignment]
+    chan.log_received_packet = log_received_packet  # type: ignore[method-assign,assignment]
+
+
+def _deliver_data_directly(chan: SSHChannel[bytes], session: SFTPSession) -> None:
+    """Hand CHANNEL_DATA to the session in one call instead of asyncssh's five.
+
+    asyncssh dispatches each data packet through a handler table, then
+    ``_process_data``, ``_accept_data`` and ``_deliver_data``, logging at
+    debug level on the way. Here, while the channel is open, not paused and
+    without an encoding (always so for sftp), the same checks and window
+    bookkeeping run in one function; anything else takes asyncssh's path.
+    """
+    c: Any = chan  # asyncssh's receive state is private: kept here as asyncssh does
+    process_packet = chan.process_packet
+
+    def process(pkttype: int, pktid: int, packet: SSHPacket) -> Any:
+        if (
+            pkttype != MSG_CHANNEL_DATA
+            or c._recv_state != "open"
+            or c._recv_paused
+            or c._encoding
+            or c._send_state in ("close_pending", "closed")
+        ):
+            return process_packet(pkttype, pktid, packet)
+        data = packet.get_string()
+        packet.check_end()
+        size = len(data)
+        if size > c._recv_window:
+            raise asyncssh.ProtocolError("Window exceeded")
+        if size:
+            c._recv_window -= size
+            if c._recv_window < c._init_recv_window / 2:
+                adjust = c._init_recv_window - c._recv_window
+                chan.send_packet(MSG_CHANNEL_WINDOW_ADJUST, _U32.pack(adjust))
+                c._recv_window = c._init_recv_window
+            session.data_received(data, None)
+        return True
+
+    chan.process_packet = process  # type: ignore[method-assign]
 
 
 _OPEN: Any = object()  # SFTPSession.ended while the client may still send
@@ -532,7 +579,8 @@ class SFTPSession(asyncssh.SSHServerSession[bytes]):
         self._chan = cast(asyncssh.SSHServerChannel[bytes], chan)
         self._chan.set_encoding(None)
         self._limit = self._chan.get_recv_window()
-        _log_packets_only_at_level_3(chan)
+        _quieten_packet_logs(chan)
+        _deliver_data_directly(chan, self)
 
     def session_started(self) -> None:
         chan = self._chan

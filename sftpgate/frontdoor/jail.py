@@ -22,6 +22,7 @@ final component is opened with ``O_NOFOLLOW``.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 import stat
@@ -31,6 +32,21 @@ from ..errors import JailError
 
 # Symlinks followed in one lookup before giving up, as Linux does (MAXSYMLINKS).
 MAX_LINKS = 40
+
+
+def _virtual(path: bytes, base: bytes) -> bytes:
+    joined = posixpath.join(base, path) if not path.startswith(b"/") else path
+    normal = posixpath.normpath(b"/" + joined.lstrip(b"/"))
+    return b"/" if normal in (b"", b"/", b"//") else b"/" + normal.lstrip(b"/")
+
+
+# Paths up to this long are remembered, the last 1,024 (at most ~0.5 MB).
+_REMEMBERED_PATH = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _virtual_remembered(path: bytes) -> bytes:
+    return _virtual(path, b"/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +73,15 @@ class Jail:
 
     @staticmethod
     def virtual(path: bytes, base: bytes = b"/") -> bytes:
-        """Normalise ``path`` (relative to ``base``) to an absolute virtual path. Pure."""
-        joined = posixpath.join(base, path) if not path.startswith(b"/") else path
-        normal = posixpath.normpath(b"/" + joined.lstrip(b"/"))
-        return b"/" if normal in (b"", b"/", b"//") else b"/" + normal.lstrip(b"/")
+        """Normalise ``path`` (relative to ``base``) to an absolute virtual path. Pure.
+
+        Short paths are remembered: a request's path is normalised again for
+        its journal event, and an upload names the same path in its STAT and
+        its OPEN.
+        """
+        if base == b"/" and len(path) <= _REMEMBERED_PATH:
+            return _virtual_remembered(path)
+        return _virtual(path, base)
 
     def to_local(self, virtual: bytes) -> bytes:
         """The local path for a normalised virtual path (no filesystem check)."""
