@@ -141,7 +141,13 @@ def test_replies_wait_for_a_small_client_window_and_keep_their_order(
                 chan.write(frame(read))
                 chan.write(frame(struct.pack(">BI", STAT, 3 + 2 * i) + s(b"/data.bin")))
                 expected += [(DATA, 2 + 2 * i, offset, size), (ATTRS, 3 + 2 * i, None, 0)]
-            await asyncio.sleep(0.2)  # the gateway answers into a closed window meanwhile
+            # Wait until the gateway has filled the window: no reply (the
+            # smallest, an ATTRS, is 41 bytes) fits what the client still offers.
+            offered: Any = chan  # asyncssh's receive window is private
+            deadline = asyncio.get_running_loop().time() + 10
+            while offered._recv_window >= 41:
+                assert asyncio.get_running_loop().time() < deadline, "the window never filled"
+                await asyncio.sleep(0.01)
             chan.resume_reading()
             for kind, request_id, offset, size in expected:
                 got_kind, got_id, body = await replies.take()
