@@ -220,3 +220,43 @@ def test_a_batch_numbers_its_rows_and_links_each_upload_to_its_close(tmp_path: P
     ]
     assert hooked == [(1, "/a.mp4"), (3, "/c.mp4")]
     assert sessions == [("s1", True)]
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 63, 64, 65, 150, 300])
+def test_a_batch_of_any_size_goes_in_whole_through_a_few_statements(
+    tmp_path: Path, size: int
+) -> None:
+    # Rows go in by multi-row INSERTs of 64, 16, 4 and 1 rows: every size
+    # must come out whole, in order, each upload linked to its own close.
+    conn = connect(tmp_path / "j.sqlite3")
+    statements: list[str] = []
+    events = [
+        Event(
+            Op.CLOSE,
+            SESSION,
+            path=f"/f{i}.bin",
+            bytes_written=i,
+            upload=UploadState.COMPLETE if i % 3 == 0 else None,
+        )
+        for i in range(size)
+    ]
+    try:
+        record_batch(conn, [Event(Op.OPEN, SESSION, path="/before")])
+        conn.set_trace_callback(statements.append)
+        record_batch(conn, events)
+        conn.set_trace_callback(None)
+        ops = [
+            (r["id"], r["path"], r["bytes_written"])
+            for r in conn.execute("SELECT * FROM operations WHERE id > 1 ORDER BY id")
+        ]
+        uploads = [
+            (r["path"], r["bytes"], r["operation_id"])
+            for r in conn.execute("SELECT * FROM uploads ORDER BY id")
+        ]
+    finally:
+        conn.close()
+    assert ops == [(i + 2, f"/f{i}.bin", i) for i in range(size)]
+    assert uploads == [(f"/f{i}.bin", i, i + 2) for i in range(0, size, 3)]
+    inserts = [s for s in statements if s.lstrip().startswith("INSERT INTO operations")]
+    # 64s, then at most three each of 16, 4 and 1
+    assert len(inserts) == size // 64 + (size % 64) // 16 + (size % 16) // 4 + size % 4

@@ -6,6 +6,8 @@ readers (``sftpgate journal``) never block the writer.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -149,17 +151,46 @@ ON CONFLICT(id) DO UPDATE SET
 """
 
 # Ids are given explicitly: a batch learns the last ids once and numbers its
-# rows itself, so every row of a batch goes in through one executemany.
+# rows itself, so the rows of a batch go in through a few multi-row INSERTs.
 _OPERATION_INSERT = """
 INSERT INTO operations (id, ts, session_id, login, remote_addr, op, path, path2, flags, mode,
                         attrs, bytes_read, bytes_written, duration_ms, status, message)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
+VALUES """
+_OPERATION_COLUMNS = 16
 
 _UPLOAD_INSERT = """
 INSERT INTO uploads (id, ts, session_id, login, path, bytes, state, operation_id)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-"""
+VALUES """
+_UPLOAD_COLUMNS = 8
+
+# Rows per INSERT statement, largest first: a batch of any size takes a few
+# statements, and only these few texts are ever prepared (sqlite3 caches them).
+_CHUNKS = (64, 16, 4, 1)
+
+
+@functools.cache
+def _values_sql(head: str, columns: int, rows: int) -> str:
+    row = "(" + ", ".join("?" * columns) + ")"
+    return head + ", ".join([row] * rows)
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, head: str, columns: int, rows: list[tuple[object, ...]]
+) -> None:
+    """Insert ``rows`` through multi-row INSERTs of :data:`_CHUNKS` rows.
+
+    ``executemany`` runs one SQLite step per row, and sqlite3 lets go of the
+    GIL around each step: with the event loop busy, every row of a batch
+    handed the GIL to the loop and back (a thread wake-up each way). One
+    statement per chunk binds its rows in C and lets go of the GIL once.
+    """
+    start = 0
+    for size in _CHUNKS:
+        while len(rows) - start >= size:
+            params = list(itertools.chain.from_iterable(rows[start : start + size]))
+            conn.execute(_values_sql(head, columns, size), params)
+            start += size
+
 
 _SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
 
@@ -175,9 +206,9 @@ def record_batch(
     """Write events in one transaction (one fsync for the lot).
 
     An event whose ``key`` was recorded before is skipped. Operation and
-    upload rows are numbered here, in order, and written by one
-    ``executemany`` each: per event, the writer thread then runs little
-    Python (it shares the GIL with the event loop). ``on_upload`` runs for
+    upload rows are numbered here, in order, and written by a few
+    multi-row INSERTs: the writer thread runs little Python per event and
+    lets go of the GIL it shares with the event loop rarely. ``on_upload`` runs for
     each complete upload once its row is in, inside the transaction.
     """
     conn.execute("BEGIN IMMEDIATE")
@@ -261,9 +292,8 @@ def _record_all(
             )
             if state is UploadState.COMPLETE:
                 completed.append((upload_id, final, event))
-    conn.executemany(_OPERATION_INSERT, operations)
-    if uploads:
-        conn.executemany(_UPLOAD_INSERT, uploads)
+    _insert_rows(conn, _OPERATION_INSERT, _OPERATION_COLUMNS, operations)
+    _insert_rows(conn, _UPLOAD_INSERT, _UPLOAD_COLUMNS, uploads)
     if on_upload is not None:
         for upload, final, event in completed:
             on_upload(conn, upload, final, event)
