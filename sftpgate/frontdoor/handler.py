@@ -61,6 +61,7 @@ from ..subsystem.codec import (
     FXP_STATUS,
     FXP_WRITE,
 )
+from .bytequeue import ByteQueue
 from .sftp import GatewaySFTPServer, sftp_error
 
 log = logging.getLogger(__name__)
@@ -210,18 +211,12 @@ class GatewaySFTPHandler(SFTPServerHandler):
 
     def _take(self) -> bytes | None:
         """The next whole request waiting in the session's buffer, or None."""
-        inbox = self._inbox
-        if len(inbox) < 4:
+        try:
+            payload = self._inbox.take_frame(MAX_SFTP_PACKET_LEN)
+        except ValueError:
+            raise asyncssh.SFTPBadMessage("Max packet size exceeded") from None
+        if payload is None:
             return None
-        (size,) = _U32.unpack_from(inbox)
-        if size > MAX_SFTP_PACKET_LEN:
-            raise asyncssh.SFTPBadMessage("Max packet size exceeded")
-        end = 4 + size
-        if len(inbox) < end:
-            return None
-        with memoryview(inbox) as view:
-            payload = bytes(view[4:end])
-        del inbox[:end]  # a bytearray drops its front in place
         self._session.consumed()
         return payload
 
@@ -568,7 +563,7 @@ class SFTPSession(asyncssh.SSHServerSession[bytes]):
     def __init__(self, factory: Callable[[asyncssh.SSHServerChannel[bytes]], GatewaySFTPServer]):
         self._factory = factory
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-        self.inbox = bytearray()
+        self.inbox = ByteQueue()
         self._limit = 0
         self._paused = False
         self._handler: GatewaySFTPHandler | None = None
@@ -594,7 +589,7 @@ class SFTPSession(asyncssh.SSHServerSession[bytes]):
         chan.get_connection().create_task(self._handler.run(), reader.logger)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.inbox += data
+        self.inbox.append(data)
         if self._limit and not self._paused and len(self.inbox) >= self._limit:
             self._paused = True
             assert self._chan is not None

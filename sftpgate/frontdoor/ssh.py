@@ -24,6 +24,7 @@ from asyncssh.constants import MSG_IGNORE
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
+from .bytequeue import ByteQueue
 from .handler import SFTPSession
 from .inline import InlineGuard
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
@@ -142,12 +143,12 @@ def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
     asyncssh appends each read to one bytes buffer and re-slices what is left
     after every packet, so a 256 KiB read holding eight 32 KiB packets (what
     OpenSSH's client sends) is copied many times over: ~45% of the event loop
-    during a 1 GiB upload. Received bytes wait here instead, in a bytearray
-    consumed from the front, and asyncssh gets exactly the header or packet
-    body it needs next, so each byte is copied a fixed number of times
-    (interleaved A/B, 512 MiB: 1.13-1.22x with OpenSSH's sftp client). Before
-    packets start (the version line), or in any state not recognised here,
-    everything is passed on at once, as asyncssh expects.
+    during a 1 GiB upload. Received bytes wait here instead, in a
+    :class:`ByteQueue` (each read kept as it came, see bytequeue.py), and
+    asyncssh gets exactly the header or packet body it needs next, so each
+    byte is copied once (interleaved A/B, 512 MiB: 1.13-1.22x with OpenSSH's
+    sftp client). Before packets start (the version line), or in any state not
+    recognised here, everything is passed on at once, as asyncssh expects.
 
     A read of at most :data:`_SMALL_READ` bytes with nothing waiting before
     it is handed on whole too: re-slicing a few KiB costs nothing, and a
@@ -155,7 +156,7 @@ def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
     through asyncssh's receive entry instead of two.
     """
     received = conn.data_received
-    pending = bytearray()
+    pending = ByteQueue()
     c: Any = conn  # asyncssh's receive state is private: read here, never written
 
     def needed() -> int:
@@ -171,18 +172,12 @@ def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
         if not pending and len(data) <= _SMALL_READ:
             received(data)
             return
-        pending.extend(data)
+        pending.append(data)
         while pending:
             want = needed()
             if want > len(pending):
                 return  # wait for the rest of this header or packet
-            if want <= 0 or want == len(pending):
-                chunk = bytes(pending)
-                pending.clear()
-            else:
-                with memoryview(pending) as view:
-                    chunk = bytes(view[:want])
-                del pending[:want]  # O(1): a bytearray drops its front in place
+            chunk = pending.take(len(pending) if want <= 0 else want)
             received(chunk)
             if c._transport is None:  # the connection closed while parsing
                 pending.clear()
