@@ -366,7 +366,8 @@ class GatewaySFTPHandler(SFTPServerHandler):
         pos += _WRITE.size
         if len(payload) - pos != size:
             raise PacketDecodeError("Bad write request")
-        await self._server.write(self._file(handle), offset, payload[pos:])
+        # A view, not a copy: the queued write keeps the request's bytes alive.
+        await self._server.write(self._file(handle), offset, memoryview(payload)[pos:])
         return FXP_STATUS, _OK
 
     async def _close(self, payload: bytes) -> Reply:

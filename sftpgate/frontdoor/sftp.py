@@ -267,7 +267,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         except OSError as exc:
             self._io_failed(Op.READ, f, exc)
 
-    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
         f = _file(file_obj)
         queue = f.queue
         if queue is None:  # a read-only handle: let the OS refuse it

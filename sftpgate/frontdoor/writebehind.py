@@ -41,7 +41,9 @@ FLUSH_DELAY = 0.005
 # Linux's IOV_MAX: pwritev takes at most this many buffers.
 _IOV_MAX = 1024
 
-Chunk = tuple[int, bytes]  # (offset, data)
+# A WRITE's data: a view into the request it came in, which it keeps alive.
+Data = bytes | memoryview
+Chunk = tuple[int, Data]  # (offset, data)
 RunIO = Callable[..., Awaitable[Any]]
 
 
@@ -77,9 +79,9 @@ def write_chunks(fd: int, chunks: list[Chunk]) -> tuple[int, OSError | None]:
     return written, None
 
 
-def coalesce(chunks: list[Chunk]) -> list[tuple[int, list[bytes]]]:
+def coalesce(chunks: list[Chunk]) -> list[tuple[int, list[Data]]]:
     """Group chunks into runs of contiguous offsets, keeping their order. Pure."""
-    runs: list[tuple[int, list[bytes]]] = []
+    runs: list[tuple[int, list[Data]]] = []
     end = -1
     for offset, data in chunks:
         if runs and offset == end:
@@ -136,7 +138,7 @@ class WriteQueue:
     def idle(self) -> bool:
         return not self._chunks and self._task is None
 
-    async def add(self, offset: int, data: bytes) -> None:
+    async def add(self, offset: int, data: Data) -> None:
         """Queue one WRITE; wait only if a bound is passed."""
         self._chunks.append((offset, data))
         self._queued += len(data)
