@@ -118,7 +118,7 @@ def _figure2(servers: Servers, options: Options, big: Path) -> list[Figure]:
     )
     para.notes = (
         f"paramiko {paramiko.__version__}, cipher {', '.join(sorted(ciphers))} "
-        "(negotiated), 8 MiB window, 256 KiB max packet, SFTPClient.put "
+        "(negotiated), 8 MiB window, 256 KiB max packet (what it receives), SFTPClient.put "
         "(32 KiB writes, pipelined)"
     )
     asy = _rate_figure(
@@ -139,7 +139,8 @@ def _figure2(servers: Servers, options: Options, big: Path) -> list[Figure]:
     )
     asy.notes = (
         f"asyncssh {asyncssh.__version__}, cipher {CIPHER}, 8 MiB window, 256 KiB "
-        f"max packet, SFTPClient.put with its default write size, which follows "
+        f"max packet (what it receives; it sends packets of the size each server asks "
+        f"for), SFTPClient.put with its default write size, which follows "
         f"each server's limits@openssh.com answer: {blocks}"
     )
     asy.extra["write_block"] = {name: sorted(sizes) for name, sizes in block_sizes.items()}
