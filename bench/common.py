@@ -1,8 +1,9 @@
 """Shared machinery for benchmarks: interleaved rounds, medians, ratios, the report.
 
-Every comparison runs A and B alternately (A B A B ...), discards the warm-up
-round and keeps the medians: absolute times on these machines drift 10-40%
-between runs, ratios of interleaved runs hold.
+Every comparison runs A and B alternately, each going first in every other
+round (A B, B A, A B, ...), discards the warm-up round and keeps the medians:
+absolute times on these machines drift 10-40% between runs, ratios of
+interleaved runs hold.
 """
 
 from __future__ import annotations
@@ -46,11 +47,23 @@ class Figure:
 def interleave(
     a: Callable[[], float], b: Callable[[], float], *, rounds: int, warmup: int = 1
 ) -> tuple[list[float], list[float]]:
-    """Run a and b alternately ``warmup + rounds`` times; return the kept values of each."""
+    """Run a and b alternately ``warmup + rounds`` times; return the kept values of each.
+
+    The warm-up rounds run A then B; the kept ones alternate who goes first
+    (A B, B A, A B, ...). On the bench VM the side that ran first in a pair
+    paid more for the same work: with A always first, a 1 GiB upload measured
+    sftpgate at 0.88-0.97 of OpenSSH in every pair, with OpenSSH first at
+    1.09-1.30 (docs/benchmarks.md).
+    """
     kept_a: list[float] = []
     kept_b: list[float] = []
     for index in range(warmup + rounds):
-        va, vb = a(), b()
+        if index < warmup or (index - warmup) % 2 == 0:
+            va = a()
+            vb = b()
+        else:
+            vb = b()
+            va = a()
         if index >= warmup:
             kept_a.append(va)
             kept_b.append(vb)
@@ -154,7 +167,8 @@ def write_report(figures: list[Figure], command: str, path: Path, *, sizes: dict
         "```",
         "",
         f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Each pair runs",
-        "interleaved (A B A B ..., warm-up discarded) and the table shows medians and",
+        "interleaved, each side first in every other round (A B, B A, ...; warm-up",
+        "discarded), and the table shows medians and",
         "the ratio sftpgate ÷ anchor. Sizes: "
         + ", ".join(f"{k}={v}" for k, v in sizes.items())
         + ".",
@@ -185,7 +199,7 @@ def write_report(figures: list[Figure], command: str, path: Path, *, sizes: dict
 class Options:
     """Sizes of every scenario. ``FULL`` is what the issue asks; ``SMOKE`` is for the tests."""
 
-    rounds: int = 5
+    rounds: int = 6  # even: each side goes first in half of them (see interleave)
     warmup: int = 1
     big_mib: int = 1024  # figures 1, 2, 10
     small_files: int = 2000  # figures 3, 9, 11

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
     parser.add_argument("--only", help="comma-separated figure numbers")
-    parser.add_argument("--rounds", type=int, help="measured rounds per pair (default 5)")
+    parser.add_argument("--rounds", type=int, help="measured rounds per pair (default 6)")
     parser.add_argument(
         "--set",
         action="append",

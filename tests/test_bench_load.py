@@ -8,11 +8,11 @@ session and no upload, and journal exactly what it was given.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from bench.common import SMOKE, Figure
+from bench.common import SMOKE, Figure, interleave
 from bench.scenarios import concurrency, journal, latency
 from bench.servers import Servers, running_servers
 
@@ -79,3 +79,20 @@ def test_journal_figure_7(servers: Servers) -> None:
     assert query.extra["printed"] == query.extra["matched"]
     assert query.extra["printed_ok"]
     assert 0 < query.value < 10
+
+
+def test_interleaved_rounds_alternate_who_goes_first() -> None:
+    calls: list[str] = []
+
+    def side(name: str) -> Callable[[], float]:
+        def run() -> float:
+            calls.append(name)
+            return float(len(calls))
+
+        return run
+
+    kept_a, kept_b = interleave(side("A"), side("B"), rounds=4, warmup=1)
+    assert calls == ["A", "B", "A", "B", "B", "A", "A", "B", "B", "A"]
+    # each side's values, warm-up dropped, in round order
+    assert kept_a == [3.0, 6.0, 7.0, 10.0]
+    assert kept_b == [4.0, 5.0, 8.0, 9.0]

@@ -21,7 +21,7 @@
   filesystem (the keyframe index is written by rewriting the file at the end,
   so /dev/null would skip work the pipeline does), not niced.
 
-Value: median(A) / median(B), interleaved A B A B with a warm-up. ``extra``
+Value: median(A) / median(B), interleaved (A B, B A, ...) with a warm-up. ``extra``
 also holds where A's time goes (from the job row's ``steps`` timestamps) and
 the CPU seconds of each ffmpeg (B exactly from rusage; A's sampled from
 /proc while the job runs, so a lower bound by up to one poll interval).
