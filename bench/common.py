@@ -50,10 +50,12 @@ def interleave(
     """Run a and b alternately ``warmup + rounds`` times; return the kept values of each.
 
     The warm-up rounds run A then B; the kept ones alternate who goes first
-    (A B, B A, A B, ...). On the bench VM the side that ran first in a pair
-    paid more for the same work: with A always first, a 1 GiB upload measured
-    sftpgate at 0.88-0.97 of OpenSSH in every pair, with OpenSSH first at
-    1.09-1.30 (docs/benchmarks.md).
+    (A B, B A, A B, ...), so neither side always runs right after the other's
+    work. On the bench VM one pair of runs looked as if the side that went
+    first paid more (1 GiB uploads: sftpgate 0.88-0.97 of OpenSSH with
+    sftpgate first, 1.09-1.30 with OpenSSH first); a second pair showed no
+    such effect (0.94-1.43 either way). Alternating costs nothing and removes
+    the question (docs/benchmarks.md).
     """
     kept_a: list[float] = []
     kept_b: list[float] = []
