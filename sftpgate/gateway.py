@@ -18,6 +18,7 @@ from .jobs.rules import Rules
 from .jobs.store import JobStore
 from .jobs.worker import WorkerPool
 from .journal.writer import JournalWriter, NullSink
+from .private import private_dir
 from .subsystem.daemon import TapDaemon
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
+        # The state folder is ours alone, whatever the umask (the journal makes its own folder).
+        await asyncio.to_thread(private_dir, cfg.server.state_dir)
         keys = await asyncio.to_thread(ensure_host_keys, cfg.server.host_keys_dir)
         if cfg.server.create_homes:
             await asyncio.to_thread(self._create_homes)

@@ -24,6 +24,7 @@ from asyncssh.constants import MSG_IGNORE
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..passwords import DUMMY_HASH, verify_password
+from ..private import private_dir, private_file, write_private
 from .bytequeue import ByteQueue
 from .handler import SFTPSession
 from .inline import InlineGuard
@@ -36,26 +37,28 @@ HOST_KEY_ALGORITHMS = {"ssh_host_ed25519_key": "ssh-ed25519", "ssh_host_rsa_key"
 
 
 def ensure_host_keys(folder: Path) -> list[Path]:
-    """Return the host key files in ``folder``, creating missing ones (mode 0600).
+    """Return the host key files in ``folder``, creating missing ones.
 
-    Blocking (RSA generation takes a moment); called once at start-up.
+    The folder is 0700 and every file in it 0600 (public halves too), whatever
+    the umask; looser ones found are tightened and logged. Blocking (RSA
+    generation takes a moment); called once at start-up.
     """
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(folder)
     paths = []
     for name, algorithm in HOST_KEY_ALGORITHMS.items():
         path = folder / name
+        public = folder / f"{name}.pub"
         if not path.exists():
             if algorithm == "ssh-rsa":
                 key = asyncssh.generate_private_key(algorithm, key_size=3072)
             else:
                 key = asyncssh.generate_private_key(algorithm)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(key.export_private_key())
-            (folder / f"{name}.pub").write_bytes(key.export_public_key())
+            write_private(path, key.export_private_key())
+            write_private(public, key.export_public_key(), exclusive=False)
             log.info("created host key %s", path)
-        elif path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
+        else:
+            private_file(path, create=False)
+            private_file(public, create=False)
         paths.append(path)
     return paths
 

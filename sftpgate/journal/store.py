@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..events import Event, Op, UploadState
+from ..private import private_dir, private_file
 
 SCHEMA_VERSION = 3
 
@@ -108,13 +109,21 @@ INDEXES = (
 def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) -> sqlite3.Connection:
     """Open the journal, creating the schema when writing.
 
-    Raises ``sqlite3.Error`` (and ``OSError`` for the folder) on failure.
+    When writing, the file (and its WAL and shared memory) is 0600 and a
+    folder created for it 0700. Raises ``sqlite3.Error`` (and ``OSError`` for
+    the folder or the file's mode) on failure.
     """
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         conn.row_factory = sqlite3.Row
         return conn
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The journal is the audit trail: 0600 in a folder made 0700, whatever the
+    # umask. SQLite creates -wal and -shm with the database file's mode, so the
+    # file is made private before SQLite opens it; older ones are tightened.
+    private_dir(path.parent, tighten=False)
+    private_file(path)
+    for suffix in ("-wal", "-shm"):
+        private_file(path.with_name(path.name + suffix), create=False)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")

@@ -158,7 +158,14 @@ class EventSender:
             if self._spool_fd is None:
                 self._spool_fd = os.open(
                     self._spool_path,
-                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    # New and 0600 (a umask only takes bits away); the name is
+                    # random, so a file already there was planted: not used.
+                    os.O_WRONLY
+                    | os.O_CREAT
+                    | os.O_EXCL
+                    | os.O_APPEND
+                    | os.O_NOFOLLOW
+                    | os.O_CLOEXEC,
                     0o600,
                 )
                 # Held while we write: the daemon replays only files nobody holds.
