@@ -65,6 +65,9 @@ class JournalConfig:
     batch_max: int = 1000
     # Seconds plain records gather before their commit (durable ones don't wait).
     commit_interval: float = 0.02
+    # Seconds a client's CLOSE (or RENAME) waits for its upload's commit before
+    # it gets an SFTP failure ("upload not recorded, try again") instead of a hang.
+    durable_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +344,7 @@ def _journal(r: _Reader) -> JournalConfig:
         synchronous=r.choice("synchronous", ("full", "normal"), d.synchronous),
         batch_max=r.positive("batch_max", int, d.batch_max),
         commit_interval=r.nonnegative("commit_interval", float, d.commit_interval),
+        durable_timeout=r.positive("durable_timeout", float, d.durable_timeout),
     )
     r.finish()
     return cfg

@@ -102,6 +102,10 @@ class EventSink(Protocol):
     ``emit`` never blocks and never raises. ``emit_durable`` returns once the
     event is committed (and whatever it started with it); the front door
     awaits it before replying to the client, so an OK reply means it is on disk.
+    It raises if the event cannot be committed, and raises within a bounded
+    time (``journal.durable_timeout``) if the commit does not come: a client
+    is told its upload failed, it never waits for good. Every implementation
+    must keep that bound.
     """
 
     def emit(self, event: Event) -> None: ...

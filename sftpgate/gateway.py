@@ -87,6 +87,7 @@ class Gateway:
                     interval=cfg.journal.commit_interval,
                     on_upload=rules.on_upload,
                     after_commit=rules.after_commit,
+                    durable_timeout=cfg.journal.durable_timeout,
                 )
                 await asyncio.to_thread(self.writer.start)
                 self._sink = self.writer

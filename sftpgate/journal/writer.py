@@ -11,7 +11,16 @@ thread wake-ups, and the loop never waits on the disk.
 
 If the disk is full or the database is locked, the batch is kept and retried
 with backoff; durable emits in it fail at once (the client gets an error for
-that CLOSE) and plain events wait for the disk to come back.
+that CLOSE) and plain events wait for the disk to come back. A durable emit
+not committed within ``durable_timeout`` raises :class:`JournalTimeout`, so a
+client waits that long at most.
+
+A record that can never be written (a value SQLite cannot bind, a field of the
+wrong type, a job its rules cannot create) must not take the others with it:
+when a batch fails for a reason other than the disk or the lock, it is split
+and committed in halves until the bad record stands alone; that one is set
+aside with an error row naming the problem, the rest commit. The thread never
+dies from a record: anything unexpected is logged and the loop goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..events import Event
+from ..events import Event, Op, SessionInfo
 from .store import UploadHook, connect, record_batch
 
 log = logging.getLogger(__name__)
@@ -38,15 +47,40 @@ _NOW = object()  # commit now: a durable event is waiting
 _WORK = object()  # work arrived while the writer slept
 
 
+# Status of the error rows the writer journals in place of (or beside) a record.
+STATUS_SET_ASIDE = "journal_error"  # the record could not be written: why, instead of it
+STATUS_TIMEOUT = "journal_timeout"  # a durable record was not committed in time
+MAX_ERROR_TEXT = 300  # characters of an exception's text an error row keeps
+_SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
+
+
 @dataclass(slots=True)
 class _Item:
     event: Event
     future: asyncio.Future[None] | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    # Under JournalWriter._lock: the writer took it into a batch; its waiter gave up.
+    claimed: bool = False
+    abandoned: bool = False
+    # An error row standing in for a record: if even this fails, it is dropped.
+    aside: bool = False
 
 
 class JournalUnavailable(Exception):
     """The journal could not commit an event that had to be durable."""
+
+
+class JournalTimeout(JournalUnavailable):
+    """A durable event was not committed within the writer's ``durable_timeout``."""
+
+
+class _Retry(Exception):
+    """The disk or the lock failed a commit: ``items`` (in order) are to be retried."""
+
+    def __init__(self, items: list[_Item], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.items = items
+        self.error = error
 
 
 class JournalWriter:
@@ -61,8 +95,11 @@ class JournalWriter:
         interval: float = 0.02,
         on_upload: UploadHook | None = None,
         after_commit: Callable[[], None] | None = None,
+        durable_timeout: float = 10.0,
     ) -> None:
         self.path = path
+        self._durable_timeout = durable_timeout
+        self._lock = threading.Lock()  # _Item.claimed / .abandoned
         self._on_upload = on_upload
         self._after_commit = after_commit
         self._synchronous = synchronous
@@ -78,6 +115,12 @@ class JournalWriter:
         self._conn: sqlite3.Connection | None = None
         self.committed = 0
         self.batches = 0
+        self.set_aside = 0  # records replaced by an error row
+
+    @property
+    def queued(self) -> int:
+        """Records emitted and not yet taken into a batch."""
+        return len(self._items)
 
     def start(self) -> None:
         """Open the database (raising if it cannot be opened) and start the thread."""
@@ -92,11 +135,30 @@ class JournalWriter:
             self._wake.put(_WORK)
 
     async def emit_durable(self, event: Event) -> None:
+        """Return once ``event`` is committed.
+
+        Raises :class:`JournalUnavailable` if it cannot be, and
+        :class:`JournalTimeout` if it is not within ``durable_timeout``
+        seconds. After a timeout the event is journaled as an error row
+        instead (or, if its commit was already under way, it may still land,
+        followed by an error row saying its client was told it failed).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._items.append(_Item(event, future, loop))
+        item = _Item(event, future, loop)
+        self._items.append(item)
         self._wake.put(_NOW)
-        await future
+        try:
+            await asyncio.wait_for(future, self._durable_timeout)
+        except TimeoutError:
+            with self._lock:
+                item.abandoned = True
+            log.error(
+                "journal: a durable record waited %g s; its client is told", self._durable_timeout
+            )
+            raise JournalTimeout(
+                f"the journal did not commit within {self._durable_timeout:g} s"
+            ) from None
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued and stop the thread (blocking; call off the loop)."""
@@ -114,16 +176,29 @@ class JournalWriter:
 
     def _take_batch(self) -> list[_Item]:
         batch: list[_Item] = []
-        while self._items and len(batch) < self._batch_max:
-            batch.append(self._items.popleft())
+        with self._lock:
+            while self._items and len(batch) < self._batch_max:
+                item = self._items.popleft()
+                if item.abandoned:  # its client gave up: an error row, no upload, no job
+                    item = _error_item(item.event, STATUS_TIMEOUT, _TIMED_OUT)
+                item.claimed = True
+                batch.append(item)
         return batch
 
     def _fail_durable(self, pending: list[_Item], exc: BaseException) -> list[_Item]:
-        """Fail every durable item, pending or queued; return the plain ones to retry."""
+        """Fail every durable item, pending or queued; return the plain ones to retry.
+
+        A durable one whose client already timed out leaves an error row to retry.
+        """
         pending = pending + self._take_all()
+        keep: list[_Item] = []
         for item in pending:
             _settle(item, JournalUnavailable(str(exc)))
-        return [item for item in pending if item.future is None]
+            if item.future is None:
+                keep.append(item)
+            elif item.abandoned:
+                keep.append(_error_item(item.event, STATUS_TIMEOUT, _TIMED_OUT))
+        return keep
 
     def _take_all(self) -> list[_Item]:
         items: list[_Item] = []
@@ -169,11 +244,11 @@ class JournalWriter:
                         return
                     continue
             try:
-                assert self._conn is not None
-                record_batch(self._conn, (item.event for item in pending), self._on_upload)
-            except (sqlite3.Error, OSError) as exc:
-                log.error("journal: cannot commit %d events (%s); retrying", len(pending), exc)
-                pending = self._fail_durable(pending, exc)
+                self._write(pending)
+            except _Retry as retry:
+                exc = retry.error
+                log.error("journal: cannot commit %d events (%s); retrying", len(retry.items), exc)
+                pending = self._fail_durable(retry.items, exc)
                 if stop and pending:
                     log.error("journal: dropping %d events at shutdown", len(pending))
                     return
@@ -189,17 +264,140 @@ class JournalWriter:
                     pending = self._fail_durable(pending, exc)
                 delay = min(delay * 2, 5.0)
                 continue
+            except Exception:  # a bug, not a record: the journal must go on all the same
+                log.exception("journal: writer error; %d events dropped", len(pending))
+                for item in pending:
+                    _settle(item, JournalUnavailable("journal writer error"))
             delay = 0.05
-            self.committed += len(pending)
-            self.batches += 1
-            if self._after_commit is not None:
-                try:
-                    self._after_commit()
-                except Exception:  # a listener must never break the journal
-                    log.exception("journal: after-commit listener failed")
-            for item in pending:
-                _settle(item, None)
             pending = []
+
+    def _write(self, items: list[_Item]) -> None:
+        """Commit ``items``, setting aside any that can never be written.
+
+        Raises :class:`_Retry` with what is left when the disk or the lock
+        fails (nothing is wrong with the records then: retry them all later).
+        """
+        assert self._conn is not None
+        chunks = [items]  # a stack: the first half of a split is tried first
+        while chunks:
+            chunk = chunks.pop()
+            try:
+                record_batch(self._conn, (item.event for item in chunk), self._on_upload)
+            except Exception as exc:
+                if _transient(exc):
+                    rest = [item for later in reversed(chunks) for item in later]
+                    raise _Retry(chunk + rest, exc) from exc
+                if len(chunk) > 1:
+                    half = len(chunk) // 2
+                    chunks += [chunk[half:], chunk[:half]]
+                    continue
+                (bad,) = chunk
+                why = _describe(exc)
+                if bad.aside:  # even the error row failed: nothing more to try
+                    log.error("journal: cannot write an error row (%s); dropped", why)
+                    continue
+                log.error(
+                    "journal: set aside a %s record that cannot be written: %s",
+                    _op_name(bad.event),
+                    why,
+                )
+                self.set_aside += 1
+                _settle(bad, JournalUnavailable(f"not journaled: {why}"))
+                chunks.append([_error_item(bad.event, STATUS_SET_ASIDE, why)])
+                continue
+            self._committed(chunk)
+
+    def _committed(self, chunk: list[_Item]) -> None:
+        self.committed += len(chunk)
+        self.batches += 1
+        if self._after_commit is not None:
+            try:
+                self._after_commit()
+            except Exception:  # a listener must never break the journal
+                log.exception("journal: after-commit listener failed")
+        late: list[Event] = []
+        for item in chunk:
+            _settle(item, None)
+            if item.future is not None:
+                with self._lock:
+                    if item.abandoned:  # its client timed out while this commit ran
+                        late.append(item.event)
+        for event in late:
+            self.emit(_error_item(event, STATUS_TIMEOUT, _COMMITTED_LATE).event)
+
+
+_TIMED_OUT = "not journaled in time (journal.durable_timeout): the client was told it failed"
+_COMMITTED_LATE = (
+    "committed after journal.durable_timeout: the client was told it failed, "
+    "but the upload and its job exist"
+)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed commit says the disk or the lock failed, not the records.
+
+    OperationalError is locked, busy, full, I/O, a schema gone; a bare
+    DatabaseError is a corrupt file. Everything else (a value SQLite cannot
+    bind, a constraint, a field of the wrong type) is about one record.
+    """
+    return isinstance(exc, OSError | MemoryError | sqlite3.OperationalError) or (
+        type(exc) is sqlite3.DatabaseError
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
+
+
+def _op_name(event: object) -> str:
+    op = getattr(event, "op", None)
+    return op.value if isinstance(op, Op) else "malformed"
+
+
+def _bounded(value: object, limit: int) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return None
+    return value[:limit]
+
+
+def _error_item(event: Event, status: str, why: str) -> _Item:
+    """An error row standing in for ``event``: what can safely be kept of it, and why.
+
+    The record may hold anything (that is why it failed), so every field is
+    checked again: only bounded strings and in-range numbers are kept; no
+    upload, no attrs, so no job follows and nothing can fail a second time.
+    """
+    session = getattr(event, "session", None)
+    op = getattr(event, "op", None)
+    if not isinstance(op, Op) or op in _SESSION_OPS:
+        op = Op.PROTOCOL_ERROR
+    port = getattr(session, "remote_port", 0)
+    when = getattr(event, "time", None)
+    key = _bounded(getattr(event, "key", None), 256)
+    info = SessionInfo(
+        id=_bounded(getattr(session, "id", None), 64) or "unknown",
+        remote_addr=_bounded(getattr(session, "remote_addr", None), 64) or "?",
+        remote_port=port if type(port) is int and 0 <= port <= 65535 else 0,
+        login=_bounded(getattr(session, "login", None), 64),
+        auth_method=_bounded(getattr(session, "auth_method", None), 32),
+    )
+    error = Event(
+        op=op,
+        session=info,
+        time=when if type(when) is float and 0 <= when < 2**34 else time.time(),
+        path=_bounded(getattr(event, "path", None), 4096),
+        path2=_bounded(getattr(event, "path2", None), 4096),
+        status=status,
+        message=why[:MAX_ERROR_TEXT],
+        # A record set aside keeps its key: a replay of it is not set aside twice.
+        # One that was only late gives it up: its replay (a tap's spool) gets in.
+        key=key if status == STATUS_SET_ASIDE else None,
+    )
+    return _Item(error, aside=True)
 
 
 def _settle(item: _Item, exc: BaseException | None) -> None:
