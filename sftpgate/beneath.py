@@ -31,6 +31,7 @@ import os
 import platform
 import posixpath
 import stat
+import threading
 from dataclasses import dataclass
 
 from .errors import JailError
@@ -185,6 +186,7 @@ class Home:
         self._fd: int | None = None
         self._real: bytes | None = None
         self._openat2 = use_openat2
+        self._lock = threading.Lock()
 
     # -- the home itself ------------------------------------------------------
 
@@ -192,9 +194,11 @@ class Home:
     def fd(self) -> int:
         """The home's descriptor (O_PATH); the first use opens it (blocking)."""
         if self._fd is None:
-            fd = os.open(self.path, _DIR)
-            self._real = os.fsencode(os.readlink(proc_path(fd)))
-            self._fd = fd
+            with self._lock:  # two first calls at once must not open it twice
+                if self._fd is None:
+                    fd = os.open(self.path, _DIR)
+                    self._real = os.fsencode(os.readlink(proc_path(fd)))
+                    self._fd = fd
         return self._fd
 
     @property
@@ -272,9 +276,12 @@ class Home:
                 if name == b".":
                     continue
                 if name == b"..":
-                    if parts:
-                        parts.pop()
-                        os.close(stack.pop())
+                    if not parts:  # only a link's target can climb: ``path`` is normalised
+                        raise JailError("path leads outside the home")
+                    parts.pop()
+                    fd_ = stack.pop()
+                    if fd_ >= 0:
+                        os.close(fd_)
                     continue
                 if stack[-1] < 0:  # below a missing folder: the rest as given
                     parts.append(name)

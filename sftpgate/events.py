@@ -87,6 +87,10 @@ class Event:
     status: str = STATUS_OK
     message: str | None = None
     upload: UploadState | None = None
+    # The file a completed upload left (st_dev, st_ino): the pipeline opens
+    # that file and no other. None where the front door cannot know it.
+    device: int | None = None
+    inode: int | None = None
     # Set on events that may arrive twice (the OpenSSH tap's spool replays):
     # the journal records each key once.
     key: str | None = None

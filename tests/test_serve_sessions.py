@@ -316,13 +316,19 @@ def test_new_files_get_the_users_owner_and_overwritten_ones_keep_theirs(
     tmp_path: Path, user_keys: dict[str, Path]
 ) -> None:
     if os.geteuid() != 0:
-        pytest.fail("run as root (CI does): only root gives files to another owner")
+        pytest.fail("run as root (CI does): only root acts as another user")
     running = start_gateway(tmp_path, user_keys, users={"alice": {"uid": 4242, "gid": 4343}})
     try:
         home = running.home("alice")
+        os.chown(home, 4242, 4343)
         theirs = home / "theirs.bin"
         theirs.write_bytes(b"old")
         os.chown(theirs, 5151, 5252)
+        theirs.chmod(0o666)
+        private = home / "private.bin"
+        private.write_bytes(b"not yours")
+        os.chown(private, 5151, 5252)
+        private.chmod(0o600)
         sftp = running.sftp("alice")
         sftp.putfo(io.BytesIO(b"new"), "new.bin")
         sftp.putfo(io.BytesIO(b"replaced"), "theirs.bin")  # opened with create + truncate
@@ -335,7 +341,17 @@ def test_new_files_get_the_users_owner_and_overwritten_ones_keep_theirs(
         assert (st.st_uid, st.st_gid, theirs.read_bytes()) == (5151, 5252, b"replaced")
         with pytest.raises(OSError):
             sftp.open("excl.bin", "wx")  # exclusive create of an existing file
-        opens = running.op_rows("open", count=4)
-        assert [r["status"] for r in opens] == ["ok", "ok", "ok", "file_already_exists"]
+        # The kernel, not the gateway, says no: the user acts as uid 4242.
+        with pytest.raises(PermissionError):
+            sftp.open("private.bin").read()
+        assert private.read_bytes() == b"not yours"
+        opens = running.op_rows("open", count=5)
+        assert [r["status"] for r in opens] == [
+            "ok",
+            "ok",
+            "ok",
+            "file_already_exists",
+            "permission_denied",
+        ]
     finally:
         running.stop()

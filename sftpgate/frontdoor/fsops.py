@@ -1,18 +1,22 @@
 """Blocking filesystem work for one jailed user, run in worker threads.
 
 Nothing here touches the event loop; :mod:`.sftp` calls these through an
-executor so a slow (NFS) call stalls only the thread it runs in.
+executor so a slow (NFS) call stalls only the thread it runs in, and with the
+user's credentials (see :mod:`sftpgate.identity`). Every path is reached
+through :class:`~sftpgate.beneath.Home`: resolved beneath the home's
+descriptor in the call that uses it, and operations on a name itself use the
+``*at`` calls on its folder's descriptor. No path string is checked and then
+used; no file is chowned (the user made it).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
+import posixpath
 import pwd
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
@@ -20,8 +24,9 @@ from typing import Any
 from asyncssh import SFTPAttrs, SFTPName
 
 from ..attrs import summarize
+from ..beneath import Home, proc_path, rename_noreplace
 from .inline import SMALL_WRITE, NotQuick
-from .jail import Jail, Resolved
+from .jail import link_for_client, link_target, virtual
 from .writebehind import WriteQueue, write_chunks
 
 FXF_READ, FXF_WRITE, FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 1, 2, 4, 8, 0x10, 0x20
@@ -35,10 +40,11 @@ class OpenFile:
     """A handle the client holds, with what went through it."""
 
     fd: int
-    resolved: Resolved
+    virtual: bytes  # the path the client opened, in its view
     pflags: int
     mode: int | None
-    created: bool
+    device: int  # what was opened: the pipeline refuses any other file
+    inode: int
     opened_at: float = field(default_factory=monotonic)
     bytes_read: int = 0
     bytes_written: int = 0
@@ -51,40 +57,12 @@ class OpenFile:
         return bool(self.pflags & (FXF_WRITE | FXF_APPEND))
 
 
-def _open(local: bytes, flags: int, mode: int, quick: bool) -> tuple[int, bool]:
-    """``os.open``, and whether it made the file (new files get their owner).
-
-    An upload names a new file: an exclusive create says so in one call
-    (what a check before the open took a second for); only an existing file
-    costs a second open. ``quick``: raise :class:`NotQuick` instead of
-    truncating a file bigger than :data:`SMALL_WRITE` (freeing its blocks
-    takes the filesystem a while).
-    """
-    if flags & os.O_CREAT and not flags & os.O_EXCL:
-        try:
-            return os.open(local, flags | os.O_EXCL, mode), True
-        except FileExistsError:
-            pass
-        if quick and flags & os.O_TRUNC:
-            _truncates_little(local)
-        return os.open(local, flags, mode), False
-    if quick and flags & os.O_TRUNC and not flags & os.O_EXCL:
-        _truncates_little(local)
-    return os.open(local, flags, mode), bool(flags & os.O_CREAT)
-
-
-def _truncates_little(local: bytes) -> None:
-    """Raise NotQuick if truncating ``local`` would free more than a small file."""
-    try:
-        st = os.lstat(local)
-    except OSError:
-        return  # the open will say what is wrong
-    if stat.S_ISREG(st.st_mode) and st.st_size > SMALL_WRITE:
-        raise NotQuick
-
-
 def _not_regular() -> OSError:
     return PermissionError(errno.EPERM, "Not a regular file")
+
+
+def _home_itself(what: str) -> OSError:
+    return PermissionError(errno.EACCES, f"cannot {what} the home")
 
 
 def os_flags(pflags: int) -> int:
@@ -103,7 +81,7 @@ def os_flags(pflags: int) -> int:
             flags |= os.O_EXCL
     if pflags & FXF_TRUNC:
         flags |= os.O_TRUNC
-    return flags | os.O_NOFOLLOW | os.O_CLOEXEC
+    return flags | os.O_CLOEXEC
 
 
 def attrs_summary(attrs: SFTPAttrs) -> dict[str, Any]:
@@ -119,23 +97,15 @@ def attrs_summary(attrs: SFTPAttrs) -> dict[str, Any]:
 
 
 class UserFS:
-    """The operations of one SFTP session, on paths checked by its :class:`Jail`."""
+    """The operations of one SFTP session, beneath its :class:`~sftpgate.beneath.Home`."""
 
-    def __init__(self, jail: Jail, owner: Callable[[], tuple[int, int] | None]) -> None:
-        self.jail = jail
-        # (uid, gid) to give new files when the gateway runs as root; asked at
-        # the first file made (it may stat the home: blocking, so in the pool).
-        self._owner = functools.cache(owner)
+    def __init__(self, home: Home) -> None:
+        self.home = home
         self._names: dict[tuple[str, int], str] = {}
 
-    def _chown(self, local: bytes, fd: int | None = None) -> None:
-        owner = self._owner()
-        if owner is None:
-            return
-        if fd is not None:
-            os.fchown(fd, *owner)
-        else:
-            os.lchown(local, *owner)
+    def close(self) -> None:
+        """Let go of the home's descriptor (no call may be running)."""
+        self.home.close()
 
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs, *, quick: bool = False) -> OpenFile:
         """Open a regular file (or a folder, to read); refuse anything else.
@@ -148,31 +118,40 @@ class UserFS:
         forever, holding a pool thread, or, inline, the event loop and every
         session with it. Devices and sockets are refused too.
         """
-        resolved = self.jail.resolve(path, follow=True)
+        where = virtual(path)
         mode = attrs.permissions & _MODE_MASK if attrs.permissions is not None else 0o666
         flags = os_flags(pflags)
+        truncate_later = quick and bool(flags & os.O_TRUNC)
+        if truncate_later:
+            # Truncating frees the file's blocks, which takes a while for a
+            # big file: look at the size first (on what was opened).
+            flags &= ~os.O_TRUNC
         try:
-            fd, created = _open(resolved.local, flags | os.O_NONBLOCK, mode, quick)
+            fd = self.home.open(where, flags | os.O_NONBLOCK, mode)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # a FIFO without a reader, a socket
                 raise _not_regular() from None
             raise
         try:
-            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            st = os.fstat(fd)
+            kind = stat.S_IFMT(st.st_mode)
             if kind == stat.S_IFDIR and pflags & (FXF_WRITE | FXF_APPEND):
                 raise IsADirectoryError(errno.EISDIR, "Is a directory")
             if kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise _not_regular()
+            if truncate_later:
+                if st.st_size > SMALL_WRITE:
+                    raise NotQuick
+                if st.st_size:
+                    os.ftruncate(fd, 0)
             # Back to blocking I/O, as any file (O_NONBLOCK also changes how
             # a lease break is waited for): F_SETFL takes the open's own
             # flags, of which it keeps only O_APPEND; one call.
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-            if created:
-                self._chown(resolved.local, fd)
         except BaseException:
             os.close(fd)
             raise
-        return OpenFile(fd, resolved, pflags, attrs.permissions, created)
+        return OpenFile(fd, where, pflags, attrs.permissions, st.st_dev, st.st_ino)
 
     @staticmethod
     def read(f: OpenFile, offset: int, size: int) -> bytes:
@@ -184,28 +163,32 @@ class UserFS:
     write_chunks = staticmethod(write_chunks)
 
     def stat(self, path: bytes) -> os.stat_result:
-        return self.jail.stat(path)[1]
+        return self.home.stat(virtual(path))
 
     def lstat(self, path: bytes) -> os.stat_result:
-        return os.lstat(self.jail.resolve(path, follow=False).local)
+        return self.home.stat(virtual(path), follow=False)
 
     def list(self, path: bytes) -> list[SFTPName]:
-        resolved = self.jail.resolve(path, follow=True)
-        names = [b".", b".."]
-        with os.scandir(resolved.local) as entries:
-            names += sorted(entry.name for entry in entries)
-        out: list[SFTPName] = []
-        for name in names:
-            local = resolved.local if name in (b".", b"..") else os.path.join(resolved.local, name)
-            if name == b".." and resolved.local != self.jail.root:
-                local = os.path.dirname(resolved.local)
-            try:
-                st = os.lstat(local)
-            except OSError:  # vanished while listing
-                continue
-            self.remember_names(st)
-            out.append(SFTPName(name, attrs=SFTPAttrs.from_local(st)))
-        return out
+        where = virtual(path)
+        fd = self.home.open(where, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            here = os.fstat(fd)
+            up = here if where == b"/" else self.home.stat(posixpath.dirname(where))
+            out = [
+                SFTPName(b".", attrs=SFTPAttrs.from_local(here)),
+                SFTPName(b"..", attrs=SFTPAttrs.from_local(up)),
+            ]
+            self.remember_names(here)
+            for name in sorted(os.fsencode(n) for n in os.listdir(fd)):
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:  # vanished while listing
+                    continue
+                self.remember_names(st)
+                out.append(SFTPName(name, attrs=SFTPAttrs.from_local(st)))
+            return out
+        finally:
+            os.close(fd)
 
     def remember_names(self, st: os.stat_result) -> None:
         for kind, ident in (("u", st.st_uid), ("g", st.st_gid)):
@@ -225,87 +208,112 @@ class UserFS:
     def setstat(
         self, path: bytes | None, f: OpenFile | None, attrs: SFTPAttrs, *, follow: bool = True
     ) -> None:
-        target: int | bytes
+        """Change size, mode and times of an open file or a path (refuse owner changes)."""
         if f is not None:
-            target = f.fd
-        else:
-            assert path is not None
-            target = self.jail.resolve(path, follow=follow).local
-        current = (
-            os.stat(target, follow_symlinks=follow)
-            if isinstance(target, bytes)
-            else os.fstat(target)
-        )
+            self._setstat(f.fd, attrs, None, opened=True)
+            return
+        assert path is not None
+        where = virtual(path)
+        fd = self.home.open(where, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
+        try:
+            self._setstat(fd, attrs, where, opened=False)
+        finally:
+            os.close(fd)
+
+    def _setstat(self, fd: int, attrs: SFTPAttrs, where: bytes | None, *, opened: bool) -> None:
+        # `fd` is what the request names (an O_PATH descriptor unless `opened`):
+        # every change goes to that object, through the descriptor.
+        current = os.fstat(fd)
         if (attrs.uid is not None and attrs.uid != current.st_uid) or (
             attrs.gid is not None and attrs.gid != current.st_gid
         ):
             raise PermissionError(errno.EPERM, "changing owner or group is not allowed")
+        link = stat.S_ISLNK(current.st_mode)
+        target: int | str = fd if opened else proc_path(fd)
         if attrs.size is not None:
+            if link:
+                raise OSError(errno.EINVAL, "a symlink has no size to set")
             os.truncate(target, attrs.size)
-        if attrs.permissions is not None:
-            if isinstance(target, bytes) and not follow and stat.S_ISLNK(current.st_mode):
-                pass  # Linux has no lchmod; a link's mode means nothing
-            else:
-                os.chmod(target, attrs.permissions & _MODE_MASK)
+        if attrs.permissions is not None and not link:  # Linux has no lchmod
+            os.chmod(target, attrs.permissions & _MODE_MASK)
         if attrs.atime is not None or attrs.mtime is not None:
             atime = attrs.atime if attrs.atime is not None else current.st_atime
             mtime = attrs.mtime if attrs.mtime is not None else current.st_mtime
-            if isinstance(target, bytes):
-                os.utime(target, (atime, mtime), follow_symlinks=follow)
-            else:
+            if not link:
                 os.utime(target, (atime, mtime))
+            else:
+                assert where is not None
+                with self.home.parent(where) as parent:
+                    os.utime(parent.name, (atime, mtime), dir_fd=parent.fd, follow_symlinks=False)
 
     def remove(self, path: bytes) -> None:
-        resolved = self.jail.resolve(path, follow=False)
-        if os.path.isdir(resolved.local) and not os.path.islink(resolved.local):
-            raise IsADirectoryError(errno.EISDIR, "Is a directory")
-        os.unlink(resolved.local)
+        with self.home.parent(virtual(path)) as parent:
+            if not parent.name:
+                raise _home_itself("remove")
+            st = os.stat(parent.name, dir_fd=parent.fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory")
+            os.unlink(parent.name, dir_fd=parent.fd)
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
-        resolved = self.jail.resolve(path, follow=False)
         mode = attrs.permissions & _MODE_MASK if attrs.permissions is not None else 0o777
-        os.mkdir(resolved.local, mode)
-        self._chown(resolved.local)
+        with self.home.parent(virtual(path)) as parent:
+            if not parent.name:
+                raise FileExistsError(errno.EEXIST, "File exists")
+            os.mkdir(parent.name, mode, dir_fd=parent.fd)
 
     def rmdir(self, path: bytes) -> None:
-        resolved = self.jail.resolve(path, follow=False)
-        if resolved.virtual == b"/":
-            raise PermissionError(errno.EACCES, "cannot remove the home")
-        os.rmdir(resolved.local)
+        with self.home.parent(virtual(path)) as parent:
+            if not parent.name:
+                raise _home_itself("remove")
+            os.rmdir(parent.name, dir_fd=parent.fd)
 
-    def rename(self, old: bytes, new: bytes, *, overwrite: bool) -> int:
-        """Rename; return the size of what was renamed (0 for anything but a file)."""
-        src = self.jail.resolve(old, follow=False)
-        dst = self.jail.resolve(new, follow=False)
-        if src.virtual == b"/" or dst.virtual == b"/":
-            raise PermissionError(errno.EACCES, "cannot rename the home")
-        if not overwrite and os.path.lexists(dst.local):
-            raise FileExistsError(errno.EEXIST, "File already exists")
-        os.rename(src.local, dst.local)
-        st = os.lstat(dst.local)
-        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    def rename(self, old: bytes, new: bytes, *, overwrite: bool) -> os.stat_result:
+        """Rename; return what the new name now holds (not following a link)."""
+        with self.home.parent(virtual(old)) as src, self.home.parent(virtual(new)) as dst:
+            if not src.name or not dst.name:
+                raise _home_itself("rename")
+            if overwrite:
+                os.rename(src.name, dst.name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+            else:
+                rename_noreplace(src.fd, src.name, dst.fd, dst.name)
+            return os.stat(dst.name, dir_fd=dst.fd, follow_symlinks=False)
 
     def readlink(self, path: bytes) -> bytes:
-        resolved = self.jail.resolve(path, follow=False)
-        return self.jail.link_for_client(os.readlink(resolved.local), resolved)
+        where = virtual(path)
+        with self.home.parent(where) as parent:
+            if not parent.name:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            content = os.readlink(parent.name, dir_fd=parent.fd)
+        return link_for_client(content, where, self.home.real)
 
     def symlink(self, target: bytes, link: bytes) -> None:
-        resolved = self.jail.resolve(link, follow=False)
-        content = self.jail.link_target(target, resolved)
-        os.symlink(content, resolved.local)
-        self._chown(resolved.local)
+        where = virtual(link)
+        with self.home.parent(where) as parent:
+            if not parent.name:
+                raise FileExistsError(errno.EEXIST, "File exists")
+            os.symlink(link_target(target, where), parent.name, dir_fd=parent.fd)
 
     def link(self, old: bytes, new: bytes) -> None:
-        src = self.jail.resolve(old, follow=True)
-        dst = self.jail.resolve(new, follow=False)
-        os.link(src.local, dst.local, follow_symlinks=False)
+        fd = self.home.open(virtual(old), os.O_PATH)
+        try:
+            with self.home.parent(virtual(new)) as parent:
+                if not parent.name:
+                    raise FileExistsError(errno.EEXIST, "File exists")
+                # linkat of the very file opened, not of a name looked up again
+                os.link(proc_path(fd), parent.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        finally:
+            os.close(fd)
 
     def realpath(self, path: bytes) -> bytes:
-        resolved = self.jail.resolve(path, follow=True)
-        return self.jail.to_virtual(resolved.local)
+        return self.home.realpath(virtual(path))
 
     def statvfs(self, path: bytes) -> os.statvfs_result:
-        return os.statvfs(self.jail.resolve(path, follow=True).local)
+        fd = self.home.open(virtual(path), os.O_PATH)
+        try:
+            return os.fstatvfs(fd)
+        finally:
+            os.close(fd)
 
 
 def _group(gid: int) -> str:

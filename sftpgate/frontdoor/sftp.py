@@ -12,6 +12,7 @@ import asyncio
 import errno
 import functools
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -21,13 +22,15 @@ from typing import Any, NoReturn, TypeVar
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
 
+from ..beneath import Home
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..errors import JailError
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
+from ..identity import Identity, IdentityError, call_as
 from ..patterns import name_matches
 from .fsops import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE, OpenFile, UserFS, attrs_summary
 from .inline import SMALL_WRITE, InlineGuard, NotQuick
-from .jail import Jail
+from .jail import virtual
 from .mounts import home_is_local
 from .writebehind import HANDLE_LIMIT, WRITE_BUDGET, WriteBudget, WriteQueue
 
@@ -61,6 +64,10 @@ def sftp_error(exc: BaseException) -> tuple[str, asyncssh.SFTPError]:
         return _snake(name) or "failure", exc
     if isinstance(exc, JailError):
         return "permission_denied", asyncssh.SFTPPermissionDenied(f"Permission denied: {exc}")
+    if isinstance(exc, IdentityError):
+        return "permission_denied", asyncssh.SFTPPermissionDenied(
+            "Permission denied: the gateway cannot act as this user"
+        )
     if isinstance(exc, OSError):
         status, cls = _ERRNO.get(exc.errno or 0, ("failure", asyncssh.SFTPFailure))
         return status, cls(exc.strerror or str(exc))
@@ -75,7 +82,7 @@ def always_durable(path: str) -> bool:
     return True
 
 
-def no_owner() -> None:
+def not_switching() -> None:
     return None
 
 
@@ -87,8 +94,9 @@ class SessionContext:
     user: User
     sink: EventSink
     executor: Executor | None
-    # (uid, gid) for new files, or None; called at most once, in the pool.
-    owner: Callable[[], tuple[int, int] | None] = no_owner
+    # Who the session's file work runs as (None: as the gateway); called once,
+    # in the pool (it may ask NSS or stat the home). See sftpgate.identity.
+    identity: Callable[[], Identity | None] = not_switching
     # Uploads under these names complete when renamed to a name that isn't one.
     temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
     # Whether a completed upload at this path may start a job (then its CLOSE
@@ -108,6 +116,9 @@ class SessionContext:
     inline_guard: InlineGuard = field(default_factory=InlineGuard)
     # Bytes answered but not yet written, shared by every session of the gateway.
     write_budget: WriteBudget = field(default_factory=lambda: WriteBudget(WRITE_BUDGET))
+    # journal.synchronous: full. An upload that may start a job (or may by a
+    # later rename: a temporary name) is fsync'd at its CLOSE, before the commit.
+    fsync_uploads: bool = False
 
 
 def _decode(path: bytes | None) -> str | None:
@@ -120,7 +131,13 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel[bytes], ctx: SessionContext) -> None:
         super().__init__(chan)
         self.ctx = ctx
-        self.fs = UserFS(Jail(ctx.user.home), ctx.owner)
+        self.fs = UserFS(Home(ctx.user.home))
+        self._identity: Identity | None = None
+        self._identity_known = False
+        # Calls running in the pool: the home's descriptor is closed only once
+        # none is (a closed number could be reused by another session's file).
+        self._in_flight = 0
+        self._exited = False
         self._queues: set[WriteQueue] = set()
         # Whether the home is wholly on local disks: decided at the first
         # request that could run inline (it resolves the home, off the loop).
@@ -135,10 +152,34 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             if not queue.idle:
                 await queue.drain()
 
+    def _as_user(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in this thread with the user's credentials."""
+        if not self._identity_known:
+            self._identity = self.ctx.identity()  # blocking (NSS): only ever in the pool
+            # The home itself is opened as the gateway: the admin named it, and
+            # its parents need not be searchable by the user; below it, the user.
+            self.fs.home.fd  # noqa: B018 - opens it
+            self._identity_known = True
+        return call_as(self._identity, fn, *args)
+
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
-        return await loop.run_in_executor(self.ctx.executor, call)
+        call = functools.partial(fn, *args, **kwargs) if kwargs else fn
+        self._in_flight += 1
+        try:
+            if kwargs:
+                return await loop.run_in_executor(self.ctx.executor, self._as_user, call)
+            return await loop.run_in_executor(self.ctx.executor, self._as_user, call, *args)
+        finally:
+            self._in_flight -= 1
+            if self._exited and not self._in_flight:
+                self.fs.close()
+
+    def exit(self) -> None:
+        """The session is over: let go of the home once no call uses it."""
+        self._exited = True
+        if not self._in_flight:
+            self.fs.close()
 
     async def _inline_ok(self, enabled: bool) -> bool:
         if not enabled:
@@ -151,7 +192,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         guard = self.ctx.inline_guard
         before = guard.start()
         try:
-            return fn(*args)
+            # _inline_ok ran a pooled call first, so the identity is known.
+            return call_as(self._identity, fn, *args)
         finally:
             guard.observe(before, fn)
 
@@ -169,7 +211,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     def _event(self, op: Op, path: bytes | None = None, **fields: Any) -> Event:
         if path is not None:
-            fields["path"] = _decode(Jail.virtual(path))
+            fields["path"] = _decode(virtual(path))
         return Event(op=op, session=self.ctx.info, **fields)
 
     async def _do(
@@ -304,7 +346,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             Event(
                 op=op,
                 session=self.ctx.info,
-                path=_decode(f.resolved.virtual),
+                path=_decode(f.virtual),
                 status=status,
                 message=str(error.reason),
                 bytes_read=f.bytes_read,
@@ -321,7 +363,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         close_error: OSError | None = None
         if queue is not None:
             # The last writes and the close in one trip; a write failure sets f.error.
-            close_error = await queue.close()
+            close_error = await queue.close(fsync=self._must_fsync(f, ending))
             self._queues.discard(queue)
             f.bytes_written = queue.written
         else:
@@ -342,7 +384,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 upload = UploadState.INCOMPLETE
                 message = "session ended with the file open"
             elif status == "ok" and f.error is None and f.bytes_written > 0:
-                if name_matches(os.fsdecode(f.resolved.virtual), self.ctx.temp_patterns):
+                if name_matches(os.fsdecode(f.virtual), self.ctx.temp_patterns):
                     message = message or "temporary name: the upload completes when renamed"
                 else:
                     upload = UploadState.COMPLETE
@@ -351,7 +393,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         event = Event(
             op=Op.CLOSE,
             session=self.ctx.info,
-            path=_decode(f.resolved.virtual),
+            path=_decode(f.virtual),
             flags=f.pflags,
             bytes_read=f.bytes_read,
             bytes_written=f.bytes_written,
@@ -359,6 +401,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             status=status,
             message=message,
             upload=upload,
+            device=f.device if upload is UploadState.COMPLETE else None,
+            inode=f.inode if upload is UploadState.COMPLETE else None,
         )
         if upload is UploadState.COMPLETE:
             await self._completed(event, event.path or "")
@@ -366,6 +410,13 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             self.ctx.sink.emit(event)
         if error is not None:
             raise error
+
+    def _must_fsync(self, f: OpenFile, ending: bool) -> bool:
+        """Whether a CLOSE must put the file on disk first (see SessionContext.fsync_uploads)."""
+        if not (self.ctx.fsync_uploads and f.writable) or ending:
+            return False
+        path = os.fsdecode(f.virtual)
+        return name_matches(path, self.ctx.temp_patterns) or self.ctx.durable(path)
 
     async def _completed(self, event: Event, final: str) -> None:
         """Journal a completed upload; if a job may follow, reply only once it is committed."""
@@ -380,15 +431,13 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def fstat(self, file_obj: object) -> os.stat_result:
         f = _file(file_obj)
-        return await self._do(
-            Op.STAT, f.resolved.virtual, os.fstat, f.fd, journal_ok=False, read_only=True
-        )
+        return await self._do(Op.STAT, f.virtual, os.fstat, f.fd, journal_ok=False, read_only=True)
 
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _file(file_obj)
         await self._do(
             Op.SETSTAT,
-            f.resolved.virtual,
+            f.virtual,
             self.fs.setstat,
             None,
             f,
@@ -398,12 +447,12 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def fsync(self, file_obj: object) -> None:
         f = _file(file_obj)
-        await self._do(Op.FSYNC, f.resolved.virtual, os.fsync, f.fd, journal_ok=False)
+        await self._do(Op.FSYNC, f.virtual, os.fsync, f.fd, journal_ok=False)
 
     async def fstatvfs(self, file_obj: object) -> os.statvfs_result:
         f = _file(file_obj)
         return await self._do(
-            Op.STATVFS, f.resolved.virtual, os.fstatvfs, f.fd, journal_ok=False, read_only=True
+            Op.STATVFS, f.virtual, os.fstatvfs, f.fd, journal_ok=False, read_only=True
         )
 
     # -- paths --------------------------------------------------------------
@@ -484,7 +533,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         await self._rename(oldpath, newpath, overwrite=True)
 
     async def _rename(self, oldpath: bytes, newpath: bytes, *, overwrite: bool) -> None:
-        old, new = _decode(Jail.virtual(oldpath)), _decode(Jail.virtual(newpath))
+        old, new = _decode(virtual(oldpath)), _decode(virtual(newpath))
         assert old is not None and new is not None
         attrs = {"overwrite": True} if overwrite else None
         rename = functools.partial(self.fs.rename, overwrite=overwrite)
@@ -494,9 +543,10 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             return
         # A temporary upload reaching its final name: this rename completes it,
         # so (like a CLOSE) the reply waits until the upload is committed.
-        size = await self._do(
+        st = await self._do(
             Op.RENAME, oldpath, rename, oldpath, newpath, path2=new, attrs=attrs, journal_ok=False
         )
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
         event = self._event(
             Op.RENAME,
             oldpath,
@@ -504,6 +554,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             attrs=attrs,
             bytes_written=size,
             upload=UploadState.COMPLETE if size else None,
+            device=st.st_dev if size else None,
+            inode=st.st_ino if size else None,
         )
         if not size:
             self.ctx.sink.emit(event)
@@ -534,7 +586,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             self.fs.link,
             oldpath,
             newpath,
-            path2=_decode(Jail.virtual(oldpath)),
+            path2=_decode(virtual(oldpath)),
             quick=True,
         )
 

@@ -23,6 +23,7 @@ from asyncssh.constants import MSG_IGNORE
 
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
+from ..identity import Identity, identity_for
 from ..passwords import DUMMY_HASH, verify_password
 from ..private import private_dir, private_file, write_private
 from .bytequeue import ByteQueue
@@ -74,6 +75,11 @@ class Users:
 
     def get(self, login: str) -> User | None:
         return self._by_login.get(login)
+
+
+def user_identity(user: User) -> Identity | None:
+    """Who ``user``'s file work runs as (None: the gateway is not root). Blocking."""
+    return identity_for(user.login, user.home, user.uid, user.gid)
 
 
 def owner_for(user: User) -> tuple[int, int] | None:
@@ -206,7 +212,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         *,
         inline_local_changes: bool = False,
         inline_guard: InlineGuard | None = None,
+        fsync_uploads: bool = False,
     ) -> None:
+        self._fsync_uploads = fsync_uploads
         self._inline_local_metadata = inline_local_metadata
         self._inline_local_changes = inline_local_changes
         self._inline_guard = inline_guard if inline_guard is not None else InlineGuard()
@@ -363,13 +371,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self._user,
             self._sink,
             self._executor,
-            functools.partial(owner_for, self._user),  # stats the home: in the pool
+            functools.partial(user_identity, self._user),  # NSS, a stat: in the pool
             temp_patterns=self._temp_patterns,
             durable=self._durable if self._durable is not None else always_durable,
             write_budget=self._write_budget,
             inline_local_metadata=self._inline_local_metadata,
             inline_local_changes=self._inline_local_changes,
             inline_guard=self._inline_guard,
+            fsync_uploads=self._fsync_uploads,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)
