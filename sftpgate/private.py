@@ -51,22 +51,31 @@ def private_file(path: Path, *, create: bool = True) -> bool:
 
     Without ``create`` a missing file is left missing. Returns whether the
     file exists now. Raises ``OSError``.
+
+    An existing file is never opened, only stat'ed and chmod'ed by name:
+    closing any descriptor of a file drops every POSIX lock this process holds
+    on it, and SQLite's locks on the journal (and its -shm) are such locks.
     """
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_CREAT if create else 0)
+    if create:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except FileExistsError:
+            pass
+        else:
+            # A new inode: no other descriptor of it (nor lock on it) exists.
+            os.fchmod(fd, FILE_MODE)
+            os.close(fd)
+            return True
     try:
-        fd = os.open(path, flags, FILE_MODE)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         if create:
             raise
         return False
-    try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        if mode & 0o077 or mode & FILE_MODE != FILE_MODE:
-            os.fchmod(fd, FILE_MODE)
-            if mode & 0o077:
-                log.warning("%s was mode %04o, open to others: made it 0600", path, mode)
-    finally:
-        os.close(fd)
+    if mode & 0o077 or mode & FILE_MODE != FILE_MODE:
+        os.chmod(path, FILE_MODE)
+        if mode & 0o077:
+            log.warning("%s was mode %04o, open to others: made it 0600", path, mode)
     return True
 
 

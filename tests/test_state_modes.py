@@ -23,6 +23,7 @@ import pytest
 
 from conftest import PASSWORDS, free_port, write_config
 from sftpgate.events import Event, Op, SessionInfo
+from sftpgate.journal.store import connect
 from sftpgate.subsystem.sender import EventSender
 
 
@@ -181,3 +182,29 @@ def test_tap_spool_file_is_0600_under_umask_022_and_never_one_planted_there(
     sender.send(event)
     sender.close()
     assert planted.read_bytes() == b""
+
+
+def test_opening_the_journal_again_keeps_the_locks_this_process_holds(tmp_path: Path) -> None:
+    # Closing any descriptor of a file drops every POSIX lock the process holds
+    # on it: the mode check must not open the journal (or its -shm) SQLite uses.
+    path = tmp_path / "journal.sqlite3"
+    first = connect(path)
+    first.execute("BEGIN IMMEDIATE")  # the write lock, in the -shm (WAL mode)
+    try:
+        connect(path).close()  # e.g. the job store opening after the writer
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0);"
+                " c.execute('BEGIN IMMEDIATE')",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert other.returncode != 0 and "database is locked" in other.stderr, other
+    finally:
+        first.execute("ROLLBACK")
+        first.close()
