@@ -605,6 +605,44 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     return Config(path=config_path, users=_users(file, base, raw), **sections)
 
 
+# What ``sftpgate serve`` reads only once, at start (a section name stands for
+# all its keys). A reload (SIGHUP) that changes any of them is refused whole;
+# every other key (users, pipeline, email, smtp, the rest of jobs and server)
+# is swapped in together.
+RESTART_KEYS = (
+    "server.listen",
+    "server.port",
+    "server.state_dir",
+    "server.host_keys_dir",
+    "server.io_threads",
+    "server.login_timeout",
+    "journal",
+    "pipeline.enabled",
+    "jobs.workers",
+    "jobs.lease_seconds",
+    "jobs.poll_interval",
+    "subsystem",
+    "log",
+)
+
+
+def restart_keys_changed(old: Config, new: Config) -> list[str]:
+    """The keys of :data:`RESTART_KEYS` whose values differ between ``old`` and ``new``. Pure."""
+    changed: list[str] = []
+    for key in RESTART_KEYS:
+        section, _, name = key.partition(".")
+        before, after = getattr(old, section), getattr(new, section)
+        if not name:
+            changed += [
+                f"{section}.{f}"
+                for f in before.__dataclass_fields__
+                if getattr(before, f) != getattr(after, f)
+            ]
+        elif getattr(before, name) != getattr(after, name):
+            changed.append(key)
+    return changed
+
+
 def check_homes(config: Config) -> list[str]:
     """Return problems with users' homes that would stop them logging in."""
     problems: list[str] = []

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import asyncssh
 
-from .config import Config
+from .config import Config, check_homes, restart_keys_changed
+from .errors import ConfigError
 from .events import EventSink
 from .frontdoor.inline import InlineGuard
 from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
@@ -143,19 +144,46 @@ class Gateway:
         )
         return server
 
-    def _create_homes(self) -> None:
-        for user in self.config.users:
+    def _create_homes(self, config: Config | None = None) -> None:
+        for user in (config or self.config).users:
             if not user.home.exists():
                 user.home.mkdir(parents=True, mode=0o750)
                 if os.geteuid() == 0 and user.uid is not None:
                     os.chown(user.home, user.uid, user.gid if user.gid is not None else user.uid)
                 log.info("created home %s for %s", user.home, user.login)
 
-    def reload_users(self, config: Config) -> None:
-        """Swap in the users of a re-read config; sessions already open keep theirs."""
+    def reload(self, config: Config) -> None:
+        """Swap in a re-read config: users, rules, pipeline, email and SMTP settings together.
+
+        Runs on the event loop, so no session, rule or job sees half of it:
+        new logins, new uploads and each job step from then on read the new
+        config; sessions already open keep their user. Raises
+        :class:`ConfigError` (and changes nothing) when a key that needs a
+        restart changed (:data:`~sftpgate.config.RESTART_KEYS`) or a home is
+        missing.
+        """
+        changed = restart_keys_changed(self.config, config)
+        if changed:
+            raise ConfigError(
+                f"{config.path.name}: {', '.join(changed)}: changed, and only read at start; "
+                "restart sftpgate to apply it"
+            )
+        if config.server.create_homes:
+            try:
+                self._create_homes(config)
+            except OSError as exc:
+                raise ConfigError(f"{config.path.name}: cannot create a home: {exc}") from None
+        problems = check_homes(config)
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.config = config
         self.users.replace(config.users)
-        log.info("reloaded %d users", len(config.users))
+        if self.rules is not None:
+            self.rules.config = config
+        if self.workers is not None:
+            self.workers.config = config
+            self.workers.pipeline.config = config
+        log.info("reloaded %s: %d users", config.path, len(config.users))
 
     async def close_connections(self, timeout: float = 5.0) -> None:
         """Disconnect every client and wait until their sessions are journaled."""

@@ -37,10 +37,11 @@ async def _serve(config_file: str, gateway: Gateway) -> int:
     stop = asyncio.Event()
 
     def reload() -> None:
+        # SIGHUP: users, rules, pipeline, email and SMTP settings from one re-read file.
         try:
-            gateway.reload_users(load_config(config_file))
+            gateway.reload(load_config(config_file))
         except ConfigError as exc:
-            log.error("reload refused, keeping the old users: %s", exc)
+            log.error("reload refused, keeping the old config: %s", exc)
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -15,8 +15,8 @@ class Rules:
     """The upload hook of the journal writer: a matching upload gets a job row."""
 
     def __init__(self, config: Config) -> None:
-        self._pipeline = config.pipeline
-        self._max_attempts = config.jobs.max_attempts
+        # One reference, replaced whole on reload (the writer thread reads it).
+        self.config = config
         self._created = False
         # Set by the worker pool; called from the writer thread after a commit
         # that created jobs, so workers start at once instead of at their next poll.
@@ -24,11 +24,14 @@ class Rules:
 
     def wants(self, path: str) -> bool:
         """True if an upload at ``path`` should go through the pipeline. Pure."""
-        return self._pipeline.enabled and name_matches(path, self._pipeline.patterns)
+        pipeline = self.config.pipeline
+        return pipeline.enabled and name_matches(path, pipeline.patterns)
 
     def on_upload(self, conn: sqlite3.Connection, upload_id: int, path: str, event: Event) -> None:
-        if self.wants(path):
-            enqueue(conn, upload_id, path, event, self._max_attempts)
+        config = self.config  # one config for the decision and the job row
+        pipeline = config.pipeline
+        if pipeline.enabled and name_matches(path, pipeline.patterns):
+            enqueue(conn, upload_id, path, event, config.jobs.max_attempts)
             self._created = True
 
     def after_commit(self) -> None:
