@@ -141,6 +141,7 @@ class Gateway:
             self.config.server.inline_local_metadata,
             inline_local_changes=self.config.server.inline_local_changes,
             inline_guard=self.inline_guard,
+            fsync_uploads=self.config.journal.enabled and self.config.journal.synchronous == "full",
         )
         return server
 

@@ -174,26 +174,40 @@ class WriteQueue:
         while self._task is not None:
             await asyncio.shield(self._task)
 
-    async def close(self) -> OSError | None:
-        """Write what is left and close the fd, in one thread trip; the close's error."""
+    async def close(self, *, fsync: bool = False) -> OSError | None:
+        """Write what is left and close the fd, in one thread trip; the close's error.
+
+        With ``fsync`` the file is fsync'd before it is closed (in the same
+        trip); a failed fsync is returned as the close's error.
+        """
         self._cancel_timer()
         while self._task is not None:
             await asyncio.shield(self._task)
         chunks = self._take()
         result: tuple[int, OSError | None, OSError | None]
-        result = await self._runner(chunks)(self._finish, chunks)
+        # An fsync waits for the disk: never inline on the loop, always the pool.
+        runner = self._run_io if fsync else self._runner(chunks)
+        result = await runner(self._finish, chunks, fsync)
         written, error, close_error = result
         self._account(chunks, written, error)
         return close_error
 
-    def _finish(self, chunks: list[Chunk]) -> tuple[int, OSError | None, OSError | None]:
-        # In a worker thread: the last batch (if any), then close(2).
+    def _finish(
+        self, chunks: list[Chunk], fsync: bool = False
+    ) -> tuple[int, OSError | None, OSError | None]:
+        # In a worker thread: the last batch (if any), fsync(2) if asked, then close(2).
         written, error = self._write(self.fd, chunks) if chunks else (0, None)
+        sync_error: OSError | None = None
+        if fsync and error is None and self.error is None:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                sync_error = exc
         try:
             os.close(self.fd)
         except OSError as exc:
-            return written, error, exc
-        return written, error, None
+            return written, error, sync_error or exc
+        return written, error, sync_error
 
     def _runner(self, chunks: list[Chunk]) -> RunIO:
         size = self.written + sum(len(data) for _, data in chunks)
