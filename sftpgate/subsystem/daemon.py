@@ -7,6 +7,16 @@ every path must lie in that user's home (it is then journaled as the user
 sees it, home = ``/``, like ``serve`` does). Anything else is refused and the
 refusal journaled. Spool files left by taps that could not reach us are
 replayed with the same checks, attributed to the file's owner.
+
+The socket is open to every local user, so each line is parsed into a typed
+schema (``wire.decode_line``) before anything else looks at it, and a user
+who floods it slows only their own connections: every line costs a token
+from the uid's bucket (:data:`EVENTS_PER_SECOND`, :data:`EVENT_BURST`) and
+an empty bucket means we stop reading that connection for a while; a
+connection holds at most :data:`MAX_IN_FLIGHT` events not yet committed;
+a uid has at most :data:`MAX_CONNECTIONS_PER_UID` connections; a line longer
+than ``wire.MAX_LINE`` ends its connection. Refusals are journaled at most
+:data:`REFUSALS_PER_SECOND` per uid (the rest are counted in the next one).
 """
 
 from __future__ import annotations
@@ -21,23 +31,64 @@ import pwd
 import socket
 import stat
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, User
 from ..events import Event, EventSink, Op, SessionInfo
-from .wire import ack_line, decode_line
+from .wire import MAX_LINE, SchemaError, ack_line, decode_line
 
 log = logging.getLogger(__name__)
 
 MAX_SPOOL = 64 * 1024 * 1024
+# Per uid, over all its connections (so opening more of them buys nothing).
+# A busy OpenSSH session makes a few events per file; 1000/s is far more than
+# sftp-server's small-file rate, and a burst of 2000 covers a tap's backlog.
+EVENTS_PER_SECOND = 1000.0
+EVENT_BURST = 2000.0
+MAX_CONNECTIONS_PER_UID = 32  # one per OpenSSH session of that user
+MAX_IN_FLIGHT = 256  # events of one connection read but not yet committed
+REFUSALS_PER_SECOND = 5.0
+REFUSAL_BURST = 50.0
+MAX_WHY = 300  # characters of a refusal's reason
 # path2 of these ops is a path too; a symlink's target is free text.
 _PATH2_OPS = {Op.RENAME, Op.LINK}
 
 
 class Refused(Exception):
     """An event a tap may not send for its uid."""
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved. Pure but for ``clock``."""
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self.tokens = burst
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    def take(self) -> float:
+        """Take a token, owing it if there is none; return seconds to wait before using it."""
+        self._refill()
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def try_take(self) -> bool:
+        """Take a token if there is one."""
+        self._refill()
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -92,13 +143,28 @@ def refusal(event: Event | None, uid: int, user: User | None, why: str) -> Event
         path=event.path if event else None,
         path2=event.path2 if event else None,
         status="refused",
-        message=f"refused event from the OpenSSH tap: {why}",
+        message=f"refused event from the OpenSSH tap (uid {uid}): {why[:MAX_WHY]}",
     )
 
 
 class TapDaemon:
+    """The daemon's socket: taps' events in, checked, journaled as their uid; acks out.
+
+    The limits are the module's constants unless given (tests make them small).
+    """
+
     def __init__(
-        self, config: Config, sink: EventSink, user_for_login: Callable[[str], User | None]
+        self,
+        config: Config,
+        sink: EventSink,
+        user_for_login: Callable[[str], User | None],
+        *,
+        events_per_second: float = EVENTS_PER_SECOND,
+        event_burst: float = EVENT_BURST,
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
         self.sink = sink
@@ -106,6 +172,15 @@ class TapDaemon:
         self._server: asyncio.AbstractServer | None = None
         self._replayer: asyncio.Task[None] | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._rate, self._burst = events_per_second, event_burst
+        self._max_connections = max_connections_per_uid
+        self._max_in_flight = max_in_flight
+        self._clock, self._sleep = clock, sleep
+        self._buckets: dict[int, TokenBucket] = {}
+        self._refusal_buckets: dict[int, TokenBucket] = {}
+        self._suppressed: collections.Counter[int] = collections.Counter()
+        self._connections: collections.Counter[int] = collections.Counter()
+        self.refused = 0  # lines and events refused, journaled or not
 
     def user_for_uid(self, uid: int) -> User | None:
         try:
@@ -117,7 +192,9 @@ class TapDaemon:
     async def start(self) -> None:
         cfg = self.config.subsystem
         await asyncio.to_thread(self._prepare_dirs)
-        self._server = await asyncio.start_unix_server(self._serve_tap, path=str(cfg.socket))
+        self._server = await asyncio.start_unix_server(
+            self._serve_tap, path=str(cfg.socket), limit=MAX_LINE
+        )
         # Anyone may connect; SO_PEERCRED, not the socket mode, says who they are.
         os.chmod(cfg.socket, 0o666)  # noqa: S103
         self._replayer = asyncio.create_task(self._replay_loop())
@@ -144,59 +221,91 @@ class TapDaemon:
             task.cancel()
         await asyncio.gather(*self._clients, return_exceptions=True)
 
+    def _refuse(self, event: Event | None, uid: int, user: User | None, why: str) -> None:
+        """Journal a refusal, unless this uid has had its share: then count it for the next."""
+        self.refused += 1
+        bucket = self._refusal_buckets.get(uid)
+        if bucket is None:
+            bucket = TokenBucket(REFUSALS_PER_SECOND, REFUSAL_BURST, self._clock)
+            self._refusal_buckets[uid] = bucket
+        if not bucket.try_take():
+            self._suppressed[uid] += 1
+            return
+        more = self._suppressed.pop(uid, 0)
+        if more:
+            why = f"{why[:MAX_WHY]} (and {more} more refusals not journaled one by one)"
+        log.warning("tap uid %d: %s", uid, why[: MAX_WHY + 80])
+        self.sink.emit(refusal(event, uid, user, why))
+
     async def _serve_tap(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
         uid = peer_uid(writer.get_extra_info("socket"))
-        user = self.user_for_uid(uid)
-        pending: collections.deque[tuple[int, asyncio.Task[None]]] = collections.deque()
         try:
-            while line := await reader.readline():
-                try:
-                    seq, event = decode_line(line)
-                except ValueError as exc:
-                    self.sink.emit(refusal(None, uid, user, str(exc)))
-                    continue
-                pending.append((seq, asyncio.create_task(self._record(event, uid, user))))
-                await self._ack_done(pending, writer, wait=False)
-            await self._ack_done(pending, writer, wait=True)
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            user = self.user_for_uid(uid)
+            if self._connections[uid] >= self._max_connections:
+                # Closed at once: that tap spools, and its events are replayed later.
+                self._refuse(None, uid, user, f"over {self._max_connections} connections")
+                return
+            self._connections[uid] += 1
+            try:
+                await self._read_events(reader, writer, uid, user)
+            finally:
+                self._connections[uid] -= 1
+                if self._connections[uid] <= 0:
+                    del self._connections[uid]
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.warning("tap uid %d: %s", uid, exc)
         finally:
             writer.close()
             self._clients.discard(task)
 
+    async def _read_events(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        uid: int,
+        user: User | None,
+    ) -> None:
+        bucket = self._buckets.get(uid)
+        if bucket is None:
+            bucket = self._buckets[uid] = TokenBucket(self._rate, self._burst, self._clock)
+        acks = _Acks(writer, self._max_in_flight)
+        acker = asyncio.create_task(acks.run())
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # no newline within MAX_LINE bytes: garbage, or an attack
+                    self._refuse(None, uid, user, f"line longer than {MAX_LINE} bytes; cut off")
+                    break
+                if not line:
+                    break
+                # Over its rate, this connection waits (we stop reading it); no one else does.
+                delay = bucket.take()
+                if delay > 0:
+                    await self._sleep(delay)
+                try:
+                    seq, event = decode_line(line)
+                except SchemaError as exc:
+                    self._refuse(None, uid, user, str(exc))
+                    if exc.seq is not None:  # journaled: a resend would only be refused again
+                        await acks.add(exc.seq, None)
+                else:
+                    await acks.add(seq, asyncio.create_task(self._record(event, uid, user)))
+            acks.finish()
+            await acker
+        finally:
+            acker.cancel()
+
     async def _record(self, event: Event, uid: int, user: User | None) -> None:
         try:
             admitted = admit(event, uid, user)
         except Refused as exc:
-            log.warning("tap uid %d: %s", uid, exc)
-            self.sink.emit(refusal(event, uid, user, str(exc)))
+            self._refuse(event, uid, user, str(exc))
             return
         await self.sink.emit_durable(admitted)
-
-    @staticmethod
-    async def _ack_done(
-        pending: collections.deque[tuple[int, asyncio.Task[None]]],
-        writer: asyncio.StreamWriter,
-        *,
-        wait: bool,
-    ) -> None:
-        # Acks go out in order, each once its event is committed; those ready
-        # together go in one write (taps send events in bursts: one send, not one each).
-        acks: list[bytes] = []
-        while pending and (wait or pending[0][1].done()):
-            seq, task = pending.popleft()
-            try:
-                await task
-            except Exception as exc:  # not committed: no ack, the tap spools it
-                log.error("tap event %d not journaled: %s", seq, exc)
-                continue
-            acks.append(ack_line(seq))
-        if acks:
-            writer.write(b"".join(acks))
-        await writer.drain()
 
     async def _replay_loop(self) -> None:
         while True:
@@ -229,8 +338,8 @@ class TapDaemon:
                     continue
                 try:
                     _, event = decode_line(line)
-                except ValueError as exc:
-                    self.sink.emit(refusal(None, uid, user, f"spool {path.name}: {exc}"))
+                except SchemaError as exc:
+                    self._refuse(None, uid, user, f"spool {path.name[:80]}: {exc}")
                     continue
                 await self._record(event, uid, user)
                 count += 1
@@ -239,6 +348,71 @@ class TapDaemon:
             return count
         finally:
             os.close(fd)
+
+
+class _Acks:
+    """One connection's events in flight, acknowledged in order as each is committed.
+
+    At most ``limit`` wait: :meth:`add` waits for room, so a tap that sends
+    faster than its events commit (or never reads its acks) is no longer read.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, limit: int) -> None:
+        self._writer, self._limit = writer, limit
+        # (seq, task); task None: refused, acknowledged as soon as its turn comes.
+        self._pending: collections.deque[tuple[int, asyncio.Task[None] | None]] = (
+            collections.deque()
+        )
+        self._changed = asyncio.Event()  # an entry came, went, or the stream ended
+        self._done = False
+        self._broken = False  # the tap went away: nobody reads acks any more
+
+    async def add(self, seq: int, task: asyncio.Task[None] | None) -> None:
+        while len(self._pending) >= self._limit and not self._broken:
+            self._changed.clear()
+            await self._changed.wait()
+        self._pending.append((seq, task))
+        self._changed.set()
+
+    def finish(self) -> None:
+        self._done = True
+        self._changed.set()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except ConnectionError:
+            self._broken = True
+            self._changed.set()
+            raise
+
+    async def _run(self) -> None:
+        pending = self._pending
+        while pending or not self._done:
+            if not pending:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            head = pending[0][1]
+            if head is not None:
+                await asyncio.wait([head])
+            # Those ready together go in one write (taps send events in bursts).
+            acks: list[bytes] = []
+            while pending and (pending[0][1] is None or pending[0][1].done()):
+                seq, task = pending.popleft()
+                if task is not None and (task.cancelled() or task.exception() is not None):
+                    # Not committed: no ack, the tap spools it.
+                    log.error(
+                        "tap event %d not journaled",
+                        seq,
+                        exc_info=not task.cancelled() and task.exception(),
+                    )
+                    continue
+                acks.append(ack_line(seq))
+            self._changed.set()  # room for add()
+            if acks:
+                self._writer.write(b"".join(acks))
+                await self._writer.drain()
 
 
 def _open_spool(path: Path) -> tuple[int, int, bytes] | None:
