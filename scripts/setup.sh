@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3 python3-venv python3-pip openssh-client openssh-server openssh-sftp-server ffmpeg)
+DEBIAN_PACKAGES=(python3 python3-venv python3-pip openssh-client openssh-server openssh-sftp-server ffmpeg
+    libcap2-bin util-linux)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

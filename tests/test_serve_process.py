@@ -18,10 +18,12 @@ import yaml
 from conftest import PASSWORDS, free_port, write_config
 
 
-def start_serve(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    """Start `sftpgate serve`, wait for its "listening" line, keep draining its stderr."""
+def start_serve(
+    config: Path, env: dict[str, str], command: list[str] | None = None
+) -> subprocess.Popen[str]:
+    """Start `sftpgate serve` (or ``command``), wait for its "listening" line, drain its stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sftpgate", "serve", "--config", str(config)],
+        command or [sys.executable, "-m", "sftpgate", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **env},
