@@ -10,11 +10,8 @@ user's view and the host, so that the links users make work in both.
 from __future__ import annotations
 
 import functools
-import os
 import posixpath
-from dataclasses import dataclass
 
-from ..beneath import Home
 from ..beneath import virtual as _virtual
 from ..errors import JailError
 
@@ -80,25 +77,3 @@ def link_for_client(content: bytes, link: bytes, home_real: bytes) -> bytes:
     if normal.startswith(home + b"/"):
         return normal[len(home) :]
     raise JailError("symlink points outside the home")
-
-
-# -- transitional: the pipeline's old path API, until it opens through Home ----
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    virtual: bytes
-    local: bytes
-
-
-class Jail:
-    """Deprecated: checks a path as a string. Being replaced in the pipeline."""
-
-    def __init__(self, home: str | os.PathLike[str]) -> None:
-        self._home = Home(home)
-
-    def resolve(self, path: bytes, *, follow: bool = True) -> Resolved:
-        where = virtual(path)
-        real = self._home.realpath(where)
-        root = self._home.real
-        return Resolved(where, root if real == b"/" else root + real)

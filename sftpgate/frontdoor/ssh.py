@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -80,19 +79,6 @@ class Users:
 def user_identity(user: User) -> Identity | None:
     """Who ``user``'s file work runs as (None: the gateway is not root). Blocking."""
     return identity_for(user.login, user.home, user.uid, user.gid)
-
-
-def owner_for(user: User) -> tuple[int, int] | None:
-    """Owner to give new files: only when running as root (uid from config or the home)."""
-    if os.geteuid() != 0:
-        return None
-    if user.uid is not None:
-        return user.uid, user.gid if user.gid is not None else user.uid
-    try:
-        st = user.home.stat()
-    except OSError:
-        return None
-    return st.st_uid, st.st_gid
 
 
 class _SFTPOnlySession(SFTPSession):
