@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncssh
@@ -15,6 +16,7 @@ from .events import EventSink
 from .frontdoor.inline import InlineGuard
 from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
 from .frontdoor.writebehind import WRITE_BUDGET, WriteBudget
+from .identity import identity_for
 from .jobs.rules import Rules
 from .jobs.store import JobStore
 from .jobs.worker import WorkerPool
@@ -149,8 +151,15 @@ class Gateway:
         for user in (config or self.config).users:
             if not user.home.exists():
                 user.home.mkdir(parents=True, mode=0o750)
-                if os.geteuid() == 0 and user.uid is not None:
-                    os.chown(user.home, user.uid, user.gid if user.gid is not None else user.uid)
+                if os.geteuid() == 0 and (user.uid is not None or _has_account(user.login)):
+                    ident = identity_for(user.login, user.home, user.uid, user.gid)
+                    assert ident is not None
+                    # Through the folder just made, never a path looked up again.
+                    fd = os.open(user.home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                    try:
+                        os.fchown(fd, ident.uid, ident.gid)
+                    finally:
+                        os.close(fd)
                 log.info("created home %s for %s", user.home, user.login)
 
     def reload(self, config: Config) -> None:
@@ -230,3 +239,11 @@ async def start_workers(config: Config) -> WorkerPool:
     pool = WorkerPool(config, store)
     await pool.start()
     return pool
+
+
+def _has_account(login: str) -> bool:
+    try:
+        pwd.getpwnam(login)
+    except KeyError:
+        return False
+    return True
