@@ -26,12 +26,30 @@ from .model import ACTIVE, EmailState, Job, JobState
 def enqueue(
     conn: sqlite3.Connection, upload_id: int, path: str, event: Event, max_attempts: int
 ) -> int:
-    """Insert a queued job for an upload, inside the caller's transaction."""
+    """Insert a queued job for an upload, inside the caller's transaction.
+
+    Where the event names the uploaded file (``device``, ``inode``), the job's
+    data holds them: the pipeline converts that file and refuses any other
+    that later takes its name.
+    """
     now = time.time()
+    data: dict[str, Any] = {}
+    if event.device is not None and event.inode is not None:
+        data = {"device": event.device, "inode": event.inode}
     cursor = conn.execute(
         "INSERT INTO jobs (upload_id, session_id, login, path, state, max_attempts, next_run_at,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-        (upload_id, event.session.id, event.session.login or "", path, max_attempts, now, now, now),
+        " created_at, updated_at, data) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+        (
+            upload_id,
+            event.session.id,
+            event.session.login or "",
+            path,
+            max_attempts,
+            now,
+            now,
+            now,
+            json.dumps(data),
+        ),
     )
     return int(cursor.lastrowid or 0)
 
