@@ -153,6 +153,8 @@ class PipelineConfig:
     timeout: float = 3 * 3600.0
     nice: int = 10
     memory_limit: int = 4 * 1024**3
+    # Largest file ffmpeg may write (RLIMIT_FSIZE): a crafted input cannot fill the disk.
+    max_output_size: int = 8 * 1024**3
     threads: int = 0
     # Extra ffmpeg input options, e.g. ["-readrate", "1"]; for special inputs.
     input_args: tuple[str, ...] = ()
@@ -411,6 +413,7 @@ def _pipeline(r: _Reader) -> PipelineConfig:
         timeout=r.positive("timeout", float, d.timeout),
         nice=r.nonnegative("nice", int, d.nice),
         memory_limit=r.positive("memory_limit", int, d.memory_limit),
+        max_output_size=r.positive("max_output_size", int, d.max_output_size),
         threads=r.nonnegative("threads", int, d.threads),
         input_args=r.strings("input_args", d.input_args),
     )

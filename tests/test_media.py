@@ -31,7 +31,7 @@ from sftpgate.config import PipelineConfig
 from sftpgate.media import MediaError
 from sftpgate.media.facts import MediaFacts
 from sftpgate.media.flv import keyframe_count, read_on_metadata
-from sftpgate.media.plan import plan_convert, thumbnail_files, thumbnail_pattern
+from sftpgate.media.plan import plan_convert
 from sftpgate.media.probe import probe
 from sftpgate.media.run import kill_leftover, run_ffmpeg
 from sftpgate.media.sidecar import build_sidecar, sha256_file
@@ -211,15 +211,22 @@ def test_plan_is_one_safe_argv_with_input_args_before_the_input(
     facts = MediaFacts("avi", 10.0, 1000, None, "mpeg4", 320, 240, 25.0, None, True, False)
     plan_cfg = replace(cfg, input_args=("-readrate", "1"), threads=2)
     src = Path("-x.avi")  # relative and dash-first: must still be a file, not an option
-    argv = plan_convert(
-        src, tmp_path / "o.flv", tmp_path / "p.jpg", tmp_path / "t-%02d.jpg", facts, plan_cfg
-    )
+    thumbs = [tmp_path / "t-1.jpg", tmp_path / "t-2.jpg"]
+    argv = plan_convert(src, tmp_path / "o.flv", tmp_path / "p.jpg", thumbs, facts, plan_cfg)
     assert argv[0] == cfg.ffmpeg
     assert argv[argv.index("-i") + 1] == "file:" + str(Path.cwd() / "-x.avi")
     assert argv.index("-readrate") < argv.index("-i")
     assert argv.count("-i") == 1 and argv.count("-filter_complex") == 1
-    for out in ("o.flv", "p.jpg", "t-%02d.jpg"):
+    # The input is boxed: the file protocol only, the allowed containers' demuxers only.
+    at = argv.index("-protocol_whitelist")
+    assert argv[at + 1] == "file" and at < argv.index("-i")
+    allowed = argv[argv.index("-format_whitelist") + 1].split(",")
+    assert "mp4" in allowed and "matroska" in allowed and "hls" not in allowed
+    assert argv.index("-format_whitelist") < argv.index("-i")
+    for out in ("o.flv", "p.jpg", "t-1.jpg", "t-2.jpg"):
         assert "file:" + str(tmp_path / out) in argv
+    # Each image is one file of its own, never a numbered image2 sequence.
+    assert argv.count("-update") == 3 and "%" not in " ".join(argv)
     assert argv[argv.index("-flvflags") :][:2] == ["-flvflags", "add_keyframe_index"]
     assert argv[argv.index("-threads") :][:2] == ["-threads", "2"]
     assert "-an" in argv and "0:a:0?" not in argv  # the source has no audio
@@ -228,7 +235,7 @@ def test_plan_is_one_safe_argv_with_input_args_before_the_input(
 
 def test_plan_refuses_media_without_duration_or_video(tmp_path: Path, cfg: PipelineConfig) -> None:
     facts = MediaFacts("avi", None, 1000, None, "mpeg4", 320, 240, 25.0, None, True, False)
-    outs = (tmp_path / "o.flv", tmp_path / "p.jpg", tmp_path / "t-%02d.jpg")
+    outs = (tmp_path / "o.flv", tmp_path / "p.jpg", [tmp_path / "t-01.jpg"])
     with pytest.raises(MediaError, match="duration unknown"):
         plan_convert(tmp_path / "a.avi", *outs, facts, cfg)
     with pytest.raises(MediaError, match="not a video"):
@@ -241,7 +248,8 @@ def convert(
     """Probe, plan and run ffmpeg; return the FLV, poster, thumbnails, progress reports."""
     facts = facts_of(src, cfg)
     flv, poster = out_dir / f"{stem}.flv", out_dir / f"{stem}.jpg"
-    argv = plan_convert(src, flv, poster, thumbnail_pattern(out_dir, stem), facts, cfg)
+    thumbs = [out_dir / f"{stem}-{n:02d}.jpg" for n in range(1, cfg.thumbnails + 1)]
+    argv = plan_convert(src, flv, poster, thumbs, facts, cfg)
     progress: list[float] = []
     asyncio.run(
         run_ffmpeg(
@@ -253,7 +261,7 @@ def convert(
             on_progress=progress.append,
         )
     )
-    return flv, poster, thumbnail_files(out_dir, stem, cfg.thumbnails), progress
+    return flv, poster, thumbs, progress
 
 
 def assert_playable_flv(flv: Path, *, audio: bool = True) -> None:
@@ -321,7 +329,7 @@ def slow_argv(cfg: PipelineConfig, clip_path: Path, out: Path) -> list[str]:
     """A conversion that takes ~2 s of wall time: the input is read in real time."""
     facts = facts_of(clip_path, cfg)
     slow = replace(cfg, input_args=("-readrate", "1"))
-    return plan_convert(clip_path, out / "o.flv", out / "p.jpg", out / "t-%02d.jpg", facts, slow)
+    return plan_convert(clip_path, out / "o.flv", out / "p.jpg", [out / "t-01.jpg"], facts, slow)
 
 
 def gone(pid: int) -> bool:
@@ -391,7 +399,7 @@ def test_failed_ffmpeg_run_raises_with_its_error_lines(cfg: PipelineConfig, tmp_
     src = make_fake(tmp_path / "fake.mp4")
     facts = MediaFacts("mp4", 2.0, 1000, None, "h264", 320, 240, 25.0, None, True, False)
     argv = plan_convert(
-        src, tmp_path / "o.flv", tmp_path / "p.jpg", tmp_path / "t-%02d.jpg", facts, cfg
+        src, tmp_path / "o.flv", tmp_path / "p.jpg", [tmp_path / "t.jpg"], facts, cfg
     )
     with pytest.raises(MediaError, match=r"^ffmpeg failed \(exit status 1\): ") as caught:
         asyncio.run(run_ffmpeg(argv, timeout=30, nice=0, memory_limit=cfg.memory_limit, duration=2))

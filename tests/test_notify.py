@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from sftpgate.config import SmtpConfig
 from sftpgate.notify import PermanentEmailError, TransientEmailError
-from sftpgate.notify.message import build_message
+from sftpgate.notify.message import Poster, build_message
 from sftpgate.notify.smtp import read_password, send
 from sftpgate.notify.templates import POSTER_MARKER, format_duration, render, sftp_path
 
@@ -276,8 +276,9 @@ def with_(cfg: SmtpConfig, **changes: Any) -> SmtpConfig:
 
 
 def converted_message(file: str = "/in/clip.mp4", poster: Path | None = None) -> EmailMessage:
+    image = Poster(poster.name, poster.read_bytes()) if poster is not None else None
     rendered = render("converted", converted_context(file), None)
-    return build_message(rendered, sender=SENDER, recipient=RECIPIENT, poster=poster)
+    return build_message(rendered, sender=SENDER, recipient=RECIPIENT, poster=image)
 
 
 # --- templates and messages (no sockets) ------------------------------------------
@@ -381,14 +382,10 @@ def test_poster_goes_before_body_end_when_site_template_has_no_placeholder(
 ) -> None:
     (tmp_path / "converted.html").write_text("<html><body><p>$file</p></body></html>")
     rendered = render("converted", converted_context(), tmp_path)
-    msg = build_message(rendered, sender=SENDER, recipient=RECIPIENT, poster=poster)
+    image = Poster(poster.name, poster.read_bytes())
+    msg = build_message(rendered, sender=SENDER, recipient=RECIPIENT, poster=image)
     html = body(msg, "html")
     assert html.index("<p>/in/clip.mp4</p>") < html.index('<img src="cid:') < html.index("</body>")
-
-
-def test_missing_poster_is_a_permanent_error_naming_it(tmp_path: Path) -> None:
-    with pytest.raises(PermanentEmailError, match=r"nothing\.jpg: cannot read poster"):
-        converted_message(poster=tmp_path / "nothing.jpg")
 
 
 # --- delivery -------------------------------------------------------------------

@@ -8,6 +8,7 @@ tags (type 18) hold two AMF0 values: the name ``onMetaData`` and a mapping.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -56,19 +57,24 @@ def read_on_metadata(data: bytes) -> dict[str, Any]:
     raise MediaError("FLV has no onMetaData tag")
 
 
-def keyframe_count(path: Path, limit: int = READ_LIMIT) -> int:
+def keyframe_count(source: Path | int, limit: int = READ_LIMIT) -> int:
     """Number of entries in the FLV's onMetaData keyframe index; 0 when there is none.
 
-    Reads at most ``limit`` bytes from the start of the file (the metadata
-    tag comes first; 8 MiB holds an index of ~400,000 keyframes).
+    ``source`` is a path or a descriptor open for reading (read with
+    ``pread``, its offset left alone). Reads at most ``limit`` bytes from the
+    start of the file (the metadata tag comes first; 8 MiB holds an index of
+    ~400,000 keyframes).
 
     Raises:
         MediaError: not FLV, metadata unreadable within ``limit``, or the
             index's ``times`` and ``filepositions`` differ in length.
         OSError: the file cannot be read.
     """
-    with path.open("rb") as f:
-        meta = read_on_metadata(f.read(limit))
+    if isinstance(source, int):
+        meta = read_on_metadata(os.pread(source, limit, 0))
+    else:
+        with source.open("rb") as f:
+            meta = read_on_metadata(f.read(limit))
     index = meta.get("keyframes")
     if not isinstance(index, dict):
         return 0

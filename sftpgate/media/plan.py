@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from ..config import PipelineConfig
 from . import MediaError
 from .facts import MediaFacts
 from .probe import file_url
+from .sandbox import input_args
 
 GLOBAL_ARGS = ("-nostdin", "-hide_banner", "-loglevel", "error", "-y")
 # Progress as key=value lines on stdout; -nostats drops the human status line
@@ -20,21 +22,11 @@ POSTER_AT = 0.10  # fraction of the duration where the poster frame is taken
 JPEG_QUALITY = 3  # mjpeg -q:v, 2 (best) .. 31
 
 
-def thumbnail_pattern(folder: Path, stem: str) -> Path:
-    """``folder/<stem>-%02d.jpg`` with any ``%`` in ``stem`` doubled for ffmpeg's image2."""
-    return folder / f"{stem.replace('%', '%%')}-%02d.jpg"
-
-
-def thumbnail_files(folder: Path, stem: str, count: int) -> list[Path]:
-    """The files ffmpeg writes for ``thumbnail_pattern(folder, stem)``: numbered from 1."""
-    return [folder / f"{stem}-{n:02d}.jpg" for n in range(1, count + 1)]
-
-
 def plan_convert(
     src: Path,
     flv_out: Path,
     poster_out: Path,
-    thumbs_pattern: Path,
+    thumbs_out: Sequence[Path],
     facts: MediaFacts,
     cfg: PipelineConfig,
 ) -> list[str]:
@@ -44,18 +36,21 @@ def plan_convert(
        size, square pixels) + AAC at ``cfg.audio_bitrate`` when the source has
        audio, muxed as FLV with a keyframe index in onMetaData.
     2. ``poster_out``: one JPEG from 10 % into the clip, ``cfg.poster_width`` wide.
-    3. ``thumbs_pattern`` (an image2 pattern such as ``/d/name-%02d.jpg``, see
-       ``thumbnail_pattern``): ``cfg.thumbnails`` JPEGs, one from the middle of
-       each of as many equal slices of the clip, ``cfg.thumbnail_width`` wide.
-       Left out when ``cfg.thumbnails`` is 0.
+    3. ``thumbs_out``: one JPEG each, from the middle of each of as many
+       equal slices of the clip, ``cfg.thumbnail_width`` wide (none when the
+       list is empty).
 
-    The times come from ``facts.duration`` (the container's): should the
-    video stream end much earlier, ffmpeg still succeeds but writes fewer
-    thumbnails, or no poster, so callers check which files exist.
+    Every output is one file ffmpeg opens by the name given, never a
+    numbered sequence: callers pass ``/proc/self/fd/N`` of files they made
+    themselves. The times come from ``facts.duration`` (the container's):
+    should the video stream end much earlier, ffmpeg still succeeds but
+    leaves some images empty, so callers check what was written.
 
-    ``argv[0]`` is ``cfg.ffmpeg``; ``cfg.input_args`` come right before ``-i``;
-    every file is given as ``file:`` + absolute path. Progress goes to stdout
-    (``-progress pipe:1``), errors to stderr.
+    ``argv[0]`` is ``cfg.ffmpeg``; the input is boxed (``-protocol_whitelist
+    file``, ``-format_whitelist`` of ``cfg.allowed_containers``), then
+    ``cfg.input_args``, right before ``-i``; every file is given as
+    ``file:`` + absolute path. Progress goes to stdout (``-progress
+    pipe:1``), errors to stderr.
 
     Raises:
         MediaError: ``facts`` have no video stream or no duration.
@@ -77,10 +72,12 @@ def plan_convert(
     )
     outputs = [
         _flv(video[0], source, flv_out, facts, cfg),
-        _poster(video[1], poster_out, duration, cfg),
+        _still(video[1], poster_out, duration * POSTER_AT, cfg.poster_width),
     ]
-    if cfg.thumbnails > 0:
-        outputs.append(_thumbnails(video[2], thumbs_pattern, duration, cfg))
+    # The middle of each of len(thumbs_out) equal slices.
+    step = duration / max(1, len(thumbs_out))
+    for index, out in enumerate(thumbs_out):
+        outputs.append(_still(video[2 + index], out, step / 2 + index * step, cfg.thumbnail_width))
     args: list[str] = ffmpeg.merge_outputs(*outputs).get_args()
     # ffmpeg-python takes input options only as keyword arguments; ours are a
     # free-form list, so they go in by hand, right before the one "-i".
@@ -90,6 +87,7 @@ def plan_convert(
         *GLOBAL_ARGS,
         *PROGRESS_ARGS,
         *args[:at],
+        *input_args(cfg.allowed_containers),
         *cfg.input_args,
         *args[at:],
     ]
@@ -119,43 +117,29 @@ def _flv(video: Any, source: Any, out: Path, facts: MediaFacts, cfg: PipelineCon
     return ffmpeg.output(*streams, file_url(out), **options)
 
 
-def _poster(video: Any, out: Path, duration: float, cfg: PipelineConfig) -> Any:
-    # The second trim lets exactly one frame through: without it the branch
-    # stays open and scales (then drops) every later frame, ~15% of the run.
-    frame = (
-        video.trim(start=_seconds(duration * POSTER_AT))
-        .trim(end_frame=1)
-        .filter("scale", cfg.poster_width, -2)
+def _still(video: Any, out: Path, at: float, width: int) -> Any:
+    # Two frames: the first one at once, then the first at or after ``at``,
+    # each written over the last (update=1), so the file ends as the frame
+    # at ``at`` (or the first frame, should the video end earlier). The
+    # early frame matters: ffmpeg reports no progress until every output
+    # has started, and an output that waits for a late frame holds it back.
+    # Scaling comes after the select, so only those two frames are scaled.
+    when = _seconds(at)
+    frame = video.filter("select", f"eq(n,0)+gte(t,{when})*lt(prev_selected_t,{when})").filter(
+        "scale", width, -2
     )
     # update=1: a single image whose name is used as is, so a "%" in it is
-    # not taken for an image2 sequence pattern.
+    # not taken for an image2 sequence pattern. passthrough: no copies of
+    # the first frame to fill the time up to the second.
     return ffmpeg.output(
         frame,
         file_url(out),
-        **{"frames:v": 1, "update": 1, "f": "image2", "c:v": "mjpeg", "q:v": JPEG_QUALITY},
-    )
-
-
-def _thumbnails(video: Any, pattern: Path, duration: float, cfg: PipelineConfig) -> Any:
-    count = cfg.thumbnails
-    step = duration / count
-    first = step / 2
-    # Keep the first frame at or after first + k*step, for each k. Not
-    # fps=count/duration: at end of stream the fps filter rounds the last
-    # slot away and writes one thumbnail too few.
-    slot = f"floor((t-{_seconds(first)})/{_seconds(step)})"
-    last = f"floor((prev_selected_t-{_seconds(first)})/{_seconds(step)})"
-    expr = f"gte(t,{_seconds(first)})*(isnan(prev_selected_t)+gt({slot},{last}))"
-    frames = video.filter("select", expr).filter("scale", cfg.thumbnail_width, -2)
-    return ffmpeg.output(
-        frames,
-        file_url(pattern),
         **{
-            "frames:v": count,
+            "frames:v": 2,
+            "update": 1,
             "f": "image2",
             "c:v": "mjpeg",
             "q:v": JPEG_QUALITY,
-            # One file per selected frame: no duplicates to fill the gaps.
             "fps_mode": "passthrough",
         },
     )

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import os
 import resource
 import signal
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..identity import Identity
 from . import MediaError
+from .sandbox import ChildSetup, Limits, cpu_seconds
 
 log = logging.getLogger(__name__)
 
 STDERR_LINES = 20  # kept for the error message
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # ffmpeg 5 prints out_time_ms in microseconds too (a long-standing bug), so
 # both keys are read the same way.
 _TIME_KEYS = ("out_time_us=", "out_time_ms=")
@@ -36,16 +34,28 @@ async def run_ffmpeg(
     duration: float | None,
     on_progress: Callable[[float], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    identity: Identity | None = None,
+    file_size_limit: int = resource.RLIM_INFINITY,
+    pass_fds: Sequence[int] = (),
+    marker: str | None = None,
 ) -> None:
     """Run ``argv`` (as built by ``plan_convert``) and return when ffmpeg succeeded.
 
-    ffmpeg runs in its own process group (pgid == pid), niced by ``nice``,
-    with its address space limited to ``memory_limit`` bytes, and is killed by
-    the kernel should this process die. ``on_start(pid)`` is called right
-    after the spawn (to record the pid for ``kill_leftover``);
-    ``on_progress(fraction)`` with 0..1 as ``-progress pipe:1`` reports come
-    in, when ``duration`` is known, and with 1.0 at the end. A callback that
-    raises is logged and otherwise ignored.
+    ffmpeg runs in its own process group (pgid == pid), boxed by
+    ``sandbox.ChildSetup``: as ``identity`` when given (uid, gid and groups),
+    in a private network namespace where the platform allows, niced by
+    ``nice``, with its address space limited to ``memory_limit`` bytes, each
+    file it writes to ``file_size_limit`` bytes, its CPU time to what
+    ``timeout`` allows, and killed by the kernel should this process die.
+    ``pass_fds`` stay open in it (its input and outputs, named in ``argv``
+    as ``/proc/self/fd/N``). ``on_start(pid)`` is called right after the
+    spawn (to record the pid for ``kill_leftover``); ``on_progress(fraction)``
+    with 0..1 as ``-progress pipe:1`` reports come in, when ``duration`` is
+    known, and with 1.0 at the end. ``marker``, when given, is ffmpeg's
+    ``argv[0]`` (what ``ps`` and ``/proc/PID/cmdline`` show) so that
+    ``kill_leftover`` can tell it from anything else. A callback that raises is logged and
+    otherwise ignored. Call it from a thread that acts as nobody else (the
+    event loop's): the child starts with that thread's credentials.
 
     Raises:
         MediaError: ffmpeg ran longer than ``timeout`` seconds (its process
@@ -54,16 +64,22 @@ async def run_ffmpeg(
         asyncio.CancelledError: re-raised after killing the process group.
         OSError: ffmpeg cannot be started.
     """
-    prctl = _libc_prctl()  # looked up here: after fork only a plain call is safe
-    limit = functools.partial(_limit_child, nice, memory_limit, os.getpid(), prctl)
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=limit,
-    )
+    limits = Limits(cpu_seconds(timeout), memory_limit, file_size_limit, nice)
+    setup = ChildSetup(identity, limits)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *([marker, *argv[1:]] if marker else argv),
+            executable=argv[0],
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            pass_fds=tuple(pass_fds),
+            preexec_fn=setup,
+        )
+        setup.report()
+    finally:
+        setup.close()
     if on_start is not None:
         _notify(on_start, proc.pid)
     assert proc.stdout is not None and proc.stderr is not None
@@ -115,38 +131,6 @@ def kill_leftover(pid: int, marker: str) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _limit_child(nice: int, memory_limit: int, parent: int, prctl: Any) -> None:
-    """Runs in the forked child before exec: only syscalls, no imports, no locks.
-
-    preexec_fn is documented as unsafe with threads because the child could
-    need a lock some other thread held at fork time; this function takes
-    none (prctl was looked up in the parent). PDEATHSIG fires when the
-    *thread* that forked exits: here the event loop's thread, which lives as
-    long as the gateway does.
-    """
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        # PDEATHSIG covers deaths from now on; had the parent died between
-        # fork and prctl, we would have been re-parented already.
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-    if nice:
-        os.nice(nice)
-    resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-
-
-@functools.cache
-def _libc_prctl() -> Any:
-    """libc's prctl, or None where there is none (not Linux)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return ctypes.CDLL(name, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
 
 
 async def _read_progress(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,14 +27,23 @@ _FACT_KEYS = (
 )
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(source: Path | int) -> str:
     """Hex SHA-256 of the file's contents, read in 1 MiB chunks. Blocking.
+
+    ``source`` is a path or a descriptor open for reading (read from offset
+    0 with ``pread``, its own offset left alone).
 
     Raises:
         OSError: the file cannot be read.
     """
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    if isinstance(source, int):
+        offset = 0
+        while chunk := os.pread(source, CHUNK, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        return digest.hexdigest()
+    with source.open("rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from pathlib import Path
 
-from . import PermanentEmailError
 from .templates import POSTER_MARKER, Rendered
+
+
+@dataclass(frozen=True, slots=True)
+class Poster:
+    """The JPEG to show inline: its file name (for the part) and its bytes.
+
+    The caller reads it (the pipeline does, as the uploader, through the
+    output folder's descriptor); building a message opens no file.
+    """
+
+    name: str
+    data: bytes
 
 
 def _domain(address: str) -> str | None:
@@ -31,7 +42,7 @@ def _poster_html(html_body: str, cid: str, alt: str) -> str:
 
 
 def build_message(
-    rendered: Rendered, *, sender: str, recipient: str, poster: Path | None = None
+    rendered: Rendered, *, sender: str, recipient: str, poster: Poster | None = None
 ) -> EmailMessage:
     """A ready-to-send message (``email.policy.SMTP``: CRLF line ends).
 
@@ -42,9 +53,8 @@ def build_message(
     is removed. Date, Message-ID and ``Auto-Submitted: auto-generated`` (so
     vacation responders stay quiet) are set.
 
-    Raises :class:`~sftpgate.notify.PermanentEmailError` when the poster cannot
-    be read, and :class:`ValueError` when ``sender``, ``recipient`` or the
-    subject cannot be a header (e.g. contain a line break).
+    Raises :class:`ValueError` when ``sender``, ``recipient`` or the subject
+    cannot be a header (e.g. contain a line break).
     """
     msg = EmailMessage(policy=policy.SMTP)
     msg["From"] = sender
@@ -60,16 +70,12 @@ def build_message(
         msg.add_alternative(rendered.html.replace(POSTER_MARKER, ""), subtype="html")
         return msg
 
-    try:
-        image = poster.read_bytes()
-    except OSError as exc:
-        raise PermanentEmailError(f"{poster}: cannot read poster: {exc.strerror}") from None
     cid = make_msgid("poster", domain=domain)
     msg.add_alternative(_poster_html(rendered.html, cid, alt=poster.name), subtype="html")
     html_part = msg.get_body(preferencelist=("html",))
     assert html_part is not None
     html_part.add_related(
-        image,
+        poster.data,
         maintype="image",
         subtype="jpeg",
         cid=cid,
