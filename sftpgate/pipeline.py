@@ -10,36 +10,52 @@ once, stored on the job, and reused by every later attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
 import posixpath
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
+from .beneath import Home
 from .config import Config, User
-from .errors import JailError, SftpgateError
-from .frontdoor.jail import Jail
-from .frontdoor.ssh import owner_for
+from .errors import SftpgateError
+from .identity import Identity, IdentityError, call_as, identity_for
 from .jobs.model import EmailState, Job, Outcome
 from .jobs.store import JobStore
 from .media import MediaError
 from .media.facts import MediaFacts
+from .media.files import (
+    Refused,
+    create_temp,
+    open_output,
+    open_output_folder,
+    open_upload,
+    place,
+    read_output,
+    taken,
+    write_all,
+)
 from .media.flv import keyframe_count
-from .media.plan import plan_convert, thumbnail_files, thumbnail_pattern
-from .media.probe import probe
+from .media.plan import plan_convert
+from .media.probe import fd_path, probe
 from .media.run import run_ffmpeg
+from .media.sandbox import SNIFF_BYTES, sniff
 from .media.sidecar import build_sidecar, sha256_file
 from .media.validate import validate
 from .notify import PermanentEmailError, TransientEmailError
-from .notify.message import build_message
+from .notify.message import Poster, build_message
 from .notify.smtp import send
 from .notify.templates import format_duration, render
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PROBE_TIMEOUT = 120.0  # seconds for one ffprobe run
+POSTER_LIMIT = 16 * 1024 * 1024  # bytes of the poster read for the email
 
 
 class PermanentJobError(SftpgateError):
@@ -54,8 +70,12 @@ class Result:
     warning: str | None = None
 
 
-def choose_outputs(folder: str, stem: str, thumbnails: int) -> dict[str, Any]:
-    """Pick output names in ``folder`` that no earlier file uses (suffix -1, -2 ...). Blocking."""
+def choose_outputs(folder_fd: int, stem: str, thumbnails: int) -> dict[str, Any]:
+    """Pick output names that nothing in the folder uses yet (suffix -1, -2 ...). Blocking.
+
+    Looks through ``folder_fd`` (a link, even a dangling one, takes a name);
+    run it as the uploader.
+    """
     for n in range(10_000):
         base = stem if n == 0 else f"{stem}-{n}"
         names: dict[str, Any] = {
@@ -66,9 +86,52 @@ def choose_outputs(folder: str, stem: str, thumbnails: int) -> dict[str, Any]:
             "thumbnails": [f"{base}-thumb-{i:02d}.jpg" for i in range(1, thumbnails + 1)],
         }
         every = [names["flv"], names["sidecar"], names["poster"], *names["thumbnails"]]
-        if not any(os.path.lexists(os.path.join(folder, name)) for name in every):
+        if not any(taken(folder_fd, name) for name in every):
             return names
-    raise PermanentJobError(f"no free output name for {stem!r} in {folder}")
+    raise PermanentJobError(f"no free output name for {stem!r}")
+
+
+class _AsUser:
+    """One run's file work as the uploader: the home, the output folder's descriptor."""
+
+    def __init__(self, identity: Identity | None, home: Home, output_dir: str) -> None:
+        self.identity = identity
+        self.home = home
+        self.output_dir = output_dir
+        self._folder: int | None = None
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread acting as the user."""
+        return await asyncio.to_thread(call_as, self.identity, fn, *args)
+
+    async def open_home(self) -> None:
+        """Open the home's descriptor as the user: everything else is reached from it."""
+        try:
+            await self(lambda: self.home.fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+                raise
+            who = self.identity.describe() if self.identity else "the gateway"
+            why = f"cannot open the home {self.home.path} as {who}: {exc.strerror}"
+            raise Refused(why) from None
+
+    async def folder(self) -> int:
+        """The output folder's descriptor, opened (or made) once per run."""
+        if self._folder is None:
+            self._folder = await self(open_output_folder, self.home, self.output_dir)
+        return self._folder
+
+    def close(self) -> None:
+        if self._folder is not None:
+            os.close(self._folder)
+            self._folder = None
+        self.home.close()
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class Pipeline:
@@ -83,42 +146,88 @@ class Pipeline:
         return await loop.run_in_executor(self.store.executor, lambda: fn(*args, **kwargs))
 
     async def run(self, job: Job, owner: str, progress: Callable[[float, str], None]) -> Result:
-        """Run the steps still to do; raise PermanentJobError or anything else (= retry)."""
+        """Run the steps still to do; raise PermanentJobError or anything else (= retry).
+
+        Every file the job touches is reached as the uploader, beneath the
+        home, on descriptors (see ``media.files``); ffprobe and ffmpeg run as
+        the uploader too, boxed (``media.sandbox``).
+        """
         user = self.config.user(job.login)
         if user is None:
             raise PermanentJobError(f"user {job.login!r} is no longer in the config")
-        jail = Jail(user.home)
         try:
-            source = await asyncio.to_thread(jail.resolve, os.fsencode(job.path))
-        except JailError as exc:
-            raise PermanentJobError(f"the upload path leads outside the home: {exc}") from None
-        if not await asyncio.to_thread(os.path.isfile, source.local):
-            raise PermanentJobError("the upload is gone (removed or renamed before conversion)")
-        src = Path(os.fsdecode(source.local))
+            identity = await asyncio.to_thread(
+                identity_for, user.login, user.home, user.uid, user.gid
+            )
+        except IdentityError as exc:
+            raise PermanentJobError(str(exc)) from None
+        files = _AsUser(identity, Home(user.home), self.config.pipeline.output_dir)
+        try:
+            await files.open_home()
+            return await self._steps(job, owner, user, files, progress)
+        except Refused as exc:
+            raise PermanentJobError(str(exc)) from None
+        finally:
+            await asyncio.to_thread(files.close)
 
+    async def _steps(
+        self,
+        job: Job,
+        owner: str,
+        user: User,
+        files: _AsUser,
+        progress: Callable[[float, str], None],
+    ) -> Result:
         if not job.done("probe"):
             progress(0.0, "probe")
-            job = await self._probe(job, owner, src)
+            job = await self._probe(job, owner, files)
         reason = job.data.get("rejected")
         if reason is None:
             if not job.done("transcode"):
-                job = await self._transcode(job, owner, user, jail, src, progress)
+                job = await self._transcode(job, owner, files, progress)
             if not job.done("sidecar"):
                 progress(0.95, "sidecar")
-                job = await self._sidecar(job, owner, user, src)
+                job = await self._sidecar(job, owner, user, files)
         progress(0.98, "email")
-        warning = await self._email(job, owner, user, reason)
+        warning = await self._email(job, owner, user, reason, files)
         outputs = job.data.get("outputs", {})
         if reason is not None:
             return Result(Outcome.REJECTED, None, reason, warning)
         flv = posixpath.join("/", self.config.pipeline.output_dir, outputs["flv"])
         return Result(Outcome.CONVERTED, flv, "converted", warning)
 
-    async def _probe(self, job: Job, owner: str, src: Path) -> Job:
-        cfg = self.config.pipeline
-        await self._db(self.store.mark_step, job.id, owner, "probe")
+    async def _open_upload(
+        self, job: Job, owner: str, step: str, files: _AsUser
+    ) -> tuple[int, Job]:
+        """The upload, opened once for ``step``; its inode is recorded at the first open."""
+        data = job.data
+        expect = (data["device"], data["inode"]) if "inode" in data else None
+        fd, device, inode = await files(open_upload, files.home, job.path, expect)
+        update = {"device": device, "inode": inode} if expect is None else None
         try:
-            data = await asyncio.to_thread(probe, src, cfg.ffprobe, 120)
+            job = await self._db(self.store.mark_step, job.id, owner, step, data=update)
+        except BaseException:
+            _close(fd)
+            raise
+        return fd, job
+
+    async def _probe(self, job: Job, owner: str, files: _AsUser) -> Job:
+        cfg = self.config.pipeline
+        fd, job = await self._open_upload(job, owner, "probe", files)
+        try:
+            reason = sniff(await asyncio.to_thread(os.pread, fd, SNIFF_BYTES, 0))
+            if reason is not None:
+                raise MediaError(reason)
+            data = await asyncio.to_thread(
+                probe,
+                fd,
+                cfg.ffprobe,
+                PROBE_TIMEOUT,
+                containers=cfg.allowed_containers,
+                identity=files.identity,
+                nice=cfg.nice,
+                memory_limit=cfg.memory_limit,
+            )
             facts = MediaFacts.from_probe(data)
         except MediaError as exc:
             return await self._db(
@@ -129,6 +238,8 @@ class Pipeline:
                 finished=True,
                 data={"rejected": exc.reason},
             )
+        finally:
+            _close(fd)
         reason = validate(facts, cfg)
         update: dict[str, Any] = {"source": facts.to_dict()}
         if reason is not None:
@@ -137,99 +248,117 @@ class Pipeline:
             self.store.mark_step, job.id, owner, "probe", finished=True, data=update
         )
 
-    async def _output_folder(self, user: User, jail: Jail) -> str:
-        virtual = os.fsencode("/" + self.config.pipeline.output_dir)
-
-        def make() -> str:
-            resolved = jail.resolve(virtual)  # refuses a folder that is a link out of the home
-            if not os.path.isdir(resolved.local):
-                os.makedirs(resolved.local, mode=0o755, exist_ok=True)
-                owner = owner_for(user)  # may stat the home: here, in the thread
-                if owner is not None:
-                    os.chown(resolved.local, *owner)
-            return os.fsdecode(jail.resolve(virtual).local)
-
-        try:
-            return await asyncio.to_thread(make)
-        except JailError as exc:
-            raise PermanentJobError(f"output folder: {exc}") from None
-
     async def _transcode(
         self,
         job: Job,
         owner: str,
-        user: User,
-        jail: Jail,
-        src: Path,
+        files: _AsUser,
         progress: Callable[[float, str], None],
     ) -> Job:
         cfg = self.config.pipeline
-        folder = await self._output_folder(user, jail)
-        names: dict[str, Any] | None = job.data.get("outputs")
-        if names is None:  # chosen once; later attempts reuse them
-            stem = posixpath.splitext(posixpath.basename(job.path))[0] or "video"
-            names = await asyncio.to_thread(choose_outputs, folder, stem, cfg.thumbnails)
-        job = await self._db(
-            self.store.mark_step,
-            job.id,
-            owner,
-            "transcode",
-            data={"outputs": names, "folder": folder},
-        )
-        tmp = f".part-{job.id}-"
-        flv_tmp = Path(folder, tmp + names["flv"])
-        poster_tmp = Path(folder, tmp + names["poster"])
-        thumbs_stem = tmp + names["base"] + "-thumb"
-        thumbs_tmp = thumbnail_pattern(Path(folder), thumbs_stem)
-        facts = MediaFacts(**job.data["source"])
-        argv = plan_convert(src, flv_tmp, poster_tmp, thumbs_tmp, facts, cfg)
-
-        pending: list[asyncio.Task[None]] = []
-
-        def started(pid: int) -> None:
-            # Recorded at once so that after a crash the restart can kill it.
-            pending.append(
-                asyncio.get_running_loop().create_task(
-                    self._db(self.store.set_pid, job.id, owner, pid, str(flv_tmp))
+        src, job = await self._open_upload(job, owner, "transcode", files)
+        made: list[int] = []
+        try:
+            folder = await files.folder()
+            names: dict[str, Any] | None = job.data.get("outputs")
+            if names is None:  # chosen once; later attempts reuse them
+                stem = posixpath.splitext(posixpath.basename(job.path))[0] or "video"
+                names = await files(choose_outputs, folder, stem, cfg.thumbnails)
+                job = await self._db(
+                    self.store.mark_step, job.id, owner, "transcode", data={"outputs": names}
                 )
-            )
+            finals = [names["flv"], names["poster"], *names["thumbnails"]]
+            temps = [f".part-{job.id}-{name}" for name in finals]
+            for name in temps:
+                made.append(await files(create_temp, folder, name))
+            paths = [fd_path(fd) for fd in made]
+            facts = MediaFacts(**job.data["source"])
+            argv = plan_convert(fd_path(src), paths[0], paths[1], paths[2:], facts, cfg)
+            marker = f"ffmpeg:sftpgate-job-{job.id}-{secrets.token_hex(4)}"
+            pending: list[asyncio.Task[None]] = []
 
-        await run_ffmpeg(
-            argv,
-            timeout=cfg.timeout,
-            nice=cfg.nice,
-            memory_limit=cfg.memory_limit,
-            duration=facts.duration,
-            on_progress=lambda f: progress(0.05 + 0.9 * f, "transcode"),
-            on_start=started,
-        )
-        await asyncio.gather(*pending)
-        await self._db(self.store.set_pid, job.id, owner, None, None)
-        moves = [(flv_tmp, names["flv"]), (poster_tmp, names["poster"])]
-        made = thumbnail_files(Path(folder), thumbs_stem, len(names["thumbnails"]))
-        moves += list(zip(made, names["thumbnails"], strict=True))
-        await asyncio.to_thread(self._place, moves, folder, user)
+            def started(pid: int) -> None:
+                # Recorded at once so that after a crash the restart can kill it.
+                pending.append(
+                    asyncio.get_running_loop().create_task(
+                        self._db(self.store.set_pid, job.id, owner, pid, marker)
+                    )
+                )
+
+            await run_ffmpeg(
+                argv,
+                timeout=cfg.timeout,
+                nice=cfg.nice,
+                memory_limit=cfg.memory_limit,
+                duration=facts.duration,
+                on_progress=lambda f: progress(0.05 + 0.9 * f, "transcode"),
+                on_start=started,
+                identity=files.identity,
+                file_size_limit=cfg.max_output_size,
+                pass_fds=[src, *made],
+                marker=marker,
+            )
+            await asyncio.gather(*pending)
+            await self._db(self.store.set_pid, job.id, owner, None, None)
+            stats = [await asyncio.to_thread(os.fstat, fd) for fd in made]
+            for name, st in zip(finals, stats, strict=True):
+                if st.st_size == 0:
+                    raise MediaError(f"ffmpeg did not write {name}")
+            digest = await asyncio.to_thread(sha256_file, src)
+            placed = self._placed(job, finals, stats)
+            job = await self._db(
+                self.store.mark_step,
+                job.id,
+                owner,
+                "transcode",
+                data={"sha256": digest, "placed": placed},
+            )
+            await files(place, folder, list(zip(temps, finals, strict=True)), placed)
+        finally:
+            _close(src, *made)
         return await self._db(self.store.mark_step, job.id, owner, "transcode", finished=True)
 
     @staticmethod
-    def _place(moves: list[tuple[Path, str]], folder: str, user: User) -> None:
-        for tmp, name in moves:
-            if not tmp.exists():
-                raise MediaError(f"ffmpeg did not write {name}")
-        owner = owner_for(user)
-        for tmp, name in moves:
-            if owner is not None:
-                os.chown(tmp, *owner)
-            os.replace(tmp, os.path.join(folder, name))
+    def _placed(
+        job: Job, finals: list[str], stats: list[os.stat_result]
+    ) -> dict[str, list[list[int]]]:
+        """The job's record of which files it puts at which final names, with these added."""
+        placed: dict[str, list[list[int]]] = {
+            name: [list(pair) for pair in pairs]
+            for name, pairs in job.data.get("placed", {}).items()
+        }
+        for name, st in zip(finals, stats, strict=True):
+            placed.setdefault(name, []).append([st.st_dev, st.st_ino])
+        return placed
 
-    async def _sidecar(self, job: Job, owner: str, user: User, src: Path) -> Job:
+    async def _sidecar(self, job: Job, owner: str, user: User, files: _AsUser) -> Job:
         cfg = self.config.pipeline
-        names, folder = job.data["outputs"], job.data["folder"]
-        flv = Path(folder, names["flv"])
+        names = job.data["outputs"]
         await self._db(self.store.mark_step, job.id, owner, "sidecar")
-        digest = await asyncio.to_thread(sha256_file, src)
-        out = MediaFacts.from_probe(await asyncio.to_thread(probe, flv, cfg.ffprobe, 120))
-        keyframes = await asyncio.to_thread(keyframe_count, flv)
+        folder = await files.folder()
+        digest = str(job.data.get("sha256") or "")
+        if not digest:  # transcoded by an older version
+            src, job = await self._open_upload(job, owner, "sidecar", files)
+            try:
+                digest = await asyncio.to_thread(sha256_file, src)
+            finally:
+                _close(src)
+        flv = await files(open_output, folder, names["flv"])
+        try:
+            report = await asyncio.to_thread(
+                probe,
+                flv,
+                cfg.ffprobe,
+                PROBE_TIMEOUT,
+                containers=("flv",),
+                identity=files.identity,
+                nice=cfg.nice,
+                memory_limit=cfg.memory_limit,
+            )
+            keyframes = await asyncio.to_thread(keyframe_count, flv)
+        finally:
+            _close(flv)
+        out = MediaFacts.from_probe(report)
         uploaded = await self._db(
             lambda: self.store.conn.execute(
                 "SELECT ts FROM uploads WHERE id = ?", (job.upload_id,)
@@ -247,22 +376,24 @@ class Pipeline:
             names["poster"],
             list(names["thumbnails"]),
         )
-        target = os.path.join(folder, names["sidecar"])
-
-        def write() -> None:
-            tmp = os.path.join(folder, f".part-{job.id}-{names['sidecar']}")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(sidecar, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            owner_ids = owner_for(user)  # may stat the home: here, in the thread
-            if owner_ids is not None:
-                os.chown(tmp, *owner_ids)
-            os.replace(tmp, target)
-
-        await asyncio.to_thread(write)
+        text = (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode()
+        tmp = f".part-{job.id}-{names['sidecar']}"
+        fd = await files(create_temp, folder, tmp)
+        try:
+            await asyncio.to_thread(write_all, fd, text)
+            st = await asyncio.to_thread(os.fstat, fd)
+        finally:
+            _close(fd)
+        placed = self._placed(job, [names["sidecar"]], [st])
+        job = await self._db(
+            self.store.mark_step, job.id, owner, "sidecar", data={"placed": placed}
+        )
+        await files(place, folder, [(tmp, names["sidecar"])], placed)
         return await self._db(self.store.mark_step, job.id, owner, "sidecar", finished=True)
 
-    async def _email(self, job: Job, owner: str, user: User, reason: str | None) -> str | None:
+    async def _email(
+        self, job: Job, owner: str, user: User, reason: str | None, files: _AsUser
+    ) -> str | None:
         """Send the one email; return a warning for the job if it is in doubt."""
         if not self.config.email.enabled or job.email_state in (EmailState.SENT, EmailState.FAILED):
             return None
@@ -275,7 +406,13 @@ class Pipeline:
             await self._db(self.store.set_email_state, job.id, owner, EmailState.UNCERTAIN)
             log.warning("job %d: %s", job.id, warning)
             return warning
-        message = self._message(job, user, reason)
+        poster = None
+        names = job.data.get("outputs") or {}
+        if reason is None and names.get("poster"):
+            folder = await files.folder()
+            data = await files(read_output, folder, names["poster"], POSTER_LIMIT)
+            poster = Poster(names["poster"], data)
+        message = self._message(job, user, reason, poster)
         await self._db(self.store.set_email_state, job.id, owner, EmailState.SENDING)
         try:
             await asyncio.to_thread(send, message, self.config.smtp)
@@ -290,7 +427,7 @@ class Pipeline:
         await self._db(self.store.set_email_state, job.id, owner, EmailState.SENT)
         return None
 
-    def _message(self, job: Job, user: User, reason: str | None) -> Any:
+    def _message(self, job: Job, user: User, reason: str | None, poster: Poster | None) -> Any:
         source = job.data.get("source") or {}
         names = job.data.get("outputs") or {}
         out_dir = "/" + self.config.pipeline.output_dir
@@ -313,9 +450,6 @@ class Pipeline:
         rendered = render(
             "rejected" if reason else "converted", context, self.config.email.templates_dir
         )
-        poster = None
-        if reason is None and names.get("poster"):
-            poster = Path(job.data["folder"], names["poster"])
         return build_message(
             rendered, sender=self.config.smtp.sender, recipient=user.email, poster=poster
         )

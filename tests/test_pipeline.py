@@ -19,6 +19,7 @@ from mediakit import make_clip, make_corrupt, make_fake
 from pipeline_kit import Inbox, SmtpServer, pipeline_settings, settled, wait_jobs
 from sftpgate.cli.main import main
 from sftpgate.media.flv import read_on_metadata
+from sshd_kit import shared_dir as shared_dir
 
 
 @pytest.fixture
@@ -246,12 +247,14 @@ def test_jobs_cli_lists_shows_retries_and_cancels_real_jobs(
 
 
 def test_uploads_and_outputs_belong_to_the_user_when_the_gateway_is_root(
-    tmp_path: Path, user_keys: dict[str, Path], smtp: SmtpServer
+    tmp_path: Path, shared_dir: Path, user_keys: dict[str, Path], smtp: SmtpServer
 ) -> None:
     if os.geteuid() != 0:
         pytest.fail("run as root (CI does): only root gives files to another owner")
+    # The pipeline acts as uid 4242, which must reach the home: not under
+    # pytest's 0700 tmp_path. Nothing chowns: the user made the outputs.
     running = start_gateway(
-        tmp_path,
+        shared_dir,
         user_keys,
         extra=pipeline_settings(smtp.port),
         users={"alice": {"uid": 4242, "gid": 4343}},
