@@ -110,8 +110,9 @@ def kill_leftover(pid: int, marker: str) -> bool:
     """Kill the process group of ``pid`` if that process's command line contains ``marker``.
 
     For start-up after a crash: ``pid`` was recorded by ``on_start`` and
-    ``marker`` is something only that command has (an output path). Checking
-    the command line guards against a recycled pid. Returns True when a
+    ``marker`` is something only that command has (``run_ffmpeg``'s
+    ``marker``, its argv[0]). Checking the command line guards against a
+    recycled pid. Returns True when a
     signal was sent, False when there is no such process or it is someone
     else's (or ``marker`` is empty, or ``pid`` is ourselves or init). Linux only.
     """
