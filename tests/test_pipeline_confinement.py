@@ -317,8 +317,9 @@ def test_binary_media_passes_the_sniff_and_text_does_not() -> None:
 # --- swaps after the CLOSE and during ffmpeg ------------------------------------------
 
 
-def test_upload_swapped_for_a_link_after_its_close_converts_nothing(
-    serve_factory: Callable[..., Serve], smtp: SmtpServer, tmp_path: Path
+@pytest.mark.parametrize("swap", ["link", "other-file"])
+def test_upload_swapped_after_its_close_converts_nothing(
+    serve_factory: Callable[..., Serve], smtp: SmtpServer, tmp_path: Path, swap: str
 ) -> None:
     site = serve_factory(workers=0)  # the job waits until the test starts a worker
     alice_home, bob_home = site.home("alice"), site.home("bob")
@@ -327,11 +328,15 @@ def test_upload_swapped_for_a_link_after_its_close_converts_nothing(
     site.gateway.sftp("alice").put(str(make_clip(tmp_path / "c.mp4", "mp4")), "v.mp4")
     (queued,) = wait_jobs(site.gateway, lambda rows: len(rows) == 1)
     assert queued["state"] == "queued"
-    # After the CLOSE reply, before any worker: a link to bob's clip takes the name.
-    link = alice_home / ".swap"
-    link.symlink_to(victim)
-    os.chown(link, site.alice.uid, site.alice.gid, follow_symlinks=False)
-    os.rename(link, alice_home / "v.mp4")
+    # After the CLOSE reply, before any worker: a link to bob's clip takes the
+    # name, or another file alice may read (only the recorded inode stops it).
+    swapped = alice_home / ".swap"
+    if swap == "link":
+        swapped.symlink_to(victim)
+        os.chown(swapped, site.alice.uid, site.alice.gid, follow_symlinks=False)
+    else:
+        private_clip(alice_home, site.alice, tmp_path, name=".swap")
+    os.rename(swapped, alice_home / "v.mp4")
     config = site.gateway.config
     pool = site.gateway.loop.run(
         start_workers(replace(config, jobs=replace(config.jobs, workers=1)))
