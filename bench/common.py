@@ -204,7 +204,7 @@ class Options:
     rounds: int = 6  # even: each side goes first in half of them (see interleave)
     warmup: int = 1
     big_mib: int = 1024  # figures 1, 2, 10
-    small_files: int = 2000  # figures 3, 9, 11
+    small_files: int = 2000  # figures 3, 9, 11, 13
     small_kib: int = 4
     short_sessions: int = 100  # figure 12: one small upload each, one after another
     concurrent: int = 300  # figure 4

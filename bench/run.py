@@ -29,6 +29,7 @@ SCENARIOS: dict[str, tuple[int, ...]] = {
     "journal": (7,),
     "pipeline": (8,),
     "subsystem": (10, 11, 12),
+    "durability": (13,),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -149,3 +150,18 @@ def test_a_failed_fsync_fails_the_close_and_starts_nothing(
     assert close["status"] != "ok"
     assert full.rows("SELECT * FROM uploads WHERE state = 'complete'") == []
     assert jobs(full) == []
+
+
+def test_bench_figure_13_compares_full_with_normal_smoke() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the bench creates a system user and runs a private sshd: run as root")
+    from bench.common import SMOKE
+    from bench.scenarios import durability
+    from bench.servers import running_servers
+
+    with running_servers() as servers:
+        (figure,) = durability.run(servers, SMOKE)
+        assert not any(servers.sftpgate.home.iterdir()), "a round left files behind"
+    assert figure.number == 13 and "full ÷ normal" in figure.title
+    assert math.isfinite(figure.value) and figure.value > 0
+    assert figure.measured.endswith("files/s")
