@@ -17,7 +17,7 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,23 @@ def upload_video_and_wait(
     assert len(smtp.inbox.to(f"{user.login}@example.org")) == 1
 
 
+def each_user(
+    login: Callable[[TestUser], tuple[paramiko.Transport, paramiko.SFTPClient]],
+    users: list[TestUser],
+    clip: Path,
+    shared: Path,
+    smtp: SmtpServer,
+) -> None:
+    for user in users:
+        transport, sftp = login(user)
+        try:
+            foundation(sftp, user)
+            upload_video_and_wait(sftp, user, clip, shared / "state" / "journal.sqlite3", smtp)
+        finally:
+            sftp.close()
+            transport.close()
+
+
 def test_serve_as_a_root_that_cannot_override_permissions_works_as_each_user(
     shared_dir: Path, users: list[TestUser], smtp: SmtpServer
 ) -> None:
@@ -181,14 +198,7 @@ def test_serve_as_a_root_that_cannot_override_permissions_works_as_each_user(
     try:
         caps = effective_caps(proc.pid)
         assert all(not caps & (1 << bit) for bit in CAP_BITS.values()), hex(caps)
-        for user in users:
-            transport, sftp = connect(port, user)
-            try:
-                foundation(sftp, user)
-                upload_video_and_wait(sftp, user, clip, shared_dir / "state" / "journal.sqlite3", smtp)
-            finally:
-                sftp.close()
-                transport.close()
+        each_user(lambda user: connect(port, user), users, clip, shared_dir, smtp)
     finally:
         assert stop_serve(proc) == 0
 
@@ -213,14 +223,7 @@ def test_subsystem_behind_sshd_with_a_squashed_daemon_works_as_each_user(
         sshd = start_sshd(
             shared_dir / "sshd", [SFTPGATE, "subsystem", "--config", str(config)], users=users
         )
-        for user in users:
-            transport, sftp = paramiko_sftp(sshd, user)
-            try:
-                foundation(sftp, user)
-                upload_video_and_wait(sftp, user, clip, shared_dir / "state" / "journal.sqlite3", smtp)
-            finally:
-                sftp.close()
-                transport.close()
+        each_user(lambda user: paramiko_sftp(sshd, user), users, clip, shared_dir, smtp)
     finally:
         if sshd is not None:
             sshd.stop()
