@@ -55,6 +55,9 @@ class ServerConfig:
     inline_local_changes: bool = True
     login_timeout: float = 60.0
     max_auth_attempts: int = 6
+    # Masked off the modes clients ask for when users create files and folders
+    # (as sftp-server -u), whatever the process umask (systemd's UMask=0077).
+    umask: int = 0o022
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,9 +336,23 @@ def _server(r: _Reader) -> ServerConfig:
         inline_local_changes=r.get("inline_local_changes", bool, d.inline_local_changes),
         login_timeout=r.positive("login_timeout", float, d.login_timeout),
         max_auth_attempts=r.positive("max_auth_attempts", int, d.max_auth_attempts),
+        umask=_umask(r, d.umask),
     )
     r.finish()
     return cfg
+
+
+def _umask(r: _Reader, default: int) -> int:
+    """An octal mask: 18 (YAML reads 0022 as octal), "022" or "0o022"."""
+    value = r.get("umask", (int, str), default)
+    if isinstance(value, str):
+        try:
+            value = int(value.removeprefix("0o"), 8)
+        except ValueError:
+            raise r.error("umask", f"must be an octal mask such as 022, got {value!r}") from None
+    if not 0 <= value <= 0o777:
+        raise r.error("umask", "must be between 000 and 777 (octal)")
+    return int(value)
 
 
 def _journal(r: _Reader) -> JournalConfig:

@@ -144,6 +144,7 @@ class Gateway:
             inline_local_changes=self.config.server.inline_local_changes,
             inline_guard=self.inline_guard,
             fsync_uploads=self.config.journal.enabled and self.config.journal.synchronous == "full",
+            umask=self.config.server.umask,
         )
         return server
 

@@ -19,7 +19,7 @@ from conftest import PASSWORDS, free_port, write_config
 
 
 def start_serve(
-    config: Path, env: dict[str, str], command: list[str] | None = None
+    config: Path, env: dict[str, str], command: list[str] | None = None, umask: int = -1
 ) -> subprocess.Popen[str]:
     """Start `sftpgate serve` (or ``command``), wait for its "listening" line, drain its stderr."""
     proc = subprocess.Popen(
@@ -27,6 +27,7 @@ def start_serve(
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **env},
+        umask=umask,
     )
     assert proc.stderr is not None
     lines: list[str] = []

@@ -35,6 +35,22 @@ FXF_READ, FXF_WRITE, FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 1, 2, 4, 8, 0x
 _MODE_MASK = 0o1777
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it (Linux >= 4.7); 0o022 if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+_PROCESS_UMASK = process_umask()
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 @dataclass(slots=True)
 class OpenFile:
     """A handle the client holds, with what went through it."""
@@ -99,8 +115,13 @@ def attrs_summary(attrs: SFTPAttrs) -> dict[str, Any]:
 class UserFS:
     """The operations of one SFTP session, beneath its :class:`~sftpgate.beneath.Home`."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, umask: int = 0o022) -> None:
         self.home = home
+        self.umask = umask
+        # The kernel masks new files' modes with the process umask (a systemd
+        # unit's UMask=0077, say): where that takes more than ``umask``, new
+        # files and folders get their mode set again, through their descriptor.
+        self._remask = bool(_PROCESS_UMASK & ~umask & 0o777)
         self._names: dict[tuple[str, int], str] = {}
 
     def close(self) -> None:
@@ -127,12 +148,14 @@ class UserFS:
             # big file: look at the size first (on what was opened).
             flags &= ~os.O_TRUNC
         try:
-            fd = self.home.open(where, flags | os.O_NONBLOCK, mode)
+            fd, created = self._open(where, flags | os.O_NONBLOCK, mode)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # a FIFO without a reader, a socket
                 raise _not_regular() from None
             raise
         try:
+            if created:
+                os.fchmod(fd, mode & ~self.umask)
             st = os.fstat(fd)
             kind = stat.S_IFMT(st.st_mode)
             if kind == stat.S_IFDIR and pflags & (FXF_WRITE | FXF_APPEND):
@@ -152,6 +175,17 @@ class UserFS:
             os.close(fd)
             raise
         return OpenFile(fd, where, pflags, attrs.permissions, st.st_dev, st.st_ino)
+
+    def _open(self, where: bytes, flags: int, mode: int) -> tuple[int, bool]:
+        """Open; and whether this call made the file and its mode must be set again."""
+        if not self._remask or not flags & os.O_CREAT:
+            return self.home.open(where, flags, mode), False
+        if flags & os.O_EXCL:
+            return self.home.open(where, flags, mode), True
+        try:  # made now, or there already: an exclusive create tells in one call
+            return self.home.open(where, flags | os.O_EXCL, mode), True
+        except FileExistsError:
+            return self.home.open(where, flags, mode), False
 
     @staticmethod
     def read(f: OpenFile, offset: int, size: int) -> bytes:
@@ -261,6 +295,13 @@ class UserFS:
             if not parent.name:
                 raise FileExistsError(errno.EEXIST, "File exists")
             os.mkdir(parent.name, mode, dir_fd=parent.fd)
+            if self._remask:
+                fd = os.open(parent.name, _DIR_FLAGS, dir_fd=parent.fd)
+                try:  # keeps a set-gid bit inherited from the parent (shared groups)
+                    inherited = os.fstat(fd).st_mode & stat.S_ISGID
+                    os.fchmod(fd, (mode & ~self.umask) | inherited)
+                finally:
+                    os.close(fd)
 
     def rmdir(self, path: bytes) -> None:
         with self.home.parent(virtual(path)) as parent:

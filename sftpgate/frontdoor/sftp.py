@@ -112,6 +112,8 @@ class SessionContext:
     # The same for quick calls that change something (create, small write
     # batches, close, mkdir, rename, remove, setstat); see inline.py.
     inline_local_changes: bool = False
+    # Masked off the modes of files and folders users create (server.umask).
+    umask: int = 0o022
     # Shared by every session: a slow inline call turns inline calls off a while.
     inline_guard: InlineGuard = field(default_factory=InlineGuard)
     # Bytes answered but not yet written, shared by every session of the gateway.
@@ -131,7 +133,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel[bytes], ctx: SessionContext) -> None:
         super().__init__(chan)
         self.ctx = ctx
-        self.fs = UserFS(Home(ctx.user.home))
+        self.fs = UserFS(Home(ctx.user.home), ctx.umask)
         self._identity: Identity | None = None
         self._identity_known = False
         # Calls running in the pool: the home's descriptor is closed only once

@@ -199,8 +199,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
         inline_local_changes: bool = False,
         inline_guard: InlineGuard | None = None,
         fsync_uploads: bool = False,
+        umask: int = 0o022,
     ) -> None:
         self._fsync_uploads = fsync_uploads
+        self._umask = umask
         self._inline_local_metadata = inline_local_metadata
         self._inline_local_changes = inline_local_changes
         self._inline_guard = inline_guard if inline_guard is not None else InlineGuard()
@@ -365,6 +367,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             inline_local_changes=self._inline_local_changes,
             inline_guard=self._inline_guard,
             fsync_uploads=self._fsync_uploads,
+            umask=self._umask,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)
