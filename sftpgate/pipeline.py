@@ -94,10 +94,16 @@ def choose_outputs(folder_fd: int, stem: str, thumbnails: int) -> dict[str, Any]
 class _AsUser:
     """One run's file work as the uploader: the home, the output folder's descriptor."""
 
-    def __init__(self, identity: Identity | None, home: Home, output_dir: str) -> None:
+    def __init__(
+        self, identity: Identity | None, home: Home, output_dir: str, umask: int = 0o022
+    ) -> None:
         self.identity = identity
         self.home = home
         self.output_dir = output_dir
+        # Modes of what the pipeline makes for the user, as if the user made
+        # them over SFTP (server.umask), whatever the process umask.
+        self.file_mode = 0o666 & ~umask
+        self.folder_mode = 0o777 & ~umask
         self._folder: int | None = None
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
@@ -118,7 +124,9 @@ class _AsUser:
     async def folder(self) -> int:
         """The output folder's descriptor, opened (or made) once per run."""
         if self._folder is None:
-            self._folder = await self(open_output_folder, self.home, self.output_dir)
+            self._folder = await self(
+                open_output_folder, self.home, self.output_dir, self.folder_mode
+            )
         return self._folder
 
     def close(self) -> None:
@@ -161,7 +169,12 @@ class Pipeline:
             )
         except IdentityError as exc:
             raise PermanentJobError(str(exc)) from None
-        files = _AsUser(identity, Home(user.home), self.config.pipeline.output_dir)
+        files = _AsUser(
+            identity,
+            Home(user.home),
+            self.config.pipeline.output_dir,
+            self.config.server.umask,
+        )
         try:
             await files.open_home()
             return await self._steps(job, owner, user, files, progress)
@@ -270,7 +283,7 @@ class Pipeline:
             finals = [names["flv"], names["poster"], *names["thumbnails"]]
             temps = [f".part-{job.id}-{name}" for name in finals]
             for name in temps:
-                made.append(await files(create_temp, folder, name))
+                made.append(await files(create_temp, folder, name, files.file_mode))
             paths = [fd_path(fd) for fd in made]
             facts = MediaFacts(**job.data["source"])
             argv = plan_convert(fd_path(src), paths[0], paths[1], paths[2:], facts, cfg)
@@ -378,7 +391,7 @@ class Pipeline:
         )
         text = (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode()
         tmp = f".part-{job.id}-{names['sidecar']}"
-        fd = await files(create_temp, folder, tmp)
+        fd = await files(create_temp, folder, tmp, files.file_mode)
         try:
             await asyncio.to_thread(write_all, fd, text)
             st = await asyncio.to_thread(os.fstat, fd)

@@ -165,6 +165,8 @@ def upload_video_and_wait(
     for path in [converted, *converted.iterdir()]:
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (user.uid, user.gid), path
+        wanted = 0o755 if path == converted else 0o644
+        assert stat.S_IMODE(st.st_mode) == wanted, path
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not smtp.inbox.to(f"{user.login}@example.org"):
         time.sleep(0.05)
@@ -194,7 +196,8 @@ def test_serve_as_a_root_that_cannot_override_permissions_works_as_each_user(
     port = free_port()
     config = squashed_config(shared_dir, users, smtp, port)
     clip = make_clip(shared_dir / "clip.mp4", "mp4", seconds=1)
-    proc = start_serve(config, {}, command=squashed_command(config))
+    # UMask=0077 as in the systemd unit: users' files still follow server.umask (022).
+    proc = start_serve(config, {}, command=squashed_command(config), umask=0o077)
     try:
         caps = effective_caps(proc.pid)
         assert all(not caps & (1 << bit) for bit in CAP_BITS.values()), hex(caps)
@@ -215,7 +218,8 @@ def test_subsystem_behind_sshd_with_a_squashed_daemon_works_as_each_user(
     }
     config = squashed_config(shared_dir, users, smtp, free_port(), subsystem=subsystem)
     clip = make_clip(shared_dir / "clip.mp4", "mp4", seconds=1)
-    proc = start_serve(config, {}, command=squashed_command(config))
+    # UMask=0077 as in the systemd unit: users' files still follow server.umask (022).
+    proc = start_serve(config, {}, command=squashed_command(config), umask=0o077)
     sshd: Sshd | None = None
     try:
         caps = effective_caps(proc.pid)

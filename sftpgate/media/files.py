@@ -68,8 +68,8 @@ def open_upload(home: Home, path: str, expect: tuple[int, int] | None) -> tuple[
     return fd, st.st_dev, st.st_ino
 
 
-def open_output_folder(home: Home, folder: str) -> int:
-    """Open (making what is missing, mode 0755) the output folder, virtual ``folder``.
+def open_output_folder(home: Home, folder: str, mode: int = 0o755) -> int:
+    """Open (making what is missing, with ``mode``) the output folder, virtual ``folder``.
 
     Folders on the way may be links inside the home; the folder itself must
     be a real folder, not a link. Returns a descriptor (O_RDONLY|O_DIRECTORY).
@@ -91,9 +91,13 @@ def open_output_folder(home: Home, folder: str) -> int:
                 fd = home.open(path, flags)
             except FileNotFoundError:
                 # Made meanwhile (FileExistsError): the open below decides what it is.
+                made = False
                 with home.parent(path) as parent, contextlib.suppress(FileExistsError):
-                    os.mkdir(parent.name, 0o755, dir_fd=parent.fd)
+                    os.mkdir(parent.name, mode, dir_fd=parent.fd)
+                    made = True
                 fd = home.open(path, flags)
+                if made:  # the process umask (systemd's 0077) must not decide it
+                    os.fchmod(fd, mode | (os.fstat(fd).st_mode & stat.S_ISGID))
             if not last:
                 os.close(fd)
                 fd = -1
@@ -115,8 +119,8 @@ def taken(folder_fd: int, name: str) -> bool:
     return True
 
 
-def create_temp(folder_fd: int, name: str) -> int:
-    """Create ``name`` in the folder for writing (0644) and return its descriptor.
+def create_temp(folder_fd: int, name: str, mode: int = 0o644) -> int:
+    """Create ``name`` in the folder for writing with ``mode``; return its descriptor.
 
     ``O_CREAT|O_EXCL|O_NOFOLLOW``: never an existing file, never through a
     link. ``name`` is one of the job's own temporary names; whatever holds
@@ -129,16 +133,26 @@ def create_temp(folder_fd: int, name: str) -> int:
         OSError: any other failure.
     """
     try:
-        return os.open(name, OUTPUT_FLAGS, 0o644, dir_fd=folder_fd)
+        return _created(os.open(name, OUTPUT_FLAGS, mode, dir_fd=folder_fd), mode)
     except FileExistsError:
         pass
     try:
         os.unlink(name, dir_fd=folder_fd)
-        return os.open(name, OUTPUT_FLAGS, 0o644, dir_fd=folder_fd)
+        return _created(os.open(name, OUTPUT_FLAGS, mode, dir_fd=folder_fd), mode)
     except FileNotFoundError:
         raise Refused(f"cannot create {name}: the name keeps changing") from None
     except (FileExistsError, IsADirectoryError, PermissionError) as exc:
         raise Refused(f"cannot create {name}: {exc.strerror}") from None
+
+
+def _created(fd: int, mode: int) -> int:
+    """``fd`` with ``mode`` set exactly: the process umask (systemd's 0077) must not decide it."""
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_output(folder_fd: int, name: str) -> int:

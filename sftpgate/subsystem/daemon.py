@@ -202,7 +202,11 @@ class TapDaemon:
 
     def _prepare_dirs(self) -> None:
         cfg = self.config.subsystem
-        cfg.socket.parent.mkdir(parents=True, exist_ok=True)
+        if not cfg.socket.parent.is_dir():
+            cfg.socket.parent.mkdir(parents=True)
+            # Every user's tap must reach the socket, whatever the umask
+            # (systemd's UMask=0077; its RuntimeDirectoryMode=0755 does the same).
+            os.chmod(cfg.socket.parent, 0o755)  # noqa: S103
         if cfg.socket.exists() or cfg.socket.is_symlink():
             cfg.socket.unlink()
         cfg.spool_dir.mkdir(parents=True, exist_ok=True)
