@@ -6,12 +6,6 @@ A real `sftpgate serve` process gets the signal, as systemd's `reload` sends it.
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +13,7 @@ from typing import Any
 import paramiko
 import pytest
 import yaml
+from test_serve_process import ServeProcess
 
 from conftest import PASSWORDS, free_port, write_config
 from mediakit import make_clip
@@ -27,55 +22,6 @@ from sftpgate.config import RESTART_KEYS, load_config, restart_keys_changed
 from sftpgate.passwords import hash_password
 
 DAVE = "dave-secret"
-
-
-class Serve:
-    """`sftpgate serve` as a process; its stderr lines are kept for the test to read."""
-
-    def __init__(self, config: Path, port: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sftpgate", "serve", "--config", str(config)],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "SFTPGATE_SERVER__PORT": str(port)},
-        )
-        listening = threading.Event()
-
-        def drain() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if "listening on" in line:
-                    listening.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        if not listening.wait(60):
-            self.stop()
-            pytest.fail("serve did not start: " + "".join(self.lines))
-
-    def hup_and_wait(self, text: str, timeout: float = 10) -> str:
-        """Send SIGHUP and return the first log line after it that holds ``text``."""
-        seen = len(self.lines)
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines[seen:]:
-                if text in line:
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"no {text!r} in the log after SIGHUP: {self.lines[seen:]}")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
 
 
 @pytest.fixture
@@ -119,7 +65,7 @@ def test_user_added_by_sighup_uploads_a_clip_and_gets_the_email_with_new_setting
     config = write_config(tmp_path, user_keys, pipeline_settings(smtp.port))
     clip = make_clip(tmp_path / "clip.mp4", "mp4", seconds=1)
     port = free_port()
-    serve = Serve(config, port)
+    serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)})
     try:
         # A new user and new email settings, in one reload.
         add_dave(config, smtp={"from": "reloaded@example.org"})
@@ -145,7 +91,7 @@ def test_reload_changing_a_restart_key_is_refused_whole_and_names_the_key(
 ) -> None:
     config = write_config(tmp_path, user_keys)
     port = free_port()
-    serve = Serve(config, port)
+    serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)})
     try:
         started = load_config(config, environ={})
         before = started.journal.batch_max, started.server.io_threads

@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 
 import paramiko
@@ -178,3 +179,28 @@ def test_a_fifo_or_socket_in_a_home_is_refused_without_waiting(
     refused = _journal_refusals(gateway, 4)
     assert [r["path"] for r in refused] == ["/pipe", "/pipe", "/pipe", "/sock"]
     assert {r["message"] for r in refused} == {"Not a regular file"}
+
+
+def test_sessions_leave_no_descriptor_behind(gateway: RunningGateway) -> None:
+    # Each session holds its home's descriptor: it must go when the session does.
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    warm = gateway.sftp("alice")
+    warm.listdir(".")
+    gateway.close_clients()
+    before = open_fds()
+    for n in range(20):
+        client = gateway.sftp("alice")
+        client.putfo(io.BytesIO(b"x"), f"f{n}")
+        client.listdir(".")
+        client.stat(f"f{n}")
+        gateway.close_clients()
+    gateway.wait_rows(
+        lambda rs: sum(r["op"] == "logout" for r in rs) >= 21,
+        sql="SELECT 'logout' AS op FROM sessions WHERE ended_at IS NOT NULL",
+    )
+    deadline = time.monotonic() + 10
+    while open_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds() <= before

@@ -18,33 +18,60 @@ import yaml
 from conftest import PASSWORDS, free_port, write_config
 
 
+class ServeProcess:
+    """`sftpgate serve` (or ``command``) as a process; its stderr lines are kept."""
+
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str] | None = None,
+        *,
+        command: list[str] | None = None,
+        umask: int = -1,
+    ) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            command or [sys.executable, "-m", "sftpgate", "serve", "--config", str(config)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+            umask=umask,
+        )
+        listening = threading.Event()
+
+        def drain() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if "listening on" in line:
+                    listening.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not listening.wait(60):
+            self.stop()
+            pytest.fail("serve did not start: " + "".join(self.lines))
+
+    def hup_and_wait(self, text: str, timeout: float = 10) -> str:
+        """Send SIGHUP and return the first log line after it that holds ``text``."""
+        seen = len(self.lines)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[seen:]:
+                if text in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} in the log after SIGHUP: {self.lines[seen:]}")
+
+    def stop(self) -> int:
+        return stop_serve(self.proc)
+
+
 def start_serve(
     config: Path, env: dict[str, str], command: list[str] | None = None, umask: int = -1
 ) -> subprocess.Popen[str]:
     """Start `sftpgate serve` (or ``command``), wait for its "listening" line, drain its stderr."""
-    proc = subprocess.Popen(
-        command or [sys.executable, "-m", "sftpgate", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-        umask=umask,
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    listening = threading.Event()
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                listening.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not listening.wait(60):
-        stop_serve(proc)
-        pytest.fail("serve did not start: " + "".join(lines))
-    return proc
+    return ServeProcess(config, env, command=command, umask=umask).proc
 
 
 def stop_serve(proc: subprocess.Popen[str]) -> int:

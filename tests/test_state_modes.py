@@ -8,61 +8,22 @@ file and folder of the state and host key folders is stat'ed afterwards.
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
 import pytest
+from test_serve_process import ServeProcess
 
 from conftest import PASSWORDS, free_port, write_config
 from sftpgate.events import Event, Op, SessionInfo
 from sftpgate.journal.store import connect
 from sftpgate.subsystem.sender import EventSender
-
-
-class Serve:
-    """`sftpgate serve` started with a given umask; its stderr lines are kept."""
-
-    def __init__(self, config: Path, port: int, umask: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sftpgate", "serve", "--config", str(config)],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "SFTPGATE_SERVER__PORT": str(port)},
-            umask=umask,
-        )
-        listening = threading.Event()
-
-        def drain() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if "listening on" in line:
-                    listening.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        if not listening.wait(60):
-            self.stop()
-            pytest.fail("serve did not start: " + "".join(self.lines))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
 
 
 @pytest.fixture
@@ -111,7 +72,7 @@ def test_serve_under_umask_022_keeps_journal_wal_shm_and_host_keys_private(
 ) -> None:
     config = write_config(tmp_path, user_keys)
     port = free_port()
-    serve = Serve(config, port, umask=0o022)
+    serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)}, umask=0o022)
     try:
         upload(port)
         state = tmp_path / "state"
@@ -135,7 +96,7 @@ def test_serve_tightens_state_left_open_by_an_older_version_and_says_so(
     config = write_config(tmp_path, user_keys)
     port = free_port()
     # What earlier versions left under umask 022: everything readable by all.
-    serve = Serve(config, port, umask=0o022)
+    serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)}, umask=0o022)
     upload(port)
     assert serve.stop() == 0
     state, keys = tmp_path / "state", tmp_path / "hostkeys"
@@ -150,7 +111,7 @@ def test_serve_tightens_state_left_open_by_an_older_version_and_says_so(
         conn.execute("SELECT count(*) FROM sessions").fetchone()
         wal = state / "journal.sqlite3-wal"
         assert stat.S_IMODE(wal.stat().st_mode) == 0o644
-        serve = Serve(config, port, umask=0o022)
+        serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)}, umask=0o022)
         try:
             upload(port, "again.txt")
             assert_private(state, keys)
