@@ -55,39 +55,68 @@ class Identity:
 
     uid: int
     gid: int
-    groups: tuple[int, ...]
+    groups: tuple[int, ...]  # sorted, without duplicates
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(sorted(set(self.groups))))
 
     def describe(self) -> str:
         return f"uid {self.uid}, gid {self.gid}, groups {','.join(map(str, self.groups)) or '-'}"
 
 
+class _Switch:
+    """The system calls (as ready-made ctypes arguments) to one identity and back."""
+
+    __slots__ = ("back", "gid", "to", "uid")
+
+    def __init__(
+        self, ident: Identity, own: tuple[int, int, tuple[int, ...]], numbers: Any
+    ) -> None:
+        setgroups, setresuid, setresgid = (ctypes.c_long(n) for n in numbers)
+        keep = ctypes.c_uint(_KEEP)
+
+        def groups(ids: tuple[int, ...]) -> tuple[Any, ...]:
+            return (setgroups, ctypes.c_long(len(ids)), (ctypes.c_uint * max(1, len(ids)))(*ids))
+
+        self.uid, self.gid = ident.uid, ident.gid
+        # Groups and gid first (they need root), the uid last; back the other way.
+        self.to = (
+            groups(ident.groups),
+            (setresgid, keep, ctypes.c_uint(ident.gid), keep),
+            (setresuid, keep, ctypes.c_uint(ident.uid), keep),
+        )
+        self.back = (
+            (setresuid, keep, ctypes.c_uint(own[0]), keep),
+            (setresgid, keep, ctypes.c_uint(own[1]), keep),
+            groups(own[2]),
+        )
+
+
 class _Kernel:
-    """The raw per-thread credential calls (Linux)."""
+    """libc's ``syscall`` and the switches built so far (one per identity)."""
 
     def __init__(self) -> None:
-        numbers = _SYSCALLS.get(platform.machine())
+        self.numbers = _SYSCALLS.get(platform.machine())
         name = ctypes.util.find_library("c")
-        if numbers is None or name is None:
+        if self.numbers is None or name is None:
             raise IdentityError(f"per-thread credentials are not supported on {platform.machine()}")
-        self._libc = ctypes.CDLL(name, use_errno=True)
-        self._syscall = self._libc.syscall
-        self._syscall.restype = ctypes.c_long
-        self._setgroups, self._setresuid, self._setresgid = numbers
+        self.syscall = ctypes.CDLL(name, use_errno=True).syscall
+        self.syscall.restype = ctypes.c_long
+        self.own = (os.geteuid(), os.getegid(), tuple(sorted(os.getgroups())))
+        self.switches: dict[Identity, _Switch | None] = {}
 
-    def _call(self, *args: Any) -> None:
-        if self._syscall(*args) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    def setgroups(self, groups: tuple[int, ...]) -> None:
-        array = (ctypes.c_uint * max(1, len(groups)))(*groups)
-        self._call(self._setgroups, ctypes.c_long(len(groups)), array)
-
-    def seteuid(self, uid: int) -> None:
-        self._call(self._setresuid, ctypes.c_uint(_KEEP), ctypes.c_uint(uid), ctypes.c_uint(_KEEP))
-
-    def setegid(self, gid: int) -> None:
-        self._call(self._setresgid, ctypes.c_uint(_KEEP), ctypes.c_uint(gid), ctypes.c_uint(_KEEP))
+    def switch(self, ident: Identity) -> _Switch | None:
+        """How to become ``ident`` (None: we are it already)."""
+        try:
+            return self.switches[ident]
+        except KeyError:
+            pass
+        own = self.own
+        same = own[0] == ident.uid and own[1] == ident.gid and own[2] == ident.groups
+        switch = None if same else _Switch(ident, own, self.numbers)
+        if len(self.switches) < 65536:  # one per user; bounded all the same
+            self.switches[ident] = switch
+        return switch
 
 
 _kernel: _Kernel | None = None
@@ -105,22 +134,13 @@ def can_switch() -> bool:
     return os.geteuid() == 0
 
 
-def needs_switch(ident: Identity | None) -> bool:
-    """Whether calls for ``ident`` must switch credentials (never for None or ourselves)."""
-    if ident is None:
-        return False
-    return not (
-        ident.uid == os.geteuid()
-        and ident.gid == os.getegid()
-        and sorted(ident.groups) == sorted(os.getgroups())
-    )
-
-
 def call_as(ident: Identity | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` in this thread as ``ident``; None runs it as we are.
 
     The thread's effective uid, gid and groups are ``ident``'s for the call
     and the gateway's again afterwards, whether ``fn`` returned or raised.
+    This is on the path of every SFTP request, so the system calls' arguments
+    are built once per identity (:class:`_Switch`).
 
     Raises:
         IdentityError: the switch did not take (the call is not made).
@@ -128,41 +148,33 @@ def call_as(ident: Identity | None, fn: Callable[..., T], *args: Any, **kwargs: 
     """
     if ident is None:
         return fn(*args, **kwargs)
-    kernel = _get_kernel()
-    saved = (os.geteuid(), os.getegid(), tuple(os.getgroups()))
-    if saved[0] == ident.uid and saved[1] == ident.gid and sorted(saved[2]) == sorted(ident.groups):
+    kernel = _kernel if _kernel is not None else _get_kernel()
+    switch = kernel.switch(ident)
+    if switch is None:
         return fn(*args, **kwargs)
-    try:
-        kernel.setgroups(ident.groups)
-        kernel.setegid(ident.gid)
-        kernel.seteuid(ident.uid)
-        _verify(ident)
-    except (OSError, IdentityError) as exc:
-        _restore(kernel, saved)
-        raise IdentityError(f"cannot act as {ident.describe()}: {exc}") from None
+    syscall = kernel.syscall
+    groups, gid, uid = switch.to
+    # getresuid/getresgid answer for this thread alone: they show the switch took.
+    if (
+        syscall(*groups)
+        or syscall(*gid)
+        or syscall(*uid)
+        or os.getresuid()[1] != switch.uid
+        or os.getresgid()[1] != switch.gid
+    ):
+        err = ctypes.get_errno()
+        _back(kernel, switch)
+        raise IdentityError(f"cannot act as {ident.describe()}: {os.strerror(err)}")
     try:
         return fn(*args, **kwargs)
     finally:
-        _restore(kernel, saved)
+        _back(kernel, switch)
 
 
-def _verify(ident: Identity) -> None:
-    _, euid, _ = os.getresuid()
-    _, egid, _ = os.getresgid()
-    groups = sorted(os.getgroups())
-    if euid != ident.uid or egid != ident.gid or groups != sorted(set(ident.groups)):
-        raise IdentityError(f"now uid {euid}, gid {egid}, groups {groups}")
-
-
-def _restore(kernel: _Kernel, saved: tuple[int, int, tuple[int, ...]]) -> None:
-    uid, gid, groups = saved
-    try:
-        kernel.seteuid(uid)  # first: setting groups and gid needs root back
-        kernel.setegid(gid)
-        kernel.setgroups(groups)
-        if os.geteuid() != uid or os.getegid() != gid:
-            raise IdentityError("the thread did not get its own credentials back")
-    except BaseException:
+def _back(kernel: _Kernel, switch: _Switch) -> None:
+    syscall = kernel.syscall
+    uid, gid, groups = switch.back
+    if syscall(*uid) or syscall(*gid) or syscall(*groups) or os.geteuid() != kernel.own[0]:
         # A thread that may still be someone else must never run another call.
         log.critical("cannot restore the gateway's credentials in a thread: exiting")
         os._exit(70)
