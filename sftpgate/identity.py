@@ -11,7 +11,8 @@ does: on Linux each thread has its own credentials.
 
 Only the *effective* ids change (the real and saved ids stay root's), so the
 thread can switch back. :func:`call_as` switches, checks that the switch took
-(``getresuid`` and ``getgroups`` are per-thread syscalls too), runs the call
+(each call's return, then ``getresuid``/``getresgid``, which are per-thread
+system calls too), runs the call
 and switches back, whatever happened; a thread whose switch back fails kills
 the process rather than run the next call as someone else.
 """
