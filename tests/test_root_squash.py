@@ -24,11 +24,12 @@ from typing import Any
 import paramiko
 import pytest
 import yaml
-from test_serve_process import start_serve, stop_serve
+from test_serve_process import ServeProcess, start_serve, stop_serve
 
 from conftest import free_port
 from mediakit import make_clip
 from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
+from sftpgate.passwords import hash_password
 from sshd_kit import Sshd, TestUser, UserFactory, need_root, paramiko_sftp, start_sshd
 from sshd_kit import make_user as make_user
 from sshd_kit import shared_dir as shared_dir
@@ -232,3 +233,57 @@ def test_subsystem_behind_sshd_with_a_squashed_daemon_works_as_each_user(
         if sshd is not None:
             sshd.stop()
         assert stop_serve(proc) == 0
+
+
+def test_a_gateway_that_is_not_root_serves_as_itself(
+    shared_dir: Path, make_user: UserFactory
+) -> None:
+    # No switching at all: every file is the gateway account's, as before.
+    account = make_user()
+    port = free_port()
+    base = account.home
+    homes = base / "homes"
+    data = {
+        "server": {
+            "listen": "127.0.0.1",
+            "port": port,
+            "state_dir": str(base / "state"),
+            "host_keys_dir": str(base / "hostkeys"),
+            "create_homes": True,
+        },
+        "pipeline": {"enabled": False},
+        "users": [
+            {
+                "login": "alice",
+                "name": "Alice",
+                "surname": "Liddell",
+                "email": "alice@example.org",
+                "home": str(homes / "alice"),
+                "password_hash": hash_password("alice-secret", log_n=10),
+            }
+        ],
+    }
+    config = base / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is missing"
+    as_account = [setpriv, f"--reuid={account.uid}", f"--regid={account.gid}", "--clear-groups"]
+    serve = ServeProcess(
+        config,
+        command=[*as_account, sys.executable, "-m", "sftpgate", "serve", "--config", str(config)],
+    )
+    try:
+        transport = paramiko.Transport(("127.0.0.1", port))
+        transport.connect(username="alice", password="alice-secret")
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        sftp.mkdir("d")
+        sftp.putfo(io.BytesIO(b"x"), "d/f")
+        sftp.rename("d/f", "d/g")
+        assert sftp.listdir("d") == ["g"]
+        transport.close()
+        st = (homes / "alice" / "d" / "g").stat()
+        assert (st.st_uid, st.st_gid) == (account.uid, account.gid)
+    finally:
+        assert serve.stop() == 0
+    assert not any("acts as root" in line for line in serve.lines)
