@@ -5,10 +5,12 @@ from __future__ import annotations
 import email
 import email.policy
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
+import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -110,3 +112,13 @@ def wait_jobs(
 def settled(rows: list[dict[str, Any]], count: int = 1) -> bool:
     """True once ``count`` jobs exist and none is queued or running."""
     return len(rows) >= count and all(r["state"] not in ("queued", "running") for r in rows)
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) for one test; import it as ``smtp as smtp``."""
+    server = SmtpServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -17,18 +17,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import RunningGateway, need_tool, start_gateway
 from mediakit import make_clip, make_corrupt, make_fake
 from pipeline_kit import Inbox, SmtpServer, pipeline_settings, settled, wait_jobs
+from pipeline_kit import smtp as smtp  # a fixture
 from sftpgate.cli.main import main
 from sftpgate.media.flv import read_on_metadata
 from sshd_kit import shared_dir as shared_dir
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from test_openssh_subsystem import site_factory as site_factory
 from conftest import RunningGateway, start_gateway
 from mediakit import make_clip
 from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
+from pipeline_kit import smtp as smtp  # a fixture
 from sftpgate.gateway import start_workers
 from sftpgate.media import MediaError
 from sftpgate.media.probe import probe
@@ -34,15 +35,6 @@ from sshd_kit import make_user as make_user
 from sshd_kit import shared_dir as shared_dir
 
 THUMBS = 3  # pipeline_settings makes three thumbnails
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @dataclass

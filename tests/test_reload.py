@@ -6,7 +6,6 @@ A real `sftpgate serve` process gets the signal, as systemd's `reload` sends it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,11 @@ from test_serve_process import ServeProcess
 from conftest import PASSWORDS, free_port, write_config
 from mediakit import make_clip
 from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
+from pipeline_kit import smtp as smtp  # a fixture
 from sftpgate.config import RESTART_KEYS, load_config, restart_keys_changed
 from sftpgate.passwords import hash_password
 
 DAVE = "dave-secret"
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def add_dave(config: Path, **sections: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from test_serve_process import ServeProcess, start_serve, stop_serve
 from conftest import free_port
 from mediakit import make_clip
 from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
+from pipeline_kit import smtp as smtp  # a fixture
 from sftpgate.passwords import hash_password
 from sshd_kit import Sshd, TestUser, UserFactory, need_root, paramiko_sftp, start_sshd
 from sshd_kit import make_user as make_user
@@ -95,13 +96,6 @@ def squashed_config(
     path.write_text(yaml.safe_dump(data))
     path.chmod(0o644)
     return path
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
