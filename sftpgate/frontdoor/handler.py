@@ -104,9 +104,19 @@ def _string(data: bytes, pos: int) -> tuple[bytes, int]:
     return data[start : start + size], start + size
 
 
-def _end(data: bytes, pos: int) -> None:
-    if pos != len(data):
-        raise PacketDecodeError("Unexpected data at end of packet")
+class _LenientPacket(SSHPacket):
+    """A request for asyncssh's handlers; bytes after its fields are ignored.
+
+    OpenSSH's sftp-server reads a request's fields and discards whatever the
+    packet holds after them; asyncssh refuses such a request as a bad
+    message. Real clients send them: rclone's SFTP library (pkg/sftp, in
+    Debian 12's rclone 1.60) sends the last WRITE of a file with the rest of
+    its 32 KiB buffer after the declared data. So, as sftp-server does, only
+    a packet too short for its fields is refused.
+    """
+
+    def check_end(self) -> None:
+        pass
 
 
 def _attrs(result: object) -> bytes:
@@ -302,7 +312,7 @@ class GatewaySFTPHandler(SFTPServerHandler):
             self.log_received_packet(pkttype, pktid, payload[5:])
         fast = _FAST.get(pkttype) if self._version == 3 else None
         if fast is None:
-            packet = SSHPacket(payload)
+            packet = _LenientPacket(payload)
             packet.get_byte()
             packet.get_uint32()
             await self._process_packet(pkttype, pktid, packet)
@@ -334,9 +344,7 @@ class GatewaySFTPHandler(SFTPServerHandler):
             # What OpenSSH's sftp sends: the local file's mode, nothing else.
             attrs = _permissions_attrs(_U32.unpack_from(payload, pos + 4)[0])
         else:
-            packet = SSHPacket(payload[pos:])
-            attrs = SFTPAttrs.decode(packet, 3)
-            packet.check_end()
+            attrs = SFTPAttrs.decode(SSHPacket(payload[pos:]), 3)  # bytes after them ignored
         file_obj = await self._server.open(path, pflags, attrs)
         handle = self._get_next_handle()
         self._file_handles[handle] = file_obj
@@ -350,8 +358,8 @@ class GatewaySFTPHandler(SFTPServerHandler):
 
     async def _read(self, payload: bytes) -> Reply:
         handle, pos = _string(payload, 5)
-        if len(payload) - pos != _READ.size:
-            raise PacketDecodeError("Bad read request")
+        if len(payload) - pos < _READ.size:
+            raise PacketDecodeError("Incomplete packet")
         offset, size = _READ.unpack_from(payload, pos)
         data = await self._server.read(self._file(handle), offset, size)
         if not data:
@@ -364,15 +372,16 @@ class GatewaySFTPHandler(SFTPServerHandler):
             raise PacketDecodeError("Incomplete packet")
         offset, size = _WRITE.unpack_from(payload, pos)
         pos += _WRITE.size
-        if len(payload) - pos != size:
-            raise PacketDecodeError("Bad write request")
+        if len(payload) - pos < size:
+            raise PacketDecodeError("Incomplete packet")
         # A view, not a copy: the queued write keeps the request's bytes alive.
-        await self._server.write(self._file(handle), offset, memoryview(payload)[pos:])
+        # Bytes after the data are ignored, as sftp-server does (see _LenientPacket).
+        data = memoryview(payload)[pos : pos + size]
+        await self._server.write(self._file(handle), offset, data)
         return FXP_STATUS, _OK
 
     async def _close(self, payload: bytes) -> Reply:
-        handle, pos = _string(payload, 5)
-        _end(payload, pos)
+        handle, _ = _string(payload, 5)
         file_obj = self._file_handles.pop(handle, None)
         if file_obj is not None:
             await self._server.close(file_obj)
@@ -381,14 +390,12 @@ class GatewaySFTPHandler(SFTPServerHandler):
         return FXP_STATUS, _OK
 
     async def _stat(self, payload: bytes) -> Reply:
-        path, pos = _string(payload, 5)
-        _end(payload, pos)
+        path, _ = _string(payload, 5)
         stat = self._server.stat if payload[0] == FXP_STAT else self._server.lstat
         return FXP_ATTRS, _attrs(await stat(path))
 
     async def _fstat(self, payload: bytes) -> Reply:
-        handle, pos = _string(payload, 5)
-        _end(payload, pos)
+        handle, _ = _string(payload, 5)
         return FXP_ATTRS, _attrs(await self._server.fstat(self._file(handle)))
 
 
