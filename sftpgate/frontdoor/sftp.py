@@ -570,7 +570,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         )
 
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
-        # asyncssh passes (target, link) whatever order the client used.
+        # (target, link), whatever order the client sent them in: the handler
+        # decides that as OpenSSH's sftp-server does (handler._process_symlink).
         await self._do(
             Op.SYMLINK,
             newpath,
