@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(python3 python3-venv python3-pip openssh-client openssh-server openssh-sftp-server ffmpeg
-    libcap2-bin util-linux rclone lftp)
+    libcap2-bin util-linux curl rclone lftp)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
