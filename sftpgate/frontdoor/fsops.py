@@ -49,6 +49,8 @@ def process_umask() -> int:
 
 _PROCESS_UMASK = process_umask()
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# lseek's offsets are signed 64-bit; a client's are unsigned.
+_MAX_OFFSET = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -192,6 +194,48 @@ class UserFS:
         data = os.pread(f.fd, size, offset)
         f.bytes_read += len(data)
         return data
+
+    @staticmethod
+    def data_ranges(
+        f: OpenFile, offset: int, length: int, most: int
+    ) -> tuple[list[tuple[int, int]], bool]:
+        """The ranges of ``[offset, offset + length)`` that hold data, and whether that is all.
+
+        What ``ranges@asyncssh.com`` asks (asyncssh's client then copies a
+        sparse file's data and skips its holes): at most ``most`` (offset,
+        length) pairs, found with SEEK_DATA/SEEK_HOLE on the handle's
+        descriptor. The second value is False when ``most`` stopped the
+        search before ``offset + length``. A filesystem that cannot tell
+        holes reports the whole range as data. Moves the descriptor's
+        offset, which nothing else uses (reads and writes are positional).
+
+        The file's last byte always counts as data: asyncssh's client writes
+        only the ranges it is given, so a file ending in a hole would arrive
+        short (asyncssh's own server lets it).
+        """
+        found: list[tuple[int, int]] = []
+        end, limit = offset, min(offset + length, _MAX_OFFSET)
+        last = os.fstat(f.fd).st_size - 1
+        while end < limit:
+            if len(found) == most:
+                return found, False
+            try:
+                start = os.lseek(f.fd, end, os.SEEK_DATA)
+                end = min(os.lseek(f.fd, start, os.SEEK_HOLE), limit)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data at or after `end`
+                    break
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                return [*found, (end, limit - end)], True
+            if start >= limit:
+                break
+            found.append((start, end - start))
+        if offset <= last < limit and not (found and sum(found[-1]) > last):
+            if len(found) == most:
+                return found, False
+            found.append((last, 1))
+        return found, True
 
     # Writes go through the handle's write-behind queue, a batch per thread trip.
     write_chunks = staticmethod(write_chunks)

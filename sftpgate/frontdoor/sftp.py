@@ -457,6 +457,19 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             Op.STATVFS, f.virtual, os.fstatvfs, f.fd, journal_ok=False, read_only=True
         )
 
+    async def data_ranges(
+        self, file_obj: object, offset: int, length: int, most: int
+    ) -> tuple[list[tuple[int, int]], bool]:
+        """Where an open file holds data (ranges@asyncssh.com; see UserFS.data_ranges).
+
+        In the pool: finding holes may read the file's extent map from disk.
+        A failure is journaled as a failed READ.
+        """
+        f = _file(file_obj)
+        return await self._do(
+            Op.READ, f.virtual, self.fs.data_ranges, f, offset, length, most, journal_ok=False
+        )
+
     # -- paths --------------------------------------------------------------
 
     async def stat(self, path: bytes) -> os.stat_result:
