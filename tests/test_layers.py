@@ -1,8 +1,10 @@
 """The layers DESIGN.md draws, checked on the import graph (parsed, never imported).
 
 Front doors only produce events: they import neither the journal, the jobs
-nor the pipeline. The pipeline does not import a front door: the confinement
-it needs (``beneath``, ``identity``) lives where both can use it.
+nor the pipeline, nor each other (what they share is ``sftpgate.sftp``, which
+imports none of them, nor asyncssh). The pipeline does not import a front
+door: the confinement it needs (``beneath``, ``identity``) lives where both
+can use it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ FORBIDDEN = [
     ("sftpgate.frontdoor", "sftpgate.pipeline"),
     ("sftpgate.frontdoor", "sftpgate.media"),
     ("sftpgate.frontdoor", "sftpgate.notify"),
+    ("sftpgate.frontdoor", "sftpgate.subsystem"),
     ("sftpgate.subsystem", "sftpgate.journal"),
     ("sftpgate.subsystem", "sftpgate.jobs"),
     ("sftpgate.subsystem", "sftpgate.pipeline"),
@@ -34,6 +37,13 @@ FORBIDDEN = [
     ("sftpgate.identity", "sftpgate.frontdoor"),
     ("sftpgate.journal", "sftpgate.frontdoor"),
     ("sftpgate.journal", "sftpgate.pipeline"),
+    # The shared SFTP core is pure: no front door, no storage, no asyncssh.
+    ("sftpgate.sftp", "sftpgate.frontdoor"),
+    ("sftpgate.sftp", "sftpgate.subsystem"),
+    ("sftpgate.sftp", "sftpgate.journal"),
+    ("sftpgate.sftp", "sftpgate.jobs"),
+    ("sftpgate.sftp", "sftpgate.pipeline"),
+    ("sftpgate.sftp", "asyncssh"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The OpenSSH tap's pure half: the SFTP v3 codec, the streaming reader and the tracker.
+"""The SFTP codec (sftpgate.sftp), the streaming reader and the OpenSSH tap's tracker. Pure.
 
 No sockets, no processes: streams are synthesised with the codec's own
 encoders and fed to the readers in chunks, the way the relay will.
@@ -17,24 +17,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftpgate.events import Event, Op, SessionInfo, UploadState
-from sftpgate.subsystem import codec
-from sftpgate.subsystem.codec import (
+from sftpgate.sftp import constants as codec
+from sftpgate.sftp.constants import (
     FXF_APPEND,
     FXF_CREAT,
     FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
     MAX_PACKET,
-    Attrs,
-    NameEntry,
-    PacketReader,
-    ProtocolError,
-    Reply,
-    Request,
-    decode_reply,
-    decode_request,
 )
-from sftpgate.subsystem.encode import encode_reply, encode_request
+from sftpgate.sftp.decode import decode_reply, decode_request
+from sftpgate.sftp.encode import encode_reply, encode_request
+from sftpgate.sftp.packets import Attrs, NameEntry, ProtocolError, Reply, Request
+from sftpgate.sftp.reader import PacketReader
 from sftpgate.subsystem.tracker import Tracker
 
 FAST = settings(deadline=None, max_examples=200, database=None)

@@ -19,17 +19,14 @@ import pwd
 import stat
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Any
 
 from asyncssh import SFTPAttrs, SFTPName
 
-from ..attrs import summarize
 from ..beneath import Home, proc_path, rename_noreplace
+from ..sftp.constants import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE
 from .inline import SMALL_WRITE, NotQuick
 from .jail import link_for_client, link_target, virtual
 from .writebehind import WriteQueue, write_chunks
-
-FXF_READ, FXF_WRITE, FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 1, 2, 4, 8, 0x10, 0x20
 
 # Never let a user create set-uid/set-gid files, even when the gateway is root.
 _MODE_MASK = 0o1777
@@ -100,18 +97,6 @@ def os_flags(pflags: int) -> int:
     if pflags & FXF_TRUNC:
         flags |= os.O_TRUNC
     return flags | os.O_CLOEXEC
-
-
-def attrs_summary(attrs: SFTPAttrs) -> dict[str, Any]:
-    """The attributes a client asked to set, as journal JSON. Pure."""
-    return summarize(
-        size=attrs.size,
-        permissions=attrs.permissions,
-        uid=attrs.uid,
-        gid=attrs.gid,
-        atime=attrs.atime,
-        mtime=attrs.mtime,
-    )
 
 
 class UserFS:

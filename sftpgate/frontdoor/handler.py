@@ -38,11 +38,7 @@ from typing import Any, cast
 
 import asyncssh
 from asyncssh.channel import SSHChannel
-from asyncssh.constants import (
-    FILEXFER_ATTR_PERMISSIONS,
-    MSG_CHANNEL_DATA,
-    MSG_CHANNEL_WINDOW_ADJUST,
-)
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
 from asyncssh.logging import SSHLogger
 from asyncssh.packet import PacketDecodeError, SSHPacket
 from asyncssh.sftp import (
@@ -53,7 +49,19 @@ from asyncssh.sftp import (
     SFTPServerHandler,
 )
 
-from ..subsystem.codec import (
+from ..sftp.constants import (
+    ATTR_PERMISSIONS,
+    EXT_COPY_DATA,
+    EXT_FSTATVFS,
+    EXT_FSYNC,
+    EXT_HARDLINK,
+    EXT_LIMITS,
+    EXT_LSETSTAT,
+    EXT_NEWLINE,
+    EXT_POSIX_RENAME,
+    EXT_RANGES,
+    EXT_STATVFS,
+    EXT_VENDOR_ID,
     FX_BAD_MESSAGE,
     FXP_ATTRS,
     FXP_CLOSE,
@@ -68,6 +76,9 @@ from ..subsystem.codec import (
     FXP_SYMLINK,
     FXP_WRITE,
 )
+from ..sftp.decode import OFFSET_LENGTH, U32, string_at
+from ..sftp.encode import OK_BODY, REPLY_HEADER, status_body
+from ..sftp.packets import DecodeError
 from .bytequeue import ByteQueue
 from .sftp import GatewaySFTPServer, sftp_error
 
@@ -80,28 +91,22 @@ MAX_RANGES = 128
 
 # The extensions VERSION advertises (see GatewaySFTPHandler._extensions).
 ADVERTISED = frozenset(
-    {
-        b"newline",
-        b"vendor-id",
-        b"posix-rename@openssh.com",
-        b"hardlink@openssh.com",
-        b"fsync@openssh.com",
-        b"lsetstat@openssh.com",
-        b"limits@openssh.com",
-        b"statvfs@openssh.com",
-        b"fstatvfs@openssh.com",
-        b"copy-data",
-        b"ranges@asyncssh.com",
-    }
+    name.encode()
+    for name in (
+        EXT_NEWLINE,
+        EXT_VENDOR_ID,
+        EXT_POSIX_RENAME,
+        EXT_HARDLINK,
+        EXT_FSYNC,
+        EXT_LSETSTAT,
+        EXT_LIMITS,
+        EXT_STATVFS,
+        EXT_FSTATVFS,
+        EXT_COPY_DATA,
+        EXT_RANGES,
+    )
 )
 
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_REPLY = struct.Struct(">IBI")  # length, type, request id
-_WRITE = struct.Struct(">QI")  # offset, data length (after the handle)
-_READ = struct.Struct(">QI")  # offset, length (after the handle)
-# FX_OK with an empty message and language tag.
-_OK = b"\0\0\0\0" + b"\0\0\0\0" + b"\0\0\0\0"
 
 Reply = tuple[int, bytes]  # reply type, body after the request id
 
@@ -117,17 +122,6 @@ class _LevelCheckedLogger(SSHLogger):
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if self.isEnabledFor(level):
             super().log(level, msg, *args, **kwargs)
-
-
-def _string(data: bytes, pos: int) -> tuple[bytes, int]:
-    """An SSH string at ``pos``, and the position after it."""
-    if len(data) - pos < 4:
-        raise PacketDecodeError("Incomplete packet")
-    (size,) = _U32.unpack_from(data, pos)
-    start = pos + 4
-    if len(data) - start < size:
-        raise PacketDecodeError("Incomplete packet")
-    return data[start : start + size], start + size
 
 
 class _LenientPacket(SSHPacket):
@@ -152,7 +146,7 @@ def _attrs(result: object) -> bytes:
 
 
 _EMPTY_ATTRS = b"\0\0\0\0"
-_PERMISSIONS_ONLY = _U32.pack(FILEXFER_ATTR_PERMISSIONS)
+_PERMISSIONS_ONLY = U32.pack(ATTR_PERMISSIONS)
 
 
 # The attributes of nearly every OPEN, made once: an SFTPAttrs sets 25 fields.
@@ -257,8 +251,8 @@ class GatewaySFTPHandler(SFTPServerHandler):
     _packet_handlers = {  # noqa: RUF012 - asyncssh's own class attribute, extended
         **SFTPServerHandler._packet_handlers,
         FXP_SYMLINK: cast(Any, _process_symlink),
-        b"limits@openssh.com": cast(Any, _process_limits),
-        b"ranges@asyncssh.com": cast(Any, _process_ranges),
+        EXT_LIMITS.encode(): cast(Any, _process_limits),
+        EXT_RANGES.encode(): cast(Any, _process_ranges),
     }
 
     # The VERSION reply names only extensions served here and tried with a
@@ -284,7 +278,7 @@ class GatewaySFTPHandler(SFTPServerHandler):
         writer = self._writer
         if writer is None or writer.channel.is_closing():
             return
-        data = _REPLY.pack(len(body) + 5, pkttype, pktid) + body
+        data = REPLY_HEADER.pack(len(body) + 5, pkttype, pktid) + body
         if not _send_at_once(writer.channel, data):
             writer.write(data)
         if self._logger.isEnabledFor(logging.DEBUG):
@@ -366,7 +360,7 @@ class GatewaySFTPHandler(SFTPServerHandler):
 
     def _failed(self, exc: Exception) -> None:
         """A request ended the session (what asyncssh's receive loop did with it)."""
-        if isinstance(exc, PacketDecodeError):
+        if isinstance(exc, (DecodeError, PacketDecodeError)):
             exc = asyncssh.SFTPBadMessage(str(exc))
         elif not isinstance(exc, (OSError, asyncssh.Error)):
             log.error("SFTP session failed", exc_info=exc)
@@ -378,9 +372,9 @@ class GatewaySFTPHandler(SFTPServerHandler):
 
     async def _request(self, payload: bytes) -> None:
         if len(payload) < 5:
-            raise PacketDecodeError("Incomplete packet")
+            raise DecodeError("Incomplete packet")
         pkttype = payload[0]
-        (pktid,) = _U32.unpack_from(payload, 1)
+        (pktid,) = U32.unpack_from(payload, 1)
         if self._logger.isEnabledFor(logging.DEBUG):
             self.log_received_packet(pkttype, pktid, payload[5:])
         fast = _FAST.get(pkttype) if self._version == 3 else None
@@ -392,9 +386,8 @@ class GatewaySFTPHandler(SFTPServerHandler):
             return
         try:
             reply, body = await fast(self, payload)
-        except PacketDecodeError as exc:
-            reply = FXP_STATUS
-            body = _U32.pack(FX_BAD_MESSAGE) + _ssh_string(str(exc)) + _ssh_string("en-US")
+        except (DecodeError, PacketDecodeError) as exc:
+            reply, body = FXP_STATUS, status_body(FX_BAD_MESSAGE, str(exc))
         except asyncssh.SFTPError as exc:
             reply, body = FXP_STATUS, exc.encode(3)
         except Exception as exc:  # our server's bug or an OS error it let through
@@ -406,22 +399,22 @@ class GatewaySFTPHandler(SFTPServerHandler):
     # -- the fast path (version 3 only; payload = type, id, fields) -------------
 
     async def _open(self, payload: bytes) -> Reply:
-        path, pos = _string(payload, 5)
+        path, pos = string_at(payload, 5)
         if len(payload) - pos < 8:
-            raise PacketDecodeError("Incomplete packet")
-        (pflags,) = _U32.unpack_from(payload, pos)
+            raise DecodeError("Incomplete packet")
+        (pflags,) = U32.unpack_from(payload, pos)
         pos += 4
         if payload[pos:] == _EMPTY_ATTRS:
             attrs = _no_attrs()
         elif len(payload) - pos == 8 and payload[pos : pos + 4] == _PERMISSIONS_ONLY:
             # What OpenSSH's sftp sends: the local file's mode, nothing else.
-            attrs = _permissions_attrs(_U32.unpack_from(payload, pos + 4)[0])
+            attrs = _permissions_attrs(U32.unpack_from(payload, pos + 4)[0])
         else:
             attrs = SFTPAttrs.decode(SSHPacket(payload[pos:]), 3)  # bytes after them ignored
         file_obj = await self._server.open(path, pflags, attrs)
         handle = self._get_next_handle()
         self._file_handles[handle] = file_obj
-        return FXP_HANDLE, _U32.pack(len(handle)) + handle
+        return FXP_HANDLE, U32.pack(len(handle)) + handle
 
     def _file(self, handle: bytes) -> object:
         file_obj = self._file_handles.get(handle)
@@ -430,45 +423,45 @@ class GatewaySFTPHandler(SFTPServerHandler):
         return file_obj
 
     async def _read(self, payload: bytes) -> Reply:
-        handle, pos = _string(payload, 5)
-        if len(payload) - pos < _READ.size:
-            raise PacketDecodeError("Incomplete packet")
-        offset, size = _READ.unpack_from(payload, pos)
+        handle, pos = string_at(payload, 5)
+        if len(payload) - pos < OFFSET_LENGTH.size:
+            raise DecodeError("Incomplete packet")
+        offset, size = OFFSET_LENGTH.unpack_from(payload, pos)
         data = await self._server.read(self._file(handle), offset, size)
         if not data:
             raise asyncssh.SFTPEOFError("End of file")
-        return FXP_DATA, _U32.pack(len(data)) + data
+        return FXP_DATA, U32.pack(len(data)) + data
 
     async def _write(self, payload: bytes) -> Reply:
-        handle, pos = _string(payload, 5)
-        if len(payload) - pos < _WRITE.size:
-            raise PacketDecodeError("Incomplete packet")
-        offset, size = _WRITE.unpack_from(payload, pos)
-        pos += _WRITE.size
+        handle, pos = string_at(payload, 5)
+        if len(payload) - pos < OFFSET_LENGTH.size:
+            raise DecodeError("Incomplete packet")
+        offset, size = OFFSET_LENGTH.unpack_from(payload, pos)
+        pos += OFFSET_LENGTH.size
         if len(payload) - pos < size:
-            raise PacketDecodeError("Incomplete packet")
+            raise DecodeError("Incomplete packet")
         # A view, not a copy: the queued write keeps the request's bytes alive.
         # Bytes after the data are ignored, as sftp-server does (see _LenientPacket).
         data = memoryview(payload)[pos : pos + size]
         await self._server.write(self._file(handle), offset, data)
-        return FXP_STATUS, _OK
+        return FXP_STATUS, OK_BODY
 
     async def _close(self, payload: bytes) -> Reply:
-        handle, _ = _string(payload, 5)
+        handle, _ = string_at(payload, 5)
         file_obj = self._file_handles.pop(handle, None)
         if file_obj is not None:
             await self._server.close(file_obj)
         elif self._dir_handles.pop(handle, None) is None:
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return FXP_STATUS, _OK
+        return FXP_STATUS, OK_BODY
 
     async def _stat(self, payload: bytes) -> Reply:
-        path, _ = _string(payload, 5)
+        path, _ = string_at(payload, 5)
         stat = self._server.stat if payload[0] == FXP_STAT else self._server.lstat
         return FXP_ATTRS, _attrs(await stat(path))
 
     async def _fstat(self, payload: bytes) -> Reply:
-        handle, _ = _string(payload, 5)
+        handle, _ = string_at(payload, 5)
         return FXP_ATTRS, _attrs(await self._server.fstat(self._file(handle)))
 
 
@@ -495,14 +488,9 @@ def _send_at_once(chan: SSHChannel[bytes], data: bytes) -> bool:
         return False
     c._send_window -= size
     c._conn.send_packet(
-        MSG_CHANNEL_DATA, _U32.pack(c._send_chan) + _U32.pack(size) + data, handler=chan
+        MSG_CHANNEL_DATA, U32.pack(c._send_chan) + U32.pack(size) + data, handler=chan
     )
     return True
-
-
-def _ssh_string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return _U32.pack(len(raw)) + raw
 
 
 _FAST: dict[int, Callable[[GatewaySFTPHandler, bytes], Awaitable[Reply]]] = {
@@ -622,7 +610,7 @@ def _deliver_data_directly(chan: SSHChannel[bytes], session: SFTPSession) -> Non
             c._recv_window -= size
             if c._recv_window < c._init_recv_window / 2:
                 adjust = c._init_recv_window - c._recv_window
-                chan.send_packet(MSG_CHANNEL_WINDOW_ADJUST, _U32.pack(adjust))
+                chan.send_packet(MSG_CHANNEL_WINDOW_ADJUST, U32.pack(adjust))
                 c._recv_window = c._init_recv_window
             session.data_received(data, None)
         return True

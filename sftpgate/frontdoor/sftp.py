@@ -28,7 +28,9 @@ from ..errors import JailError
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..identity import Identity, IdentityError, call_as
 from ..patterns import name_matches
-from .fsops import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE, OpenFile, UserFS, attrs_summary
+from ..sftp.attrs import summarize
+from ..sftp.constants import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE
+from .fsops import OpenFile, UserFS
 from .inline import SMALL_WRITE, InlineGuard, NotQuick
 from .jail import virtual
 from .mounts import home_is_local
@@ -444,7 +446,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             None,
             f,
             attrs,
-            attrs=attrs_summary(attrs),
+            attrs=summarize(attrs),
         )
 
     async def fsync(self, file_obj: object) -> None:
@@ -500,7 +502,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             path,
             None,
             attrs,
-            attrs=attrs_summary(attrs),
+            attrs=summarize(attrs),
         )
 
     async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
@@ -511,7 +513,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             path,
             None,
             attrs,
-            attrs=attrs_summary(attrs),
+            attrs=summarize(attrs),
         )
 
     async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from ..events import Event, Op, SessionInfo
-from .codec import PacketReader
+from ..sftp.reader import PacketReader
 from .sender import EventSender
 from .tracker import Tracker
 

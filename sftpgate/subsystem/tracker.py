@@ -1,6 +1,6 @@
 """Pairs the requests and replies the subsystem tap sees into journal events. Pure.
 
-The tap feeds what its two :class:`~sftpgate.subsystem.codec.PacketReader`
+The tap feeds what its two :class:`~sftpgate.sftp.reader.PacketReader`
 objects yield to :meth:`Tracker.client` and :meth:`Tracker.server`; the
 tracker matches replies to requests by id, follows handles from OPEN to CLOSE
 and returns :class:`~sftpgate.events.Event` objects shaped exactly like those
@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..attrs import summarize
 from ..events import Event, Op, SessionInfo, UploadState
 from ..patterns import name_matches
-from . import codec
-from .codec import Attrs, ProtocolError, Reply, Request
+from ..sftp import constants as codec
+from ..sftp.attrs import summarize
+from ..sftp.packets import Attrs, ProtocolError, Reply, Request
 
 # sftp-server answers requests in order and at most a client's window ahead
 # (OpenSSH's client pipelines 64); this only bounds a stream whose replies stopped.
@@ -36,20 +36,6 @@ _NOTHING_UNDER_TEMP = "nothing written under the temporary name in this session:
 _UNKNOWN_COPY = "server-side copy-data of unknown length: not counted"
 
 Item = Request | Reply | ProtocolError
-
-
-def attrs_summary(attrs: Attrs | None) -> dict[str, Any]:
-    """The attributes a client asked to set, as journal JSON (as the asyncssh door does)."""
-    if attrs is None:
-        return {}
-    return summarize(
-        size=attrs.size,
-        permissions=attrs.permissions,
-        uid=attrs.uid,
-        gid=attrs.gid,
-        atime=attrs.atime,
-        mtime=attrs.mtime,
-    )
 
 
 def _decode(raw: bytes) -> str:
@@ -389,9 +375,7 @@ class Tracker:
             if p.req.type == codec.FXP_FSETSTAT
             else self._resolve(p.req.path)
         )
-        out.append(
-            self._event(Op.SETSTAT, p, reply, now, path=path, attrs=attrs_summary(p.req.attrs))
-        )
+        out.append(self._event(Op.SETSTAT, p, reply, now, path=path, attrs=summarize(p.req.attrs)))
 
     def _on_mkdir(self, p: _Pending, reply: Reply, now: float, out: list[Event]) -> None:
         out.append(

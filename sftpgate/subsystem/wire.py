@@ -22,7 +22,7 @@ from dataclasses import fields as dataclass_fields
 from typing import Any, Final
 
 from ..events import Event, Op, SessionInfo, UploadState
-from .codec import status_name
+from ..sftp.constants import status_name
 
 MAX_LINE: Final = 64 * 1024  # the largest real line (two 4 KiB paths + message) is ~10 KiB
 MAX_SEQ: Final = 2**53
@@ -36,7 +36,7 @@ MAX_DURATION: Final = 1e7  # seconds: four months
 # What a tap emits: never a failed login (sshd saw that) nor a pipeline outcome.
 TAP_OPS: Final = frozenset(Op) - {Op.LOGIN_FAILED, Op.CONVERTED, Op.REJECTED}
 _STATUSES: Final = frozenset(status_name(code) for code in range(64))
-_STATUS_CODE = re.compile(r"status_[0-9]{1,10}")  # codec.status_name of an unknown code
+_STATUS_CODE = re.compile(r"status_[0-9]{1,10}")  # status_name of an unknown code
 _SESSION_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 
 _EVENT_FIELDS = tuple(f.name for f in dataclass_fields(Event))

@@ -1,12 +1,17 @@
-"""Encoding SFTP v3 packets: the inverse of :mod:`.codec`, for tests and synthetic streams. Pure."""
+"""Encoding SFTP v3 packets: the inverse of :mod:`.decode`. Pure.
+
+:func:`encode_request` and :func:`encode_reply` build whole packets from
+:mod:`.packets` (tests, synthetic streams); :func:`ssh_string`,
+:func:`status_body` and :data:`OK_BODY` are the pieces ``serve``'s request
+loop builds its replies from.
+"""
 
 from __future__ import annotations
 
+import struct
 from typing import Final, TypeVar
 
-from .codec import (
-    _U32,
-    _U64,
+from .constants import (
     ATTR_ACMODTIME,
     ATTR_EXTENDED,
     ATTR_PERMISSIONS,
@@ -50,12 +55,28 @@ from .codec import (
     FXP_SYMLINK,
     FXP_VERSION,
     FXP_WRITE,
-    Attrs,
-    Reply,
-    Request,
 )
+from .decode import U32, U64
+from .packets import Attrs, Reply, Request
 
-# -- encoding (for tests and synthetic streams) ------------------------------------------
+# A reply's header: packet length, type, request id.
+REPLY_HEADER: Final = struct.Struct(">IBI")
+# FX_OK with an empty message and language tag: the body of most replies.
+OK_BODY: Final = b"\0\0\0\0" + b"\0\0\0\0" + b"\0\0\0\0"
+
+
+def ssh_string(text: str) -> bytes:
+    """``text`` as an SSH string (UTF-8, length first)."""
+    raw = text.encode("utf-8")
+    return U32.pack(len(raw)) + raw
+
+
+def status_body(code: int, message: str, lang: str = "en-US") -> bytes:
+    """A STATUS reply's body after its request id: code, message, language tag."""
+    return U32.pack(code) + ssh_string(message) + ssh_string(lang)
+
+
+# -- whole packets (for tests and synthetic streams) ------------------------------------------
 
 
 _T = TypeVar("_T")
@@ -68,13 +89,13 @@ class _Writer:
         self.parts: list[bytes] = [bytes((t,))]
 
     def u32(self, v: int) -> None:
-        self.parts.append(_U32.pack(v))
+        self.parts.append(U32.pack(v))
 
     def u64(self, v: int) -> None:
-        self.parts.append(_U64.pack(v))
+        self.parts.append(U64.pack(v))
 
     def string(self, v: bytes) -> None:
-        self.parts.append(_U32.pack(len(v)))
+        self.parts.append(U32.pack(len(v)))
         self.parts.append(v)
 
     def attrs(self, a: Attrs) -> None:
@@ -112,7 +133,7 @@ class _Writer:
 
     def packet(self) -> bytes:
         body = b"".join(self.parts)
-        return _U32.pack(len(body)) + body
+        return U32.pack(len(body)) + body
 
 
 def _need(value: _T | None, what: str) -> _T:
@@ -202,8 +223,8 @@ def _encode_extended(w: _Writer, req: Request) -> None:
     elif name == EXT_HOME_DIRECTORY:
         w.string(_need(req.username, "username"))
     elif name == EXT_USERS_GROUPS_BY_ID:
-        w.string(b"".join(_U32.pack(v) for v in req.uids or ()))
-        w.string(b"".join(_U32.pack(v) for v in req.gids or ()))
+        w.string(b"".join(U32.pack(v) for v in req.uids or ()))
+        w.string(b"".join(U32.pack(v) for v in req.gids or ()))
     elif name != EXT_LIMITS:
         w.parts.append(bytes(req.data_len or 0))
 
