@@ -1,4 +1,10 @@
-"""``config.yaml``: load, override from the environment, validate, freeze.
+"""``config.yaml``: every key declared once, then load, override from the environment, validate.
+
+Each key is one dataclass field below: its type, its default, its rule, a
+one-line doc and, for a key ``sftpgate serve`` reads only at start, why a
+reload cannot take it. :mod:`sftpgate.configschema` reads YAML into these
+classes and renders them as ``docs/configuration.md``
+(``sftpgate check-config --docs``).
 
 Every error names the file and the key, e.g.
 ``config.yaml: users[2].email: not an email address``. Relative paths resolve
@@ -9,85 +15,200 @@ read as YAML, so numbers and booleans keep their type.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .configschema import (
+    EVEN,
+    NONNEGATIVE,
+    OCTAL,
+    PORT,
+    POSITIVE,
+    Invalid,
+    Rule,
+    Source,
+    key,
+    matching,
+    one_of,
+    read,
+    required,
+    restart_markdown,
+    section_markdown,
+    spec_of,
+    yaml_name,
+)
 from .errors import ConfigError
 
 ENV_PREFIX = "SFTPGATE_"
 
-_LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
+EMAIL = matching(r"^[^@\s]+@[^@\s]+$", "not an email address", "an email address")
+LOGIN = matching(
+    r"^[a-z_][a-z0-9_.-]{0,31}$",
+    "must be lowercase letters, digits, '_', '.', '-' (max 32)",
+    "lowercase letters, digits, `_ . -`, at most 32",
+)
 
-
-@dataclass(frozen=True, slots=True)
-class User:
-    login: str
-    name: str
-    surname: str
-    email: str
-    home: Path
-    password_hash: str | None = None
-    authorized_keys: tuple[str, ...] = ()
-    uid: int | None = None
-    gid: int | None = None
+# Why a reload (SIGHUP) cannot take a key: ``sftpgate serve`` reads it only at start.
+_LISTENER = "the listening socket is opened once"
+_STATE = "the state folder and host keys are prepared and loaded at start"
+_POOL = "the size of the filesystem thread pool"
+_SSH = "given to the SSH listener when it starts"
+_JOURNAL = (
+    "the journal writer (file, `synchronous`, batching) is opened once; "
+    "`synchronous` also decides the fsync at CLOSE"
+)
+_WORKERS_STARTED = "whether embedded workers are started at all"
+_WORKERS = "the worker tasks are started, and keep these, at start"
+_TAP = "the tap socket and spool are set up at start"
+_LOG = "logging is set up at start"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    listen: str = "0.0.0.0"  # noqa: S104 - a server's default is to listen
-    port: int = 2222
-    state_dir: Path = Path("/var/lib/sftpgate")
-    host_keys_dir: Path = Path("/etc/sftpgate/hostkeys")
-    create_homes: bool = False
-    io_threads: int = 32
-    # Metadata calls of homes wholly on local disks run on the event loop
-    # (see frontdoor/mounts.py); NFS, FUSE and unknown filesystems never do.
-    inline_local_metadata: bool = True
-    # Likewise quick changes: create, small write batches, close, mkdir,
-    # rename, remove, setstat (frontdoor/inline.py: a slow one turns it off).
-    inline_local_changes: bool = True
-    login_timeout: float = 60.0
-    max_auth_attempts: int = 6
-    # Masked off the modes clients ask for when users create files and folders
-    # (as sftp-server -u), whatever the process umask (systemd's UMask=0077).
-    umask: int = 0o022
+    """The SSH listener of `sftpgate serve`, its state and how it touches users' files."""
+
+    listen: str = key("0.0.0.0", "address to listen on", restart=_LISTENER)  # noqa: S104
+    port: int = key(2222, "TCP port (0 = any free port)", PORT, restart=_LISTENER)
+    state_dir: Path = key(
+        Path("/var/lib/sftpgate"),
+        "journal and other state; the folder is 0700 and the journal (with its `-wal`, `-shm`) "
+        "0600 whatever the umask, and looser ones are tightened at start, with a warning",
+        restart=_STATE,
+    )
+    host_keys_dir: Path = key(
+        Path("/etc/sftpgate/hostkeys"),
+        "host keys (ed25519 and RSA), created on first start and reused after; the folder is "
+        "0700 and every file in it 0600 (the `.pub` halves too) whatever the umask, looser "
+        "ones tightened at start, with a warning",
+        restart=_STATE,
+    )
+    create_homes: bool = key(
+        False, "create missing homes at start; otherwise a missing home is a config error"
+    )
+    io_threads: int = key(
+        32, "threads for filesystem calls (a hung NFS call holds one)", POSITIVE, restart=_POOL
+    )
+    inline_local_metadata: bool = key(
+        True,
+        "a session whose home (and everything mounted below it) is on local disks (ext4, xfs, "
+        "btrfs, zfs, tmpfs, overlay…) makes read-only metadata calls — stat, lstat, fstat, "
+        "realpath, readlink, opening to read — on the event loop, saving two thread wake-ups "
+        "per request; NFS, FUSE and unknown filesystems always use the pool. `false`: in the "
+        "pool",
+    )
+    inline_local_changes: bool = key(
+        True,
+        "the same for quick changes: creating a file (or truncating one of at most 64 KiB), "
+        "mkdir, rmdir, symlink, link, and every write and the close of a file while it holds "
+        "at most 64 KiB (small uploads: ~20% more files/s here). Reads, listings, fsync, "
+        "remove, rename, setstat (they can free a big file's blocks) and bigger files' writes "
+        "always use the pool. Any inline call that takes over 2 ms and slept in the kernel on "
+        "the way (ext4 waiting on its journal, writes throttled behind a busy disk; not merely "
+        "another process holding the CPU) sends every call of the gateway to the pool for 1 s "
+        "and logs a warning; each time calls are slow again right after, the pause doubles, up "
+        "to 30 s. What the guard cannot cut short is a call that never returns: on a "
+        "filesystem frozen for a snapshot (`fsfreeze`, LVM) a create waits for the thaw, and "
+        "inline that holds every session. `false`: in the pool",
+    )
+    login_timeout: float = key(
+        60.0, "time a client has to authenticate", POSITIVE, unit="seconds", restart=_SSH
+    )
+    max_auth_attempts: int = key(
+        6, "failed authentications before the connection is dropped", POSITIVE
+    )
+    umask: int = key(
+        0o022,
+        "masked off the modes clients ask for when users create files and folders (as "
+        "`sftp-server -u`), whatever the process umask: the systemd unit's `UMask=0077` keeps "
+        "the state private without making every customer file 0600",
+        OCTAL,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
-    enabled: bool = True
-    path: Path | None = None  # default: <state_dir>/journal.sqlite3
-    synchronous: str = "full"
-    batch_max: int = 1000
-    # Seconds plain records gather before their commit (durable ones don't wait).
-    commit_interval: float = 0.02
-    # Seconds a client's CLOSE (or RENAME) waits for its upload's commit before
-    # it gets an SFTP failure ("upload not recorded, try again") instead of a hang.
-    durable_timeout: float = 10.0
+    """The SQLite audit journal of every session and request."""
+
+    enabled: bool = key(True, "`false` journals nothing (for measuring its cost)", restart=_JOURNAL)
+    path: Path | None = key(
+        None, "the SQLite file", shown="`<state_dir>/journal.sqlite3`", restart=_JOURNAL
+    )
+    synchronous: str = key(
+        "full",
+        "`full`: every commit is fsync'd, and an upload that starts a job is fsync'd before the "
+        "commit its OK reply waits for; `normal`: nothing is fsync'd, the last commits (and "
+        "uploads) may be lost on power loss. Exactly what an OK reply guarantees: "
+        "[README](../README.md#what-an-ok-reply-to-close-guarantees)",
+        one_of("full", "normal"),
+        restart=_JOURNAL,
+    )
+    batch_max: int = key(1000, "most events in one commit", POSITIVE, restart=_JOURNAL)
+    commit_interval: float = key(
+        0.02,
+        "time a burst of records gathers before its commit; a completed upload that starts a "
+        "job commits at once",
+        NONNEGATIVE,
+        unit="seconds",
+        restart=_JOURNAL,
+    )
+    durable_timeout: float = key(
+        10.0,
+        "time a CLOSE (or RENAME) that starts a job waits for its commit; past it the client "
+        'gets "upload not recorded, try again" and the journal an error row',
+        POSITIVE,
+        unit="seconds",
+        restart=_JOURNAL,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class SmtpConfig:
-    host: str = "localhost"
-    port: int = 25
-    security: str = "none"
-    username: str | None = None
-    password_file: Path | None = None
-    password_env: str | None = None
-    sender: str = "sftpgate@localhost"
-    timeout: float = 30.0
-    # Transient failures (refused, 4xx) are retried this many times, waiting
-    # retry_wait * 2^n seconds between tries, before the job step fails and the
-    # job itself is retried later with its own backoff.
-    retries: int = 3
-    retry_wait: float = 2.0
+    """The mail server that sends users' and the admin's emails."""
+
+    host: str = key("localhost", "mail server")
+    port: int = key(25, "mail server port", PORT)
+    security: str = key("none", "how the connection is secured", one_of("none", "starttls", "tls"))
+    username: str | None = key(None, "optional SMTP login")
+    password_file: Path | None = key(
+        None, "file holding the SMTP password (never written in config.yaml)"
+    )
+    password_env: str | None = key(
+        None, "environment variable holding the SMTP password (never written in config.yaml)"
+    )
+    sender: str = key("sftpgate@localhost", "sender address", EMAIL, name="from")
+    timeout: float = key(30.0, "time per SMTP conversation", POSITIVE, unit="seconds")
+    retries: int = key(
+        3,
+        "transient failures (refused, 4xx) are retried this often, `retry_wait·2ⁿ` s apart; "
+        "after that the job step fails and the job is retried with its own backoff. 5xx is "
+        "permanent: recorded, never retried",
+        NONNEGATIVE,
+    )
+    retry_wait: float = key(
+        2.0, "first wait between SMTP tries, doubled each time", NONNEGATIVE, unit="seconds"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EmailConfig:
+    """The emails users get about their uploads, and the admin about dead jobs."""
+
+    enabled: bool = key(True, "send user emails at all")
+    templates_dir: Path | None = key(
+        None,
+        "folder with `converted.subject/.txt/.html`, `rejected.*`, `dead.*` overriding the "
+        "built-in templates; placeholders `$name $surname $login $file $duration $resolution "
+        "$outputs $reason $job_id $poster`",
+        shown="built-in",
+    )
+    admin: str | None = key(None, "told when a job goes dead", EMAIL)
 
 
 DEFAULT_PATTERNS = tuple(
@@ -131,84 +252,246 @@ DEFAULT_VIDEO_CODECS = (
     "mjpeg",
     "h263",
 )
+PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
+
+
+def _folder_inside(value: str) -> str:
+    value = value.strip("/")
+    if not value or ".." in value.split("/"):
+        raise Invalid("must be a folder inside the home, without ..")
+    return value
+
+
+INSIDE_HOME = Rule("a folder inside the home, no `..`", _folder_inside)
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
-    enabled: bool = True
-    patterns: tuple[str, ...] = DEFAULT_PATTERNS
-    temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
-    output_dir: str = "converted"
-    allowed_containers: tuple[str, ...] = DEFAULT_CONTAINERS
-    allowed_video_codecs: tuple[str, ...] = DEFAULT_VIDEO_CODECS
-    max_duration: float = 4 * 3600.0
-    max_width: int = 7680
-    max_height: int = 4320
-    max_size: int = 50 * 1024**3
-    thumbnails: int = 10
-    thumbnail_width: int = 320
-    poster_width: int = 640
-    crf: int = 23
-    preset: str = "veryfast"
-    audio_bitrate: str = "128k"
-    ffmpeg: str = "ffmpeg"
-    ffprobe: str = "ffprobe"
-    timeout: float = 3 * 3600.0
-    nice: int = 10
-    memory_limit: int = 4 * 1024**3
-    # Largest file ffmpeg may write (RLIMIT_FSIZE): a crafted input cannot fill the disk.
-    max_output_size: int = 8 * 1024**3
-    threads: int = 0
-    # Extra ffmpeg input options, e.g. ["-readrate", "1"]; for special inputs.
-    input_args: tuple[str, ...] = ()
+    """Which completed uploads start a job, what is accepted, and how ffmpeg converts it."""
+
+    enabled: bool = key(True, "start jobs for completed uploads", restart=_WORKERS_STARTED)
+    patterns: tuple[str, ...] = key(
+        DEFAULT_PATTERNS, "candidate names (case-insensitive); the content decides"
+    )
+    temp_patterns: tuple[str, ...] = key(
+        DEFAULT_TEMP_PATTERNS, "uploads under these names complete when renamed to a final name"
+    )
+    output_dir: str = key(
+        "converted",
+        "folder inside the home for outputs (never overwritten: a later upload of the same "
+        "name gets `-1`, `-2` …)",
+        INSIDE_HOME,
+    )
+    allowed_containers: tuple[str, ...] = key(
+        DEFAULT_CONTAINERS, "ffprobe format names accepted (`mov`, `avi`, `asf`, `matroska` …)"
+    )
+    allowed_video_codecs: tuple[str, ...] = key(
+        DEFAULT_VIDEO_CODECS, "ffprobe video codec names accepted (`h264`, `mpeg4`, `wmv2` …)"
+    )
+    max_duration: float = key(4 * 3600.0, "longer inputs are rejected", POSITIVE, unit="seconds")
+    max_width: int = key(7680, "wider inputs are rejected", POSITIVE, unit="pixels")
+    max_height: int = key(4320, "taller inputs are rejected", POSITIVE, unit="pixels")
+    max_size: int = key(50 * 1024**3, "larger inputs are rejected", POSITIVE, unit="bytes")
+    thumbnails: int = key(10, "evenly spaced thumbnails", NONNEGATIVE)
+    thumbnail_width: int = key(320, "width of each thumbnail", EVEN, unit="pixels")
+    poster_width: int = key(640, "width of the one poster (~10% in)", EVEN, unit="pixels")
+    crf: int = key(23, "x264 quality of the FLV (lower is better)", NONNEGATIVE)
+    preset: str = key("veryfast", "x264 preset of the FLV", one_of(*PRESETS))
+    audio_bitrate: str = key("128k", "AAC bitrate of the FLV")
+    ffmpeg: str = key("ffmpeg", "the ffmpeg to run (a bare name is looked up in `PATH`)")
+    ffprobe: str = key("ffprobe", "the ffprobe to run (a bare name is looked up in `PATH`)")
+    timeout: float = key(
+        3 * 3600.0,
+        "ffmpeg is killed after this; it runs at low priority in its own process group and dies "
+        "with the gateway; ffprobe gets 2 min",
+        POSITIVE,
+        unit="seconds",
+    )
+    nice: int = key(10, "priority of ffmpeg and ffprobe", NONNEGATIVE)
+    memory_limit: int = key(
+        4 * 1024**3,
+        "address-space limit of ffmpeg and ffprobe; both also get CPU time for their wall time "
+        "on every CPU",
+        POSITIVE,
+        unit="bytes",
+    )
+    max_output_size: int = key(
+        8 * 1024**3,
+        "largest file ffmpeg may write (`RLIMIT_FSIZE`): a crafted input cannot fill the disk; "
+        "a bigger one fails the job",
+        POSITIVE,
+        unit="bytes",
+    )
+    threads: int = key(0, "ffmpeg threads (0: ffmpeg decides)", NONNEGATIVE)
+    input_args: tuple[str, ...] = key(
+        (), 'extra ffmpeg input options, e.g. `["-readrate", "1"]` (advanced, for special inputs)'
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class JobsConfig:
-    workers: int = 2
-    max_attempts: int = 5
-    backoff_base: float = 30.0
-    backoff_max: float = 3600.0
-    lease_seconds: float = 60.0
-    poll_interval: float = 1.0
+    """The queue of pipeline jobs and the workers that run them."""
 
-
-@dataclass(frozen=True, slots=True)
-class EmailConfig:
-    enabled: bool = True
-    templates_dir: Path | None = None
-    admin: str | None = None  # told when a job goes dead
-
-
-@dataclass(frozen=True, slots=True)
-class SubsystemConfig:
-    # The daemon side runs in `serve` when enabled: a Unix socket for taps.
-    enabled: bool = False
-    sftp_server: str = "/usr/lib/openssh/sftp-server"
-    socket: Path = Path("/run/sftpgate/events.sock")
-    # World-writable with the sticky bit (like /tmp): each user's tap may
-    # create its own spool files there; the daemon replays and removes them.
-    spool_dir: Path = Path("/var/spool/sftpgate")
-    replay_interval: float = 10.0
-    ack_timeout: float = 5.0
+    workers: int = key(
+        2,
+        "embedded workers in `serve` (0: leave jobs to `sftpgate worker`)",
+        NONNEGATIVE,
+        restart=_WORKERS,
+    )
+    max_attempts: int = key(5, "then the job is `dead`", POSITIVE)
+    backoff_base: float = key(
+        30.0, "wait before retry n: `base·2ⁿ⁻¹`, capped", POSITIVE, unit="seconds"
+    )
+    backoff_max: float = key(3600.0, "cap of the wait before a retry", POSITIVE, unit="seconds")
+    lease_seconds: float = key(
+        60.0,
+        "a worker's lease, renewed by heartbeats",
+        POSITIVE,
+        unit="seconds",
+        restart=_WORKERS,
+    )
+    poll_interval: float = key(
+        1.0,
+        "how often idle workers look for due jobs (new uploads wake them at once)",
+        POSITIVE,
+        unit="seconds",
+        restart=_WORKERS,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    level: str = "info"
-    json: bool = False
+    """Logging, to stderr (for journald)."""
+
+    level: str = key(
+        "info",
+        "least severe level logged",
+        one_of("debug", "info", "warning", "error"),
+        restart=_LOG,
+    )
+    json: bool = key(False, "one JSON object per log line", restart=_LOG)
+
+
+@dataclass(frozen=True, slots=True)
+class SubsystemConfig:
+    """The daemon side of the OpenSSH front door (`sftpgate subsystem`), run inside `serve`."""
+
+    enabled: bool = key(
+        False, "run the daemon side in `serve`: a Unix socket for taps", restart=_TAP
+    )
+    sftp_server: str = key(
+        "/usr/lib/openssh/sftp-server", "the real server the tap relays to", restart=_TAP
+    )
+    socket: Path = key(Path("/run/sftpgate/events.sock"), "where taps report", restart=_TAP)
+    spool_dir: Path = key(
+        Path("/var/spool/sftpgate"),
+        "spool for events the daemon did not acknowledge: world-writable with the sticky bit "
+        "(mode 1733, like /tmp), so each user's tap creates its own files there; the daemon "
+        "replays and removes them",
+        restart=_TAP,
+    )
+    replay_interval: float = key(
+        10.0, "time between spool replays", POSITIVE, unit="seconds", restart=_TAP
+    )
+    ack_timeout: float = key(
+        5.0,
+        "how long a tap waits for the last acknowledgements before spooling",
+        POSITIVE,
+        unit="seconds",
+        restart=_TAP,
+    )
+
+
+def _password_hash(value: str) -> str:
+    # Imported here: importing passwords computes its dummy hash (scrypt, ~0.1 s).
+    from .passwords import check_hash_format
+
+    problem = check_hash_format(value)
+    if problem:
+        raise Invalid(problem)
+    return value
+
+
+def _authorized_keys(value: list[Any] | str) -> tuple[str, ...]:
+    lines = [value] if isinstance(value, str) else value
+    if not lines:
+        return ()
+    # Imported here: `sftpgate subsystem` loads a config without keys for every
+    # OpenSSH session and must not pay for asyncssh (~0.1 s).
+    import asyncssh
+
+    keys: list[str] = []
+    for index, line in enumerate(lines):
+        if not isinstance(line, str):
+            raise Invalid(
+                "must be a string (one OpenSSH public key line, no options)", at=f"[{index}]"
+            )
+        try:
+            asyncssh.import_public_key(line)
+        except (ValueError, asyncssh.KeyImportError) as exc:
+            raise Invalid(f"not an OpenSSH public key: {exc}", at=f"[{index}]") from None
+        keys.append(line.strip())
+    return tuple(keys)
+
+
+PASSWORD_HASH = Rule(
+    "scrypt (`sftpgate users hash-password`) or bcrypt (`htpasswd -nB`)", _password_hash
+)
+OPENSSH_KEYS = Rule(
+    "OpenSSH public key lines (one key each, no options); one may be a plain string",
+    _authorized_keys,
+    accepts=(list, str),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """One entry of `users:`. A user logs in to `serve` with a `password_hash` or
+    `authorized_keys` (or both); one with neither is an OpenSSH-only user
+    (`sftpgate subsystem`)."""
+
+    login: str = field(metadata=required("the login name", LOGIN))
+    name: str = field(metadata=required("first name, for emails"))
+    surname: str = field(metadata=required("surname, for emails"))
+    email: str = field(metadata=required("receives pipeline notices", EMAIL))
+    home: Path = field(metadata=required("the user's home, seen by them as `/`"))
+    password_hash: str | None = key(None, "the password's hash", PASSWORD_HASH)
+    authorized_keys: tuple[str, ...] = key((), "public keys the user may log in with", OPENSSH_KEYS)
+    uid: int | None = key(
+        None,
+        "when the gateway runs as root, who this user's file work (and pipeline) runs as; its "
+        "supplementary groups come with it when a system account has that uid. A user resolved "
+        "to root (a root-owned home, no account) is logged as a warning: the kernel then "
+        "confines nothing",
+        shown="the system account of the same login, else the home's owner",
+    )
+    gid: int | None = key(
+        None,
+        "the group of that file work, as `uid`",
+        shown="the system account's group, else the home's group",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
-    server: ServerConfig
-    journal: JournalConfig
-    smtp: SmtpConfig
-    log: LogConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    email: EmailConfig = field(default_factory=EmailConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
-    email: EmailConfig = field(default_factory=EmailConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     subsystem: SubsystemConfig = field(default_factory=SubsystemConfig)
     users: tuple[User, ...] = field(default_factory=tuple)
 
@@ -223,341 +506,34 @@ class Config:
         return None
 
 
-_KIND_NAMES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    list: "a list",
-    dict: "a mapping",
+# The sections of config.yaml: each field of Config whose type is a section class.
+SECTIONS: dict[str, type[Any]] = {
+    name: hint
+    for name, hint in typing.get_type_hints(Config).items()
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint)
 }
 
 
-class _Reader:
-    """Pulls typed values out of one mapping, naming ``file: key`` in every error."""
-
-    def __init__(self, file: str, base: Path, data: Mapping[str, Any], where: str) -> None:
-        self.file, self.base, self.data, self.where = file, base, data, where
-        self.used: set[str] = set()
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.file}: {self._key(key)}: {message}")
-
-    def _key(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self.used.add(key)
-        if key not in self.data or self.data[key] is None:
-            return default
-        value = self.data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            kinds = kind if isinstance(kind, tuple) else (kind,)
-            name = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
-            raise self.error(key, f"must be {name}, got {type(value).__name__}")
-        return value
-
-    def required_str(self, key: str) -> str:
-        value = self.get(key, str, None)
-        if value is None or not value.strip():
-            raise self.error(key, "is required")
-        return str(value)
-
-    def port(self, key: str, default: int) -> int:
-        value = int(self.get(key, int, default))
-        if not 0 <= value <= 65535:
-            raise self.error(key, "must be a port number (0-65535)")
-        return value
-
-    def positive(self, key: str, kind: type, default: float) -> Any:
-        value = self.get(key, kind, default)
-        if value <= 0:
-            raise self.error(key, "must be greater than 0")
-        return value
-
-    def nonnegative(self, key: str, kind: type, default: float) -> Any:
-        value = self.get(key, kind, default)
-        if value < 0:
-            raise self.error(key, "must not be negative")
-        return value
-
-    def even(self, key: str, default: int) -> int:
-        value = int(self.positive(key, int, default))
-        if value % 2:
-            raise self.error(key, "must be an even number of pixels")
-        return value
-
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(key, list, None)
-        if value is None:
-            return default
-        for index, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                raise self.error(f"{key}[{index}]", "must be a non-empty string")
-        return tuple(value)
-
-    def path(self, key: str, default: Path | None) -> Path | None:
-        value = self.get(key, str, None)
-        if value is None:
-            return default
-        return (self.base / os.path.expanduser(str(value))).resolve()
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = str(self.get(key, str, default)).lower()
-        if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}")
-        return value
-
-    def finish(self) -> None:
-        for key in self.data:
-            if key not in self.used:
-                raise self.error(str(key), "unknown key")
-
-
-def _section(file: str, base: Path, raw: Mapping[str, Any], name: str) -> _Reader:
+def _section(source: Source, raw: Mapping[str, Any], name: str) -> Any:
     value = raw.get(name) or {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{file}: {name}: must be a mapping")
-    return _Reader(file, base, value, name)
+        raise source.error(name, "must be a mapping")
+    return read(SECTIONS[name], value, source, name)
 
 
-def _server(r: _Reader) -> ServerConfig:
-    d = ServerConfig()
-    cfg = ServerConfig(
-        listen=r.get("listen", str, d.listen),
-        port=r.port("port", d.port),
-        state_dir=r.path("state_dir", d.state_dir) or d.state_dir,
-        host_keys_dir=r.path("host_keys_dir", d.host_keys_dir) or d.host_keys_dir,
-        create_homes=r.get("create_homes", bool, d.create_homes),
-        io_threads=r.positive("io_threads", int, d.io_threads),
-        inline_local_metadata=r.get("inline_local_metadata", bool, d.inline_local_metadata),
-        inline_local_changes=r.get("inline_local_changes", bool, d.inline_local_changes),
-        login_timeout=r.positive("login_timeout", float, d.login_timeout),
-        max_auth_attempts=r.positive("max_auth_attempts", int, d.max_auth_attempts),
-        umask=_umask(r, d.umask),
-    )
-    r.finish()
-    return cfg
-
-
-def _umask(r: _Reader, default: int) -> int:
-    """An octal mask: 18 (YAML reads 0022 as octal), "022" or "0o022"."""
-    value = r.get("umask", (int, str), default)
-    if isinstance(value, str):
-        try:
-            value = int(value.removeprefix("0o"), 8)
-        except ValueError:
-            raise r.error("umask", f"must be an octal mask such as 022, got {value!r}") from None
-    if not 0 <= value <= 0o777:
-        raise r.error("umask", "must be between 000 and 777 (octal)")
-    return int(value)
-
-
-def _journal(r: _Reader) -> JournalConfig:
-    d = JournalConfig()
-    cfg = JournalConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        path=r.path("path", None),
-        synchronous=r.choice("synchronous", ("full", "normal"), d.synchronous),
-        batch_max=r.positive("batch_max", int, d.batch_max),
-        commit_interval=r.nonnegative("commit_interval", float, d.commit_interval),
-        durable_timeout=r.positive("durable_timeout", float, d.durable_timeout),
-    )
-    r.finish()
-    return cfg
-
-
-def _smtp(r: _Reader) -> SmtpConfig:
-    d = SmtpConfig()
-    cfg = SmtpConfig(
-        host=r.get("host", str, d.host),
-        port=r.port("port", d.port),
-        security=r.choice("security", ("none", "starttls", "tls"), d.security),
-        username=r.get("username", str, None),
-        password_file=r.path("password_file", None),
-        password_env=r.get("password_env", str, None),
-        sender=r.get("from", str, d.sender),
-        timeout=r.positive("timeout", float, d.timeout),
-        retries=r.nonnegative("retries", int, d.retries),
-        retry_wait=r.nonnegative("retry_wait", float, d.retry_wait),
-    )
-    if not _EMAIL_RE.match(cfg.sender):
-        raise r.error("from", "not an email address")
-    r.finish()
-    return cfg
-
-
-def _pipeline(r: _Reader) -> PipelineConfig:
-    d = PipelineConfig()
-    output_dir = r.get("output_dir", str, d.output_dir).strip("/")
-    if not output_dir or ".." in output_dir.split("/"):
-        raise r.error("output_dir", "must be a folder inside the home, without ..")
-    cfg = PipelineConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        patterns=r.strings("patterns", d.patterns),
-        temp_patterns=r.strings("temp_patterns", d.temp_patterns),
-        output_dir=output_dir,
-        allowed_containers=r.strings("allowed_containers", d.allowed_containers),
-        allowed_video_codecs=r.strings("allowed_video_codecs", d.allowed_video_codecs),
-        max_duration=r.positive("max_duration", float, d.max_duration),
-        max_width=r.positive("max_width", int, d.max_width),
-        max_height=r.positive("max_height", int, d.max_height),
-        max_size=r.positive("max_size", int, d.max_size),
-        thumbnails=r.nonnegative("thumbnails", int, d.thumbnails),
-        thumbnail_width=r.even("thumbnail_width", d.thumbnail_width),
-        poster_width=r.even("poster_width", d.poster_width),
-        crf=r.nonnegative("crf", int, d.crf),
-        preset=r.choice(
-            "preset",
-            (
-                "ultrafast",
-                "superfast",
-                "veryfast",
-                "faster",
-                "fast",
-                "medium",
-                "slow",
-                "slower",
-                "veryslow",
-            ),
-            d.preset,
-        ),
-        audio_bitrate=r.get("audio_bitrate", str, d.audio_bitrate),
-        ffmpeg=r.get("ffmpeg", str, d.ffmpeg),
-        ffprobe=r.get("ffprobe", str, d.ffprobe),
-        timeout=r.positive("timeout", float, d.timeout),
-        nice=r.nonnegative("nice", int, d.nice),
-        memory_limit=r.positive("memory_limit", int, d.memory_limit),
-        max_output_size=r.positive("max_output_size", int, d.max_output_size),
-        threads=r.nonnegative("threads", int, d.threads),
-        input_args=r.strings("input_args", d.input_args),
-    )
-    r.finish()
-    return cfg
-
-
-def _jobs(r: _Reader) -> JobsConfig:
-    d = JobsConfig()
-    cfg = JobsConfig(
-        workers=r.nonnegative("workers", int, d.workers),
-        max_attempts=r.positive("max_attempts", int, d.max_attempts),
-        backoff_base=r.positive("backoff_base", float, d.backoff_base),
-        backoff_max=r.positive("backoff_max", float, d.backoff_max),
-        lease_seconds=r.positive("lease_seconds", float, d.lease_seconds),
-        poll_interval=r.positive("poll_interval", float, d.poll_interval),
-    )
-    r.finish()
-    return cfg
-
-
-def _subsystem(r: _Reader) -> SubsystemConfig:
-    d = SubsystemConfig()
-    cfg = SubsystemConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        sftp_server=r.get("sftp_server", str, d.sftp_server),
-        socket=r.path("socket", d.socket) or d.socket,
-        spool_dir=r.path("spool_dir", d.spool_dir) or d.spool_dir,
-        replay_interval=r.positive("replay_interval", float, d.replay_interval),
-        ack_timeout=r.positive("ack_timeout", float, d.ack_timeout),
-    )
-    r.finish()
-    return cfg
-
-
-def _email(r: _Reader) -> EmailConfig:
-    admin = r.get("admin", str, None)
-    if admin is not None and not _EMAIL_RE.match(admin):
-        raise r.error("admin", "not an email address")
-    cfg = EmailConfig(
-        enabled=r.get("enabled", bool, True),
-        templates_dir=r.path("templates_dir", None),
-        admin=admin,
-    )
-    r.finish()
-    return cfg
-
-
-def _log(r: _Reader) -> LogConfig:
-    d = LogConfig()
-    cfg = LogConfig(
-        level=r.choice("level", ("debug", "info", "warning", "error"), d.level),
-        json=r.get("json", bool, d.json),
-    )
-    r.finish()
-    return cfg
-
-
-def _authorized_keys(r: _Reader) -> tuple[str, ...]:
-    value = r.get("authorized_keys", (list, str), [])
-    lines = [value] if isinstance(value, str) else value
-    if not lines:
-        return ()
-    # Imported here: `sftpgate subsystem` loads a config without keys for every
-    # OpenSSH session and must not pay for asyncssh (~0.1 s).
-    import asyncssh
-
-    keys: list[str] = []
-    for index, line in enumerate(lines):
-        where = f"authorized_keys[{index}]"
-        if not isinstance(line, str):
-            raise r.error(where, "must be a string (one OpenSSH public key line, no options)")
-        try:
-            asyncssh.import_public_key(line)
-        except (ValueError, asyncssh.KeyImportError) as exc:
-            raise r.error(where, f"not an OpenSSH public key: {exc}") from None
-        keys.append(line.strip())
-    return tuple(keys)
-
-
-def _user(r: _Reader) -> User:
-    login = r.required_str("login")
-    if not _LOGIN_RE.match(login):
-        raise r.error("login", "must be lowercase letters, digits, '_', '.', '-' (max 32)")
-    email = r.required_str("email")
-    if not _EMAIL_RE.match(email):
-        raise r.error("email", "not an email address")
-    home = r.path("home", None)
-    if home is None:
-        raise r.error("home", "is required")
-    password_hash = r.get("password_hash", str, None)
-    if password_hash is not None:
-        # Imported here: importing passwords computes its dummy hash (scrypt, ~0.1 s).
-        from .passwords import check_hash_format
-
-        problem = check_hash_format(password_hash)
-        if problem:
-            raise r.error("password_hash", problem)
-    keys = _authorized_keys(r)
-    user = User(
-        login=login,
-        name=r.required_str("name"),
-        surname=r.required_str("surname"),
-        email=email,
-        home=home,
-        password_hash=password_hash,
-        authorized_keys=keys,
-        uid=r.get("uid", int, None),
-        gid=r.get("gid", int, None),
-    )
-    r.finish()
-    return user
-
-
-def _users(file: str, base: Path, raw: Mapping[str, Any]) -> tuple[User, ...]:
+def _users(source: Source, raw: Mapping[str, Any]) -> tuple[User, ...]:
     value = raw.get("users") or []
     if not isinstance(value, list):
-        raise ConfigError(f"{file}: users: must be a list")
+        raise source.error("users", "must be a list")
     users: list[User] = []
     seen: set[str] = set()
     for index, item in enumerate(value):
         where = f"users[{index}]"
         if not isinstance(item, Mapping):
-            raise ConfigError(f"{file}: {where}: must be a mapping")
-        user = _user(_Reader(file, base, item, where))
+            raise source.error(where, "must be a mapping")
+        user = read(User, item, source, where)
         if user.login in seen:
-            raise ConfigError(f"{file}: {where}.login: duplicate login {user.login!r}")
+            raise source.error(f"{where}.login", f"duplicate login {user.login!r}")
         seen.add(user.login)
         users.append(user)
     return tuple(users)
@@ -585,18 +561,6 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str], file: s
             node[path[-1]] = text
 
 
-_SECTIONS: dict[str, Callable[[_Reader], Any]] = {
-    "server": _server,
-    "journal": _journal,
-    "smtp": _smtp,
-    "log": _log,
-    "pipeline": _pipeline,
-    "jobs": _jobs,
-    "email": _email,
-    "subsystem": _subsystem,
-}
-
-
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, override and validate a config file.
 
@@ -617,50 +581,49 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the top level must be a mapping")
     apply_env_overrides(raw, os.environ if environ is None else environ, file)
-    for key in raw:
-        if key not in _SECTIONS and key != "users":
-            raise ConfigError(f"{file}: {key}: unknown key")
-    base = config_path.parent
-    sections = {name: build(_section(file, base, raw, name)) for name, build in _SECTIONS.items()}
-    return Config(path=config_path, users=_users(file, base, raw), **sections)
+    for name in raw:
+        if name not in SECTIONS and name != "users":
+            raise ConfigError(f"{file}: {name}: unknown key")
+    source = Source(file, config_path.parent)
+    sections = {name: _section(source, raw, name) for name in SECTIONS}
+    return Config(path=config_path, users=_users(source, raw), **sections)
 
 
-# What ``sftpgate serve`` reads only once, at start (a section name stands for
-# all its keys). A reload (SIGHUP) that changes any of them is refused whole;
-# every other key (users, pipeline, email, smtp, the rest of jobs and server)
-# is swapped in together.
-RESTART_KEYS = (
-    "server.listen",
-    "server.port",
-    "server.state_dir",
-    "server.host_keys_dir",
-    "server.io_threads",
-    "server.login_timeout",
-    "journal",
-    "pipeline.enabled",
-    "jobs.workers",
-    "jobs.lease_seconds",
-    "jobs.poll_interval",
-    "subsystem",
-    "log",
+# (key, section, attribute) of what ``sftpgate serve`` reads only once, at start:
+# the keys declared with ``restart=``. A reload (SIGHUP) that changes any of
+# them is refused whole; every other key is swapped in together.
+_RESTART = tuple(
+    (f"{section}.{yaml_name(f)}", section, f.name)
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if spec_of(f).restart
 )
+RESTART_KEYS = tuple(name for name, _, _ in _RESTART)
 
 
 def restart_keys_changed(old: Config, new: Config) -> list[str]:
     """The keys of :data:`RESTART_KEYS` whose values differ between ``old`` and ``new``. Pure."""
-    changed: list[str] = []
-    for key in RESTART_KEYS:
-        section, _, name = key.partition(".")
-        before, after = getattr(old, section), getattr(new, section)
-        if not name:
-            changed += [
-                f"{section}.{f}"
-                for f in before.__dataclass_fields__
-                if getattr(before, f) != getattr(after, f)
-            ]
-        elif getattr(before, name) != getattr(after, name):
-            changed.append(key)
-    return changed
+    return [
+        name
+        for name, section, attribute in _RESTART
+        if getattr(getattr(old, section), attribute) != getattr(getattr(new, section), attribute)
+    ]
+
+
+def reference_markdown() -> str:
+    """The key reference of ``docs/configuration.md``, from the declarations above."""
+    lines = ["## Keys", ""]
+    for name, cls in SECTIONS.items():
+        lines += section_markdown(name, cls)
+    lines += section_markdown("users[]", User)
+    lines += ["## Keys that need a restart", ""]
+    lines += [
+        "A reload (`SIGHUP`) that changes one of these is refused whole; every other key is "
+        "taken by it.",
+        "",
+    ]
+    lines += restart_markdown(SECTIONS)
+    return "\n".join(lines)
 
 
 def check_homes(config: Config) -> list[str]:
