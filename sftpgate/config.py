@@ -477,8 +477,8 @@ class User:
     )
     gid: int | None = key(
         None,
-        "the group of that file work, as `uid`",
-        shown="the system account's group, else the home's group",
+        "the primary group of that file work",
+        shown="`uid` when that is set, else the system account's group, else the home's group",
     )
 
 

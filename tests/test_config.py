@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -16,7 +17,8 @@ import pytest
 import yaml
 
 from sftpgate.cli.main import COMMANDS, command_module, main
-from sftpgate.config import Config, check_homes, load_config
+from sftpgate.config import SECTIONS, Config, User, check_homes, load_config, reference_markdown
+from sftpgate.configschema import MARKER, spec_of, splice
 from sftpgate.errors import ConfigError
 from sftpgate.passwords import hash_password, verify_password
 
@@ -414,6 +416,88 @@ def test_check_homes_accepts_existing_homes(tmp_path: Path) -> None:
     for login in ("alice", "bob", "carol"):
         (tmp_path / "homes" / login).mkdir(parents=True)
     assert check_homes(load_config(write(tmp_path, _no_create), environ={})) == []
+
+
+# --- the declarations and their reference ---------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [*SECTIONS.values(), User], ids=lambda cls: cls.__name__)
+def test_every_key_is_declared_with_a_doc(cls: type[Any]) -> None:
+    for f in dataclasses.fields(cls):
+        assert spec_of(f).doc.strip(), f"{cls.__name__}.{f.name} has no doc"
+
+
+def test_docs_configuration_md_is_generated_from_the_declarations() -> None:
+    text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert splice(text, reference_markdown()) == text, (
+        "docs/configuration.md is out of date with sftpgate/config.py: run "
+        "`sftpgate check-config --docs docs/configuration.md`"
+    )
+
+
+def test_reference_names_every_key_once() -> None:
+    reference = reference_markdown().partition("## Keys that need a restart")[0]
+    for section, cls in [*SECTIONS.items(), ("users[]", User)]:
+        for f in dataclasses.fields(cls):
+            name = spec_of(f).name or f.name
+            assert reference.count(f"| `{section}.{name}` |") == 1, f"{section}.{name}"
+
+
+def test_check_config_docs_prints_the_reference_without_reading_a_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check-config", "--config", "/nonexistent.yaml", "--docs"]) == 0
+    assert capsys.readouterr().out == reference_markdown()
+
+
+def test_check_config_docs_rewrites_only_what_follows_the_marker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = tmp_path / "configuration.md"
+    doc.write_text(f"# Ours\n\nhand-written\n\n{MARKER}\n\nstale table\n")
+    assert main(["check-config", "--docs", str(doc)]) == 0
+    assert doc.read_text() == f"# Ours\n\nhand-written\n\n{MARKER}\n\n{reference_markdown()}"
+
+
+def test_check_config_docs_refuses_a_file_without_the_marker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = tmp_path / "configuration.md"
+    doc.write_text("# Ours\n")
+    assert main(["check-config", "--docs", str(doc)]) == 2
+    assert "no line" in capsys.readouterr().err
+    assert doc.read_text() == "# Ours\n"
+
+
+def test_smtp_from_is_read_into_sender(tmp_path: Path) -> None:
+    path = write(tmp_path, lambda d: d["smtp"].update({"from": "Gate@Example.org"}))
+    assert load_config(path, environ={}).smtp.sender == "Gate@Example.org"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("server", "io_threads", 0, "must be greater than 0"),
+        ("journal", "commit_interval", -1, "must not be negative"),
+        ("pipeline", "thumbnail_width", 321, "must be an even number of pixels"),
+        ("pipeline", "output_dir", "../x", "must be a folder inside the home, without .."),
+        ("pipeline", "patterns", ["*.mp4", ""], "must be a non-empty string"),
+        ("email", "admin", "nobody", "not an email address"),
+        ("log", "json", "yes", "must be true or false, got str"),
+    ],
+)
+def test_each_rule_names_the_file_and_the_key(
+    in_tmp: Path, section: str, key: str, value: Any, message: str
+) -> None:
+    write(in_tmp, lambda d: d.setdefault(section, {}).update({key: value}))
+    where = f"{section}.{key}[1]" if isinstance(value, list) else f"{section}.{key}"
+    assert error_of("config.yaml") == f"config.yaml: {where}: {message}"
+
+
+def test_numbers_are_floats_where_a_float_is_declared(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, lambda d: d["server"].update(login_timeout=5)), {})
+    assert config.server.login_timeout == 5.0
+    assert isinstance(config.server.login_timeout, float)
 
 
 # --- CLI -------------------------------------------------------------------------------------

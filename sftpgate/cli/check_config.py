@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ..config import check_homes
+from ..config import check_homes, reference_markdown
+from ..configschema import splice
 from .common import add_config_option, config_from
 
 HELP = "Validate config.yaml and say what is wrong, naming the file and the key."
@@ -13,9 +15,19 @@ HELP = "Validate config.yaml and say what is wrong, naming the file and the key.
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
+    parser.add_argument(
+        "--docs",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print the reference of every key (no config is read); with FILE, rewrite the "
+        "generated part of FILE (docs/configuration.md) instead",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.docs is not None:
+        return _docs(args.docs)
     config = config_from(args)
     problems = check_homes(config)
     for problem in problems:
@@ -23,4 +35,18 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         return 2
     print(f"{args.config}: ok ({len(config.users)} users, port {config.server.port})")
+    return 0
+
+
+def _docs(target: str) -> int:
+    if target == "-":
+        print(reference_markdown(), end="")
+        return 0
+    path = Path(target)
+    try:
+        path.write_text(splice(path.read_text(encoding="utf-8"), reference_markdown()))
+    except (OSError, ValueError) as exc:
+        print(f"sftpgate: {path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: reference rewritten")
     return 0
