@@ -161,6 +161,25 @@ def _permissions_attrs(permissions: int) -> SFTPAttrs:
     return SFTPAttrs(permissions=permissions)
 
 
+def _translated(process: Any) -> Any:
+    """asyncssh's handler for one request type, its errors translated by ``sftp_error``.
+
+    asyncssh answers an exception it does not know with "Uncaught exception:
+    " and the exception's text, and turns OS errors into statuses by its own
+    table; here every error of every request goes through the one translation.
+    """
+
+    async def translated(handler: SFTPServerHandler, packet: SSHPacket) -> object:
+        try:
+            return await process(handler, packet)
+        except (asyncssh.SFTPError, PacketDecodeError, NotImplementedError):
+            raise  # asyncssh's own: already a status (bad message, unsupported)
+        except Exception as exc:
+            raise sftp_error(exc)[1] from None
+
+    return translated
+
+
 class GatewaySFTPHandler(SFTPServerHandler):
     """asyncssh's server handler with our request loop and fast path (see module doc).
 
@@ -199,8 +218,12 @@ class GatewaySFTPHandler(SFTPServerHandler):
             super()._log_packet(*args, **kwargs)
 
     async def _cleanup(self, exc: Exception | None) -> None:
-        self._server.ctx.ending = True
-        await super()._cleanup(exc)
+        ctx = self._server.ctx
+        ctx.ending = True
+        try:
+            await super()._cleanup(exc)
+        finally:
+            ctx.cleaned.set()
 
     async def _process_limits(self, packet: Any) -> SFTPLimits:
         # asyncssh offers 4 MiB reads/writes; clients that take it (asyncssh's
@@ -247,12 +270,16 @@ class GatewaySFTPHandler(SFTPServerHandler):
         # asyncssh's client: SFTPClientHandler._nonstandard_symlink_impls.
         return "AsyncSSH" in client and not any(n in server for n in ("OpenSSH", "paramiko"))
 
-    # asyncssh dispatches through this class-level dict of functions.
+    # asyncssh dispatches through this class-level dict of functions; each is
+    # wrapped so that its errors are translated as the fast path's are.
     _packet_handlers = {  # noqa: RUF012 - asyncssh's own class attribute, extended
-        **SFTPServerHandler._packet_handlers,
-        FXP_SYMLINK: cast(Any, _process_symlink),
-        EXT_LIMITS.encode(): cast(Any, _process_limits),
-        EXT_RANGES.encode(): cast(Any, _process_ranges),
+        kind: _translated(process)
+        for kind, process in {
+            **SFTPServerHandler._packet_handlers,
+            FXP_SYMLINK: cast(Any, _process_symlink),
+            EXT_LIMITS.encode(): cast(Any, _process_limits),
+            EXT_RANGES.encode(): cast(Any, _process_ranges),
+        }.items()
     }
 
     # The VERSION reply names only extensions served here and tried with a
@@ -391,8 +418,6 @@ class GatewaySFTPHandler(SFTPServerHandler):
         except asyncssh.SFTPError as exc:
             reply, body = FXP_STATUS, exc.encode(3)
         except Exception as exc:  # our server's bug or an OS error it let through
-            if not isinstance(exc, OSError):
-                log.exception("SFTP request type %d failed", pkttype)
             reply, body = FXP_STATUS, sftp_error(exc)[1].encode(3)
         self._reply(reply, pktid, body)
 

@@ -9,10 +9,9 @@ SFTP status replies in one place (:func:`sftp_error`).
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
+import logging
 import os
-import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -24,12 +23,12 @@ from asyncssh import SFTPAttrs, SFTPName
 
 from ..beneath import Home
 from ..config import DEFAULT_TEMP_PATTERNS, User
-from ..errors import JailError
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
-from ..identity import Identity, IdentityError, call_as
-from ..patterns import name_matches
+from ..identity import Identity, call_as
+from ..sftp import policy
 from ..sftp.attrs import summarize
 from ..sftp.constants import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE
+from ..sftp.errors import Status, status_of
 from .fsops import OpenFile, UserFS
 from .inline import SMALL_WRITE, InlineGuard, NotQuick
 from .jail import virtual
@@ -37,47 +36,26 @@ from .mounts import home_is_local
 from .writebehind import HANDLE_LIMIT, WRITE_BUDGET, WriteBudget, WriteQueue
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Open flags that can change the filesystem (write, append, create, truncate).
 _CHANGES = FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC
 
-# errno → (journal status, asyncssh error). asyncssh lowers v4+ codes for v3 clients.
-_ERRNO: dict[int, tuple[str, Callable[[str], asyncssh.SFTPError]]] = {
-    errno.ENOENT: ("no_such_file", asyncssh.SFTPNoSuchFile),
-    errno.EACCES: ("permission_denied", asyncssh.SFTPPermissionDenied),
-    errno.EPERM: ("permission_denied", asyncssh.SFTPPermissionDenied),
-    errno.EROFS: ("permission_denied", asyncssh.SFTPPermissionDenied),
-    errno.ELOOP: ("permission_denied", asyncssh.SFTPPermissionDenied),
-    errno.EEXIST: ("file_already_exists", asyncssh.SFTPFileAlreadyExists),
-    errno.ENOTEMPTY: ("dir_not_empty", asyncssh.SFTPDirNotEmpty),
-    errno.ENOTDIR: ("not_a_directory", asyncssh.SFTPNotADirectory),
-    errno.EISDIR: ("file_is_a_directory", asyncssh.SFTPFileIsADirectory),
-    errno.ENOSPC: ("no_space_on_filesystem", asyncssh.SFTPNoSpaceOnFilesystem),
-    errno.EDQUOT: ("quota_exceeded", asyncssh.SFTPQuotaExceeded),
-    errno.ENAMETOOLONG: ("invalid_filename", asyncssh.SFTPInvalidFilename),
-    errno.EINVAL: ("failure", asyncssh.SFTPFailure),
-}
 
+def sftp_error(exc: BaseException) -> tuple[Status, asyncssh.SFTPError]:
+    """The status a failed request answers with, and the error that sends it.
 
-def sftp_error(exc: BaseException) -> tuple[str, asyncssh.SFTPError]:
-    """The one translation of errors to (journal status, SFTP reply)."""
+    asyncssh's own errors already are a status; everything else is translated
+    by :func:`sftpgate.sftp.errors.status_of`, the one translation. An
+    unexpected error is logged with its traceback here; the client is told
+    only "Failure".
+    """
     if isinstance(exc, asyncssh.SFTPError):
-        name = type(exc).__name__.removeprefix("SFTP")
-        return _snake(name) or "failure", exc
-    if isinstance(exc, JailError):
-        return "permission_denied", asyncssh.SFTPPermissionDenied(f"Permission denied: {exc}")
-    if isinstance(exc, IdentityError):
-        return "permission_denied", asyncssh.SFTPPermissionDenied(
-            "Permission denied: the gateway cannot act as this user"
-        )
-    if isinstance(exc, OSError):
-        status, cls = _ERRNO.get(exc.errno or 0, ("failure", asyncssh.SFTPFailure))
-        return status, cls(exc.strerror or str(exc))
-    return "failure", asyncssh.SFTPFailure(f"Internal error: {type(exc).__name__}")
-
-
-def _snake(name: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+        return Status(exc.code, str(exc.reason)), exc
+    status = status_of(exc)
+    if status.detail is not None:
+        log.error("SFTP request failed: %s", status.detail, exc_info=exc)
+    return status, asyncssh.SFTPError(status.code, status.message)
 
 
 def always_durable(path: str) -> bool:
@@ -107,6 +85,9 @@ class SessionContext:
     # Set by the SSH layer when the channel is being torn down: a close() after
     # this is asyncssh closing a handle the client left open.
     ending: bool = False
+    # Set once that teardown is over (every handle closed and journaled): the
+    # session's LOGOUT waits for it, so it is the session's last row.
+    cleaned: asyncio.Event = field(default_factory=asyncio.Event)
     open_files: set[int] = field(default_factory=set)
     # Read-only metadata calls run on the loop when the whole home is on local
     # disks (see mounts); calls that change anything always use the pool.
@@ -136,6 +117,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         super().__init__(chan)
         self.ctx = ctx
         self.fs = UserFS(Home(ctx.user.home), ctx.umask)
+        self.uploads = policy.Uploads(ctx.temp_patterns)
         self._identity: Identity | None = None
         self._identity_known = False
         # Calls running in the pool: the home's descriptor is closed only once
@@ -224,14 +206,15 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         path: bytes | None,
         fn: Callable[..., T],
         *args: Any,
-        journal_ok: bool = True,
+        journal_ok: bool | None = None,
         read_only: bool = False,
         quick: bool = False,
         **fields: Any,
     ) -> T:
         """Run ``fn`` in the pool, or per _meta (``read_only``) or _change (``quick``); journal it.
 
-        Raises the SFTP error for a failure.
+        A success is journaled if the policy says so (``journal_ok`` False: the
+        caller journals it), a failure always. Raises the SFTP error for a failure.
         """
         await self._settle()  # a path request sees every write answered before it
         started = time.monotonic()
@@ -250,14 +233,14 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 self._event(
                     op,
                     path,
-                    status=status,
-                    message=str(error.reason),
+                    status=status.name,
+                    message=status.journal_message,
                     duration=time.monotonic() - started,
                     **fields,
                 )
             )
             raise error from None
-        if journal_ok:
+        if journal_ok if journal_ok is not None else policy.journaled(op, True):
             self.ctx.sink.emit(self._event(op, path, duration=time.monotonic() - started, **fields))
         return result
 
@@ -345,14 +328,14 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     def _journal_io_error(self, op: Op, f: OpenFile, exc: OSError) -> asyncssh.SFTPError:
         status, error = sftp_error(exc)
-        f.error = f"{op.value} failed: {error.reason}"
+        f.error = policy.io_failed(op, status.message)
         self.ctx.sink.emit(
             Event(
                 op=op,
                 session=self.ctx.info,
                 path=_decode(f.virtual),
-                status=status,
-                message=str(error.reason),
+                status=status.name,
+                message=status.journal_message,
                 bytes_read=f.bytes_read,
                 bytes_written=f.bytes_written,
             )
@@ -375,25 +358,23 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 await self._change(os.close, f.fd)
             except OSError as exc:
                 close_error = exc
-        status, message, error = "ok", f.error, None
+        status, close_failed, error = "ok", None, None
         if close_error is not None:  # NFS reports deferred write errors here
-            status, error = sftp_error(close_error)
-            message = f"close failed: {error.reason}"
+            failure, error = sftp_error(close_error)
+            status, close_failed = failure.name, failure.journal_message
         if queue is not None and queue.error is not None and not queue.reported:
             # Every WRITE was answered OK before this one failed: the CLOSE says so.
-            status, error = sftp_error(queue.error)
-        upload: UploadState | None = None
-        if f.writable:
-            if ending:
-                upload = UploadState.INCOMPLETE
-                message = "session ended with the file open"
-            elif status == "ok" and f.error is None and f.bytes_written > 0:
-                if name_matches(os.fsdecode(f.virtual), self.ctx.temp_patterns):
-                    message = message or "temporary name: the upload completes when renamed"
-                else:
-                    upload = UploadState.COMPLETE
-            elif status == "ok" and f.error is None:
-                message = "nothing written: not an upload"
+            failure, error = sftp_error(queue.error)
+            status = failure.name
+        verdict = self.uploads.closed(
+            os.fsdecode(f.virtual),
+            writable=f.writable,
+            written=f.bytes_written,
+            io_error=f.error,
+            close_error=close_failed,
+            ending=ending,
+        )
+        upload, message = verdict.upload, verdict.message
         event = Event(
             op=Op.CLOSE,
             session=self.ctx.info,
@@ -420,7 +401,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         if not (self.ctx.fsync_uploads and f.writable) or ending:
             return False
         path = os.fsdecode(f.virtual)
-        return name_matches(path, self.ctx.temp_patterns) or self.ctx.durable(path)
+        return self.uploads.is_temp(path) or self.ctx.durable(path)
 
     async def _completed(self, event: Event, final: str) -> None:
         """Journal a completed upload; if a job may follow, reply only once it is committed."""
@@ -431,7 +412,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             # The reply waits for the commit: an OK reply means the upload and its job exist.
             await self.ctx.sink.emit_durable(event)
         except Exception as exc:
-            raise asyncssh.SFTPFailure(f"upload not recorded, try again: {exc}") from None
+            # Why (a storage error's own words) goes to the log, never to the client.
+            log.error("upload of %s not recorded: %s", final, exc)
+            raise asyncssh.SFTPFailure("upload not recorded, try again") from None
 
     async def fstat(self, file_obj: object) -> os.stat_result:
         f = _file(file_obj)
@@ -554,29 +537,29 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         assert old is not None and new is not None
         attrs = {"overwrite": True} if overwrite else None
         rename = functools.partial(self.fs.rename, overwrite=overwrite)
-        temp = self.ctx.temp_patterns
-        if not (name_matches(old, temp) and not name_matches(new, temp)):
-            await self._do(Op.RENAME, oldpath, rename, oldpath, newpath, path2=new, attrs=attrs)
-            return
-        # A temporary upload reaching its final name: this rename completes it,
-        # so (like a CLOSE) the reply waits until the upload is committed.
+        started = time.monotonic()
         st = await self._do(
             Op.RENAME, oldpath, rename, oldpath, newpath, path2=new, attrs=attrs, journal_ok=False
         )
-        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        verdict = self.uploads.renamed(old, new)
+        complete = verdict.upload is UploadState.COMPLETE
         event = self._event(
             Op.RENAME,
             oldpath,
             path2=new,
             attrs=attrs,
-            bytes_written=size,
-            upload=UploadState.COMPLETE if size else None,
-            device=st.st_dev if size else None,
-            inode=st.st_ino if size else None,
+            duration=time.monotonic() - started,
+            bytes_written=verdict.written,
+            upload=verdict.upload,
+            message=verdict.message,
+            device=st.st_dev if complete else None,
+            inode=st.st_ino if complete else None,
         )
-        if not size:
+        if not complete:
             self.ctx.sink.emit(event)
             return
+        # A temporary upload reaching its final name: this rename completes it,
+        # so (like a CLOSE) the reply waits until the upload is committed.
         await self._completed(event, new)
 
     async def readlink(self, path: bytes) -> bytes:

@@ -33,6 +33,8 @@ from .writebehind import WRITE_BUDGET, WriteBudget
 
 log = logging.getLogger(__name__)
 
+# Longest a LOGOUT waits for its sessions' handles to be closed and journaled.
+LOGOUT_WAIT = 30.0
 HOST_KEY_ALGORITHMS = {"ssh_host_ed25519_key": "ssh-ed25519", "ssh_host_rsa_key": "ssh-rsa"}
 
 
@@ -223,6 +225,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._key_rejected = False
         self._authenticated = False
         self.contexts: list[SessionContext] = []
+        self._logout: asyncio.Task[None] | None = None
 
     # -- connection ----------------------------------------------------------
 
@@ -251,7 +254,16 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 self.info.remote_port,
                 f" ({reason})" if reason else "",
             )
-            self._sink.emit(Event(Op.LOGOUT, self.info, message=reason))
+            logout = Event(Op.LOGOUT, self.info, message=reason)
+            waiting = [ctx.cleaned for ctx in self.contexts if not ctx.cleaned.is_set()]
+            if waiting:
+                # asyncssh closes the handles a client left open after this (an
+                # incomplete upload): their CLOSE rows come before the LOGOUT.
+                self._logout = asyncio.get_running_loop().create_task(
+                    self._logout_after(waiting, logout)
+                )
+            else:
+                self._sink.emit(logout)
         elif self._login is not None and (self._key_rejected or self._failures == 0):
             # Tried a key (or nothing we could judge) and left: one failed login.
             self._sink.emit(
@@ -264,6 +276,16 @@ class GatewaySSHServer(asyncssh.SSHServer):
                     message="disconnected before authenticating",
                 )
             )
+
+    async def _logout_after(self, waiting: list[asyncio.Event], logout: Event) -> None:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(cleaned.wait() for cleaned in waiting)), LOGOUT_WAIT
+            )
+        except TimeoutError:
+            log.warning("session %s: handles still closing; logout journaled", self.info.id)
+        finally:
+            self._sink.emit(logout)
 
     def _with(self, **changes: Any) -> SessionInfo:
         fields = {name: getattr(self.info, name) for name in SessionInfo.__slots__}

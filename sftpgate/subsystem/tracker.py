@@ -4,8 +4,9 @@ The tap feeds what its two :class:`~sftpgate.sftp.reader.PacketReader`
 objects yield to :meth:`Tracker.client` and :meth:`Tracker.server`; the
 tracker matches replies to requests by id, follows handles from OPEN to CLOSE
 and returns :class:`~sftpgate.events.Event` objects shaped exactly like those
-of the asyncssh front door (``sftpgate.frontdoor.sftp``): the same ops, the
-same "journal always" vs "journal only on failure" split, the same upload rules.
+of the asyncssh front door (``sftpgate.frontdoor.sftp``): the same ops, and
+the same meaning: which requests are journaled and what a CLOSE, a RENAME or
+the session's end means are decided by :mod:`sftpgate.sftp.policy`, for both.
 
 It only sees a copy of the traffic, so it never changes an outcome: the
 events describe what ``sftp-server`` answered.
@@ -20,20 +21,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..events import Event, Op, SessionInfo, UploadState
-from ..patterns import name_matches
 from ..sftp import constants as codec
+from ..sftp import policy
 from ..sftp.attrs import summarize
 from ..sftp.packets import Attrs, ProtocolError, Reply, Request
 
 # sftp-server answers requests in order and at most a client's window ahead
 # (OpenSSH's client pipelines 64); this only bounds a stream whose replies stopped.
 _MAX_PENDING: Final = 65536
-
-_ENDED = "session ended with the file open"
-_TEMPORARY = "temporary name: the upload completes when renamed"
-_NOTHING_WRITTEN = "nothing written: not an upload"
-_NOTHING_UNDER_TEMP = "nothing written under the temporary name in this session: not an upload"
-_UNKNOWN_COPY = "server-side copy-data of unknown length: not counted"
 
 Item = Request | Reply | ProtocolError
 
@@ -99,8 +94,7 @@ class Tracker:
         self.clock = clock
         self._pending: dict[int, _Pending] = {}
         self._handles: dict[bytes, _Handle] = {}
-        # temp path → bytes written by the last write handle closed on it
-        self._temp_written: dict[str, int] = {}
+        self.uploads = policy.Uploads(temp_patterns)
 
     # -- feeding ----------------------------------------------------------------------
 
@@ -152,15 +146,14 @@ class Tracker:
             if h.is_dir:
                 out.append(self._list_event(h, now))
                 continue
-            out.append(
-                self._close_event(
-                    h,
-                    now,
-                    "ok",
-                    _ENDED if h.writable else h.error,
-                    UploadState.INCOMPLETE if h.writable else None,
-                )
+            verdict = self.uploads.closed(
+                h.path,
+                writable=h.writable,
+                written=h.bytes_written,
+                io_error=h.error,
+                ending=True,
             )
+            out.append(self._close_event(h, now, "ok", verdict.message, verdict.upload))
         self._handles.clear()
         self._pending.clear()
         return out
@@ -312,7 +305,7 @@ class Tracker:
         if status in ("ok", "eof"):
             return
         if h is not None:
-            h.error = f"{op.value} failed: {message or status}"
+            h.error = policy.io_failed(op, message or status)
         out.append(
             self._event(
                 op,
@@ -334,23 +327,15 @@ class Tracker:
             out.append(self._list_event(h, now))
             return
         status, reply_message = self._outcome(reply)
-        message = h.error
-        if status != "ok":
-            message = f"close failed: {reply_message or status}"
-        upload: UploadState | None = None
-        clean = status == "ok" and h.error is None
-        if h.writable:
-            temp = name_matches(h.path, self.temp_patterns)
-            if temp:
-                self._temp_written[h.path] = h.bytes_written if clean else 0
-            if clean and h.bytes_written > 0:
-                if temp:
-                    message = _TEMPORARY
-                else:
-                    upload = UploadState.COMPLETE
-            elif clean:
-                message = _UNKNOWN_COPY if h.unknown_copy else _NOTHING_WRITTEN
-        out.append(self._close_event(h, now, status, message, upload))
+        verdict = self.uploads.closed(
+            h.path,
+            writable=h.writable,
+            written=h.bytes_written,
+            io_error=h.error,
+            close_error=None if status == "ok" else reply_message or status,
+            unknown_copy=h.unknown_copy,
+        )
+        out.append(self._close_event(h, now, status, verdict.message, verdict.upload))
 
     def _close_event(
         self, h: _Handle, now: float, status: str, message: str | None, upload: UploadState | None
@@ -388,19 +373,10 @@ class Tracker:
         old, new = self._resolve(p.req.path), self._resolve(p.req.path2)
         overwrite = p.req.type == codec.FXP_EXTENDED  # posix-rename@openssh.com
         attrs = {"overwrite": True} if overwrite else None
-        ok = self._outcome(reply)[0] == "ok"
-        old_temp = old is not None and name_matches(old, self.temp_patterns)
-        new_temp = new is not None and name_matches(new, self.temp_patterns)
-        if not (ok and old is not None and old_temp):
+        if self._outcome(reply)[0] != "ok" or old is None or new is None:
             out.append(self._event(Op.RENAME, p, reply, now, path=old, path2=new, attrs=attrs))
             return
-        written = self._temp_written.pop(old, 0)
-        if new_temp:
-            # one temporary name to another: the upload is still on its way
-            if new is not None:
-                self._temp_written[new] = written
-            out.append(self._event(Op.RENAME, p, reply, now, path=old, path2=new, attrs=attrs))
-            return
+        verdict = self.uploads.renamed(old, new)
         out.append(
             self._event(
                 Op.RENAME,
@@ -410,9 +386,9 @@ class Tracker:
                 path=old,
                 path2=new,
                 attrs=attrs,
-                bytes_written=written,
-                upload=UploadState.COMPLETE if written else None,
-                message=None if written else _NOTHING_UNDER_TEMP,
+                bytes_written=verdict.written,
+                upload=verdict.upload,
+                message=verdict.message,
             )
         )
 
@@ -451,11 +427,11 @@ class Tracker:
             dst.unknown_copy = dst.unknown_copy or not length
 
 
-def _journal(op: Op, *, always: bool, by_handle: bool = False, expand: bool = False) -> Handler:
-    """A handler for a request whose only trace is one event (maybe only on failure)."""
+def _journal(op: Op, *, by_handle: bool = False, expand: bool = False) -> Handler:
+    """A handler for a request whose only trace is one event (if the policy journals it)."""
 
     def handler(t: Tracker, p: _Pending, reply: Reply, now: float, out: list[Event]) -> None:
-        if not always and t._outcome(reply)[0] == "ok":
+        if not policy.journaled(op, t._outcome(reply)[0] == "ok"):
             return
         if by_handle:
             path = t._handle_path(p.req.handle)
@@ -473,19 +449,19 @@ _ON_REPLY: dict[int, Handler] = {
     codec.FXP_CLOSE: Tracker._on_close,
     codec.FXP_READ: Tracker._on_read,
     codec.FXP_WRITE: Tracker._on_write,
-    codec.FXP_LSTAT: _journal(Op.STAT, always=False),
-    codec.FXP_FSTAT: _journal(Op.STAT, always=False, by_handle=True),
+    codec.FXP_LSTAT: _journal(Op.STAT),
+    codec.FXP_FSTAT: _journal(Op.STAT, by_handle=True),
     codec.FXP_SETSTAT: Tracker._on_setstat,
     codec.FXP_FSETSTAT: Tracker._on_setstat,
     codec.FXP_OPENDIR: Tracker._on_opendir,
     codec.FXP_READDIR: Tracker._on_readdir,
-    codec.FXP_REMOVE: _journal(Op.REMOVE, always=True),
+    codec.FXP_REMOVE: _journal(Op.REMOVE),
     codec.FXP_MKDIR: Tracker._on_mkdir,
-    codec.FXP_RMDIR: _journal(Op.RMDIR, always=True),
-    codec.FXP_REALPATH: _journal(Op.REALPATH, always=False),
-    codec.FXP_STAT: _journal(Op.STAT, always=False),
+    codec.FXP_RMDIR: _journal(Op.RMDIR),
+    codec.FXP_REALPATH: _journal(Op.REALPATH),
+    codec.FXP_STAT: _journal(Op.STAT),
     codec.FXP_RENAME: Tracker._on_rename,
-    codec.FXP_READLINK: _journal(Op.READLINK, always=False),
+    codec.FXP_READLINK: _journal(Op.READLINK),
     codec.FXP_SYMLINK: Tracker._on_symlink,
 }
 
@@ -494,10 +470,10 @@ _ON_REPLY: dict[int, Handler] = {
 _ON_EXTENDED: dict[str, Handler] = {
     codec.EXT_POSIX_RENAME: Tracker._on_rename,
     codec.EXT_HARDLINK: Tracker._on_hardlink,
-    codec.EXT_FSYNC: _journal(Op.FSYNC, always=False, by_handle=True),
-    codec.EXT_STATVFS: _journal(Op.STATVFS, always=False),
-    codec.EXT_FSTATVFS: _journal(Op.STATVFS, always=False, by_handle=True),
+    codec.EXT_FSYNC: _journal(Op.FSYNC, by_handle=True),
+    codec.EXT_STATVFS: _journal(Op.STATVFS),
+    codec.EXT_FSTATVFS: _journal(Op.STATVFS, by_handle=True),
     codec.EXT_LSETSTAT: Tracker._on_setstat,
-    codec.EXT_EXPAND_PATH: _journal(Op.REALPATH, always=False, expand=True),
+    codec.EXT_EXPAND_PATH: _journal(Op.REALPATH, expand=True),
     codec.EXT_COPY_DATA: Tracker._on_copy_data,
 }
