@@ -213,6 +213,7 @@ class Options:
     latency_uploads: int = 200  # figure 6
     journal_ops: int = 200_000  # figure 7: sustained writes
     journal_rows: int = 1_000_000  # figure 7: query size
+    pipelined_requests: int = 4000  # figure 14: requests a file is moved in
     clip_seconds: int = 60  # figure 8
     clip_size: str = "1280x720"
     only: frozenset[int] = frozenset()  # figures asked for (empty: all)
@@ -233,6 +234,7 @@ SMOKE = Options(
     latency_uploads=5,
     journal_ops=2000,
     journal_rows=5000,
+    pipelined_requests=100,
     clip_seconds=2,
     clip_size="320x240",
 )

@@ -30,6 +30,7 @@ SCENARIOS: dict[str, tuple[int, ...]] = {
     "pipeline": (8,),
     "subsystem": (10, 11, 12),
     "durability": (13,),
+    "requests": (14, 15),
 }
 
 

@@ -16,7 +16,7 @@ import asyncio
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,8 +313,11 @@ def _small_upload(servers: Servers, small: list[Path]) -> Upload:
     return upload
 
 
-def _sftp_batch(servers: Servers, endpoint: Endpoint, batch: str) -> None:
-    """OpenSSH's ``sftp`` client running ``batch`` in one session; raise if it fails."""
+def _sftp_batch(servers: Servers, endpoint: Endpoint, batch: str, flags: Sequence[str] = ()) -> str:
+    """OpenSSH's ``sftp`` client running ``batch`` in one session; its output; raise if it fails.
+
+    ``flags`` go to ``sftp`` before the others (e.g. ``-B 512 -R 64``).
+    """
     options = {
         "Ciphers": CIPHER,
         "StrictHostKeyChecking": "no",
@@ -322,7 +325,8 @@ def _sftp_batch(servers: Servers, endpoint: Endpoint, batch: str) -> None:
         "BatchMode": "yes",
         "IdentitiesOnly": "yes",
     }
-    argv = ["sftp", "-b", "-", "-P", str(endpoint.port), "-i", str(servers.key), "-F", "/dev/null"]
+    argv = ["sftp", *flags, "-b", "-", "-P", str(endpoint.port), "-i", str(servers.key)]
+    argv += ["-F", "/dev/null"]
     for name, value in options.items():
         argv += ["-o", f"{name}={value}"]
     argv.append(f"{servers.login}@127.0.0.1")
@@ -333,6 +337,7 @@ def _sftp_batch(servers: Servers, endpoint: Endpoint, batch: str) -> None:
         raise RuntimeError(
             f"sftp to {endpoint.name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}"
         )
+    return done.stdout
 
 
 def _paramiko_put(servers: Servers, endpoint: Endpoint, pkey: paramiko.PKey, local: Path) -> str:
