@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -22,11 +24,13 @@ from asyncssh import SFTPAttrs
 from asyncssh.channel import SSHChannel
 
 from conftest import RunningGateway, start_gateway
+from rawsftp import OPEN, READ, RawSFTP, s, u32, u64
 from sftpgate.frontdoor.fsops import OpenFile, UserFS
 from sftpgate.frontdoor.inline import SMALL_WRITE, InlineGuard, NotQuick
 from sftpgate.frontdoor.sftp import GatewaySFTPServer
 from sftpgate.frontdoor.ssh import GatewaySSHServer
 from sftpgate.frontdoor.writebehind import Chunk, write_chunks
+from sftpgate.sftp.constants import MAX_IO
 
 # (call, bytes, thread name) of every recorded call, in order
 calls: list[tuple[str, int, str]] = []
@@ -46,6 +50,17 @@ class RecordingFS(UserFS):
             raise
         _record("open")
         return opened
+
+    @staticmethod
+    def read(f: OpenFile, offset: int, size: int) -> bytes:
+        _record("read", size)
+        return UserFS.read(f, offset, size)
+
+    @staticmethod
+    def read_cached(f: OpenFile, offset: int, size: int) -> bytes | None:
+        data = UserFS.read_cached(f, offset, size)
+        _record("cached read" if data is not None else "not cached", len(data or b""))
+        return data
 
     @staticmethod
     def write_chunks(fd: int, chunks: list[Chunk]) -> tuple[int, OSError | None]:
@@ -232,3 +247,39 @@ def test_truncating_a_big_file_runs_in_the_pool(recorded: RunningGateway) -> Non
         ("open", "/video.mp4", "ok"),
         ("open", "/note.txt", "ok"),
     ]
+
+
+def test_reads_the_page_cache_holds_are_answered_on_the_loop_the_rest_in_the_pool(
+    recorded: RunningGateway,
+) -> None:
+    payload = os.urandom(300_000)
+    path = recorded.home("alice") / "cached.bin"
+    path.write_bytes(payload)  # just written: in the page cache
+    sftp = recorded.sftp("alice")
+    calls.clear()
+    assert sftp.open("cached.bin").read() == payload
+    cached = [c for c in calls if c[0] == "cached read"]
+    assert sum(size for _, size, _ in cached) == len(payload)
+    assert not [c for c in cached if _pooled(c[2])], calls
+    # Out of the cache: the same reads go to the pool (RWF_NOWAIT said EAGAIN).
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    calls.clear()
+    assert sftp.open("cached.bin").read() == payload
+    pooled = [c for c in calls if c[0] == "read" and _pooled(c[2])]
+    assert pooled, calls
+    rows = recorded.wait_rows(lambda r: sum(x["op"] == "close" for x in r) >= 2)
+    assert [r["bytes_read"] for r in rows if r["op"] == "close"][-2:] == [len(payload)] * 2
+
+
+def test_a_read_longer_than_the_limit_gets_the_limit(recorded: RunningGateway) -> None:
+    # Nothing may make the gateway allocate what a client asks for: 1 GiB here.
+    (recorded.home("alice") / "big.bin").write_bytes(b"z" * (MAX_IO * 2))
+    raw = RawSFTP(recorded.transport("alice"))
+    kind, body = raw.request(OPEN, s(b"/big.bin"), u32(1), u32(0))
+    assert kind == 102  # HANDLE
+    handle = body[4 : 4 + struct.unpack_from(">I", body)[0]]
+    kind, body = raw.request(READ, s(handle), u64(0), u32(1 << 30))
+    assert kind == 103  # DATA
+    assert struct.unpack_from(">I", body)[0] == MAX_IO

@@ -181,6 +181,31 @@ class UserFS:
         return data
 
     @staticmethod
+    def read_cached(f: OpenFile, offset: int, size: int) -> bytes | None:
+        """What the page cache holds at ``offset`` (up to ``size``), without waiting; else None.
+
+        ``preadv2(RWF_NOWAIT)`` fails at once (EAGAIN) where a read would wait
+        for a disk or a server, and on filesystems or kernels that cannot
+        tell (EOPNOTSUPP): None then, and the caller reads in the pool. A
+        short answer (part cached) is returned as it is: a READ reply may be
+        shorter than asked. Never blocks; meant for the event loop.
+        """
+        if not size:
+            return None
+        buf = bytearray(size)
+        try:
+            n = os.preadv(f.fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        if n == 0:
+            # End of file, or nothing cached (some filesystems say 0 then):
+            # the pool's plain read tells the two apart.
+            return None
+        f.bytes_read += n
+        del buf[n:]
+        return bytes(buf)
+
+    @staticmethod
     def data_ranges(
         f: OpenFile, offset: int, length: int, most: int
     ) -> tuple[list[tuple[int, int]], bool]:

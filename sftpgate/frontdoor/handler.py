@@ -75,6 +75,7 @@ from ..sftp.constants import (
     FXP_STATUS,
     FXP_SYMLINK,
     FXP_WRITE,
+    MAX_IO,
 )
 from ..sftp.decode import OFFSET_LENGTH, U32, string_at
 from ..sftp.encode import OK_BODY, REPLY_HEADER, status_body
@@ -84,8 +85,6 @@ from .sftp import GatewaySFTPServer, sftp_error
 
 log = logging.getLogger(__name__)
 
-# Largest read/write we advertise (limits@openssh.com), as OpenSSH's sftp-server does.
-MAX_IO = 256 * 1024
 # Most data ranges in one ranges@asyncssh.com reply (asyncssh's server sends as many).
 MAX_RANGES = 128
 

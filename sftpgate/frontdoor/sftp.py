@@ -27,7 +27,7 @@ from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..identity import Identity, call_as
 from ..sftp import policy
 from ..sftp.attrs import summarize
-from ..sftp.constants import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE
+from ..sftp.constants import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE, MAX_IO
 from ..sftp.errors import Status, status_of
 from .fsops import OpenFile, UserFS
 from .inline import SMALL_WRITE, InlineGuard, NotQuick
@@ -288,13 +288,31 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         return self.fs.open(path, pflags, attrs, quick=True)
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes (at most :data:`MAX_IO`, as sftp-server) at ``offset``.
+
+        What the page cache holds is read on the event loop (``RWF_NOWAIT``
+        never waits on a disk or a server: it fails instead); the rest in the
+        pool. A READ of an open handle runs without switching credentials:
+        the kernel checked access when the user opened it, and NFS sends the
+        opener's credentials (``file->f_cred``) with every read.
+        """
         f = _file(file_obj)
+        size = min(size, MAX_IO)
         if f.queue is not None:
             await f.queue.drain()
+        data = self.fs.read_cached(f, offset, size)
+        if data is not None:
+            return data
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
         try:
-            return await self._io(self.fs.read, f, offset, size)
+            return await loop.run_in_executor(self.ctx.executor, self.fs.read, f, offset, size)
         except OSError as exc:
             self._io_failed(Op.READ, f, exc)
+        finally:
+            self._in_flight -= 1
+            if self._exited and not self._in_flight:
+                self.fs.close()
 
     async def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
         f = _file(file_obj)

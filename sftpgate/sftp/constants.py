@@ -156,5 +156,8 @@ EXT_RANGES: Final = "ranges@asyncssh.com"
 
 # OpenSSH's SFTP_MAX_MSG_LENGTH is 256 KiB; a little slack for other clients' headers.
 MAX_PACKET: Final = 256 * 1024 + 1024
+# Largest READ answered and WRITE taken (limits@openssh.com), as sftp-server's
+# SFTP_MAX_READ_LENGTH: a longer READ gets this much, as the protocol allows.
+MAX_IO: Final = 256 * 1024
 
 Direction = Literal["client", "server"]
