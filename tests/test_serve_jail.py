@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -186,10 +187,18 @@ def test_sessions_leave_no_descriptor_behind(gateway: RunningGateway) -> None:
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
+    def described() -> list[str]:
+        out = []
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                out.append(os.readlink(f"/proc/self/fd/{name}"))
+        return sorted(out)
+
     warm = gateway.sftp("alice")
     warm.listdir(".")
     gateway.close_clients()
     before = open_fds()
+    was = described()
     for n in range(20):
         client = gateway.sftp("alice")
         client.putfo(io.BytesIO(b"x"), f"f{n}")
@@ -203,4 +212,4 @@ def test_sessions_leave_no_descriptor_behind(gateway: RunningGateway) -> None:
     deadline = time.monotonic() + 10
     while open_fds() > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert open_fds() <= before
+    assert open_fds() <= before, sorted(set(described()) - set(was))

@@ -94,7 +94,7 @@ def test_a_write_that_fails_after_its_ok_reply_fails_the_close(
 
         # The WRITE was answered OK before the disk said no; the CLOSE carries the
         # failure (asyncssh lowers the code to FX_FAILURE for SFTP v3 clients).
-        assert close_error == "No space left on device"
+        assert close_error == "No space left on filesystem"  # sftp-server's words
         rows = running.wait_rows(lambda rs: any(r["op"] == "close" for r in rs))
         writes = [r for r in rows if r["op"] == "write"]
         close = next(r for r in rows if r["op"] == "close")

@@ -4,8 +4,9 @@ Every error a request of ``serve`` ends in becomes a :class:`Status` here:
 
 - an ``OSError``: the status its ``errno`` means (the table below), told to
   the client in OpenSSH's sftp-server's words for that status, so both front
-  doors say the same thing; an ``errno`` the table does not know is a
-  ``failure`` told with the system's words (``Input/output error``);
+  doors say the same thing — unless the gateway raised it with words of its
+  own ("Not a regular file"), which are kept; an ``errno`` the table does not
+  know is a ``failure`` told with the system's words (``Input/output error``);
 - an :class:`~sftpgate.errors.SftpgateError` the table names (a path that
   leaves the home, a user the gateway cannot act as): its status and text;
 - anything else (a bug, a storage error): ``failure`` with the generic text.
@@ -19,6 +20,7 @@ asyncssh's own ``SFTPError`` already is a status; the front door passes it on
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass
 from typing import Final
 
@@ -90,6 +92,11 @@ def status_of(exc: BaseException) -> Status:
     if isinstance(exc, OSError):
         code = _ERRNO.get(exc.errno or 0)
         if code is not None:
+            # Our own words where we gave some ("Not a regular file", "cannot
+            # remove the home"); the system's are replaced by sftp-server's.
+            words = exc.strerror
+            if words and words != os.strerror(exc.errno or 0):
+                return Status(code, words)
             return Status(code, status_text(code))
         return Status(FX_FAILURE, exc.strerror or status_text(FX_FAILURE))
     for kind, code, text in _OURS:
