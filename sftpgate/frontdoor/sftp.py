@@ -290,9 +290,10 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes (at most :data:`MAX_IO`, as sftp-server) at ``offset``.
 
-        What the page cache holds is read on the event loop (``RWF_NOWAIT``
-        never waits on a disk or a server: it fails instead); the rest in the
-        pool. A READ of an open handle runs without switching credentials:
+        A small READ (up to :data:`SMALL_WRITE`) that the page cache holds is
+        answered on the event loop (``RWF_NOWAIT`` never waits on a disk or a
+        server: it fails instead); the rest in the pool, where big reads
+        copy on the other core while the loop encrypts. A READ of an open handle runs without switching credentials:
         the kernel checked access when the user opened it, and NFS sends the
         opener's credentials (``file->f_cred``) with every read.
         """
@@ -300,9 +301,10 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         size = min(size, MAX_IO)
         if f.queue is not None:
             await f.queue.drain()
-        data = self.fs.read_cached(f, offset, size)
-        if data is not None:
-            return data
+        if size <= SMALL_WRITE:
+            data = self.fs.read_cached(f, offset, size)
+            if data is not None:
+                return data
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         try:
