@@ -1,7 +1,8 @@
 """The one exception tree of sftpgate.
 
 Each subclass is translated in exactly one place: to an SFTP status in
-``frontdoor.sftp``, to an exit code in ``cli.main``.
+``sftp.errors``, to an exit code in ``cli.main`` (its ``exit_code``: commands
+raise, they never print an error and return a number themselves).
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ class ConfigError(SftpgateError):
     """The configuration is invalid; the message names the file and the key."""
 
     exit_code = 2
+
+
+class UsageError(SftpgateError):
+    """A command was given options or values it cannot use."""
+
+    exit_code = 2
+
+
+class NothingThere(SftpgateError):
+    """What a command was asked to read does not exist (a journal not made yet)."""
 
 
 class JailError(SftpgateError):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..config import check_homes, reference_markdown
 from ..configschema import splice
+from ..errors import ConfigError, UsageError
 from .common import add_config_option, config_from
 
 HELP = "Validate config.yaml and say what is wrong, naming the file and the key."
@@ -30,10 +30,8 @@ def run(args: argparse.Namespace) -> int:
         return _docs(args.docs)
     config = config_from(args)
     problems = check_homes(config)
-    for problem in problems:
-        print(f"sftpgate: {problem}", file=sys.stderr)
     if problems:
-        return 2
+        raise ConfigError("\nsftpgate: ".join(problems))
     print(f"{args.config}: ok ({len(config.users)} users, port {config.server.port})")
     return 0
 
@@ -46,7 +44,6 @@ def _docs(target: str) -> int:
     try:
         path.write_text(splice(path.read_text(encoding="utf-8"), reference_markdown()))
     except (OSError, ValueError) as exc:
-        print(f"sftpgate: {path}: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{path}: {exc}") from None
     print(f"{path}: reference rewritten")
     return 0

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import NothingThere, UsageError
 from ..events import Op
 from ..journal import formats
 from ..journal.query import JournalFilter, iter_operations, iter_transfers, max_id, parse_time
@@ -190,17 +191,16 @@ def _open(
 ) -> sqlite3.Connection | None:
     """Open the journal read-only; with ``follow``, wait for it to be created.
 
-    Returns None (having said why on stderr) when it is not there, or the
-    deadline passed. Raises ``sqlite3.Error`` when it cannot be opened.
+    Returns None when, following, the deadline passed first. Raises
+    :class:`NothingThere` when it is not there (not following) and
+    ``sqlite3.Error`` when it cannot be opened.
     """
     if not path.exists():
         if not follow:
-            print(
-                f"sftpgate: journal {path} does not exist yet (nothing journaled so far, "
-                "or journal.path in the config points elsewhere)",
-                file=sys.stderr,
+            raise NothingThere(
+                f"journal {path} does not exist yet (nothing journaled so far, "
+                "or journal.path in the config points elsewhere)"
             )
-            return None
         print(f"sftpgate: journal {path} does not exist yet; waiting for it", file=sys.stderr)
         while not path.exists():
             if not _sleep_until(deadline, interval):
@@ -219,8 +219,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         flt = _filter(args, time.time())
     except _Usage as exc:
-        print(f"sftpgate: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     deadline = None if args.follow_for is None else time.monotonic() + args.follow_for
     path = config.journal_path
     rows: Rows = iter_transfers if args.xferlog else iter_operations
@@ -228,8 +227,8 @@ def run(args: argparse.Namespace) -> int:
     conn: sqlite3.Connection | None = None
     try:
         conn = _open(path, args.follow, args.interval, deadline)
-        if conn is None:
-            return 0 if args.follow else 1
+        if conn is None:  # following, and the deadline came first
+            return 0
         _show(conn, flt, rows, out)
         if args.follow:
             _follow(conn, flt, rows, out, args.interval, deadline)
@@ -238,8 +237,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except sqlite3.Error as exc:
-        print(f"sftpgate: cannot read journal {path}: {exc}", file=sys.stderr)
-        return 1
+        raise NothingThere(f"cannot read journal {path}: {exc}") from None
     finally:
         if conn is not None:
             conn.close()

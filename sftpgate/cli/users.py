@@ -6,6 +6,7 @@ import argparse
 import getpass
 import sys
 
+from ..errors import SftpgateError
 from ..passwords import hash_password
 from .common import add_config_option, add_json_option, config_from
 
@@ -34,11 +35,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             password = getpass.getpass("Password: ")
             if getpass.getpass("Again: ") != password:
-                print("sftpgate: passwords differ", file=sys.stderr)
-                return 1
+                raise SftpgateError("passwords differ")
         if not password:
-            print("sftpgate: empty password", file=sys.stderr)
-            return 1
+            raise SftpgateError("empty password")
         print(hash_password(password))
         return 0
     config = config_from(args)
