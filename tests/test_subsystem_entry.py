@@ -112,6 +112,22 @@ def test_unreadable_config_runs_sftp_server_untapped_without_importing_asyncssh(
 ) -> None:
     reply, modules, stderr = handshake(tmp_path / "missing.yaml")
     assert reply[0] == SSH_FXP_VERSION
-    assert "running sftp-server without the journal" in stderr
+    # sshd relays the subsystem's stderr to the client: the config's path and
+    # problem go to the system log instead (see the test below).
+    assert "missing.yaml" not in stderr and "without the journal" not in stderr
     assert "sftpgate.subsystem.tap" not in modules
     assert unwanted(modules) == []
+
+
+def test_the_reason_for_running_untapped_goes_to_the_system_log(tmp_path: Path) -> None:
+    import socket
+
+    from sftpgate.cli.subsystem import tell_the_admin
+
+    address = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+        log.bind(address)
+        log.settimeout(5)
+        tell_the_admin("sftpgate subsystem: /etc/x.yaml: users: bad", address)
+        assert b"/etc/x.yaml: users: bad" in log.recv(4096)
+    tell_the_admin("nobody listens", str(tmp_path / "none"))  # silent, no error

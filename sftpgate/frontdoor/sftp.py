@@ -293,9 +293,10 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         A small READ (up to :data:`SMALL_WRITE`) that the page cache holds is
         answered on the event loop (``RWF_NOWAIT`` never waits on a disk or a
         server: it fails instead); the rest in the pool, where big reads
-        copy on the other core while the loop encrypts. A READ of an open handle runs without switching credentials:
-        the kernel checked access when the user opened it, and NFS sends the
-        opener's credentials (``file->f_cred``) with every read.
+        copy on the other core while the loop encrypts. A READ of an open
+        handle runs without switching credentials: the kernel checked access
+        when the user opened it, and NFS sends the opener's credentials
+        (``file->f_cred``) with every read.
         """
         f = _file(file_obj)
         size = min(size, MAX_IO)
