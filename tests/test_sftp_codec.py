@@ -82,6 +82,7 @@ _KNOWN_EXT = {
     codec.EXT_LIMITS,
     codec.EXT_EXPAND_PATH,
     codec.EXT_COPY_DATA,
+    codec.EXT_RANGES,
     codec.EXT_HOME_DIRECTORY,
     codec.EXT_USERS_GROUPS_BY_ID,
 }
@@ -137,6 +138,7 @@ requests = st.one_of(
         handle2=handles,
         offset2=u64,
     ),
+    _ext(codec.EXT_RANGES, handle=handles, offset=u64, length=u64),
     _ext(codec.EXT_HOME_DIRECTORY, username=small_bytes),
     _ext(
         codec.EXT_USERS_GROUPS_BY_ID,
@@ -238,6 +240,7 @@ def test_each_openssh_extension_decodes_to_its_arguments(name: str) -> None:
             "handle2": b"\0\0\0\2",
             "offset2": 6,
         },
+        codec.EXT_RANGES: {"handle": b"\0\0\0\1", "offset": 5, "length": 7},
         codec.EXT_HOME_DIRECTORY: {"username": b"bob"},
         codec.EXT_USERS_GROUPS_BY_ID: {"uids": (0, 1000), "gids": (100,)},
     }[name]

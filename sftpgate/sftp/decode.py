@@ -30,6 +30,7 @@ from .constants import (
     EXT_LIMITS,
     EXT_LSETSTAT,
     EXT_POSIX_RENAME,
+    EXT_RANGES,
     EXT_STATVFS,
     EXT_USERS_GROUPS_BY_ID,
     FXP_ATTRS,
@@ -219,6 +220,11 @@ def _ext_copy_data(name: str, i: int, c: Cursor) -> Request:
     )
 
 
+def _ext_ranges(name: str, i: int, c: Cursor) -> Request:
+    handle, offset = c.string(), c.u64()
+    return Request(FXP_EXTENDED, i, extension=name, handle=handle, offset=offset, length=c.u64())
+
+
 def _ext_home(name: str, i: int, c: Cursor) -> Request:
     return Request(FXP_EXTENDED, i, extension=name, username=c.string())
 
@@ -238,6 +244,7 @@ _EXT_DECODERS: dict[str, Callable[[str, int, Cursor], Request]] = {
     EXT_LIMITS: _ext_none,
     EXT_EXPAND_PATH: _ext_path,
     EXT_COPY_DATA: _ext_copy_data,
+    EXT_RANGES: _ext_ranges,
     EXT_HOME_DIRECTORY: _ext_home,
     EXT_USERS_GROUPS_BY_ID: _ext_ids,
 }

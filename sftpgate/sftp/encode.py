@@ -26,6 +26,7 @@ from .constants import (
     EXT_LIMITS,
     EXT_LSETSTAT,
     EXT_POSIX_RENAME,
+    EXT_RANGES,
     EXT_STATVFS,
     EXT_USERS_GROUPS_BY_ID,
     FXP_ATTRS,
@@ -220,6 +221,10 @@ def _encode_extended(w: _Writer, req: Request) -> None:
         w.u64(_need(req.length, "length"))
         w.string(_need(req.handle2, "handle2"))
         w.u64(_need(req.offset2, "offset2"))
+    elif name == EXT_RANGES:
+        w.string(_need(req.handle, "handle"))
+        w.u64(_need(req.offset, "offset"))
+        w.u64(_need(req.length, "length"))
     elif name == EXT_HOME_DIRECTORY:
         w.string(_need(req.username, "username"))
     elif name == EXT_USERS_GROUPS_BY_ID:
