@@ -130,6 +130,17 @@ class ServerConfig:
         "the state private without making every customer file 0600",
         OCTAL,
     )
+    fast_paths: str = key(
+        "auto",
+        "`auto`: serve's speed-ups that reach into asyncssh's internals (fewer copies of "
+        "received bytes, replies written straight to the channel, no MSG_IGNORE before each "
+        "packet of a non-CBC cipher) are used when asyncssh is the tested 2.24 line and every "
+        "internal they need is found at start; otherwise one warning names what is missing "
+        "and every session runs on asyncssh's public API. `off`: always the public API "
+        "(same SFTP behaviour, slower: [benchmarks](benchmarks.md#findings))",
+        one_of("auto", "off"),
+        restart=_SSH,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,14 +140,24 @@ OCTAL = Rule('octal mask, `000`-`777` (`022`, `"0o027"`)', _octal, accepts=(int,
 
 
 def one_of(*choices: str) -> Rule:
-    """A string among ``choices``, any case."""
+    """A string among ``choices``, any case.
 
-    def check(value: str) -> str:
+    YAML reads a bare ``off`` or ``on`` as a boolean (so does an environment
+    override): where ``off``/``on`` is a choice, false/true mean it.
+    """
+    switch = {False: "off", True: "on"}
+
+    def check(value: str | bool) -> str:
+        if isinstance(value, bool):
+            value = switch[value]
         if value.lower() not in choices:
             raise Invalid(f"must be one of {', '.join(choices)}")
         return value.lower()
 
-    return Rule("one of " + ", ".join(f"`{c}`" for c in choices), check)
+    doc = "one of " + ", ".join(f"`{c}`" for c in choices)
+    if "off" in choices or "on" in choices:
+        return Rule(doc, check, accepts=(str, bool))
+    return Rule(doc, check)
 
 
 def matching(pattern: str, message: str, doc: str) -> Rule:

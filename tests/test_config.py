@@ -342,6 +342,14 @@ def test_env_override_of_log_json_is_a_bool(tmp_path: Path) -> None:
     assert config.log.json is True
 
 
+def test_fast_paths_off_is_read_as_written_though_yaml_calls_it_false(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path), environ={"SFTPGATE_SERVER__FAST_PATHS": "off"})
+    assert config.server.fast_paths == "off"
+    assert load_config(write(tmp_path), environ={}).server.fast_paths == "auto"
+    with pytest.raises(ConfigError, match=r"server\.fast_paths: must be one of auto, off"):
+        load_config(write(tmp_path), environ={"SFTPGATE_SERVER__FAST_PATHS": "on"})
+
+
 def test_env_override_of_smtp_host_is_a_string(tmp_path: Path) -> None:
     config = load_config(write(tmp_path), environ={"SFTPGATE_SMTP__HOST": "mail.example.org"})
     assert config.smtp.host == "mail.example.org"
