@@ -13,6 +13,7 @@ import asyncssh
 from .config import Config, check_homes, restart_keys_changed
 from .errors import ConfigError
 from .events import EventSink
+from .frontdoor import asyncssh_fast
 from .frontdoor.inline import InlineGuard
 from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
 from .frontdoor.writebehind import WRITE_BUDGET, WriteBudget
@@ -62,6 +63,9 @@ class Gateway:
         self.inline_guard = InlineGuard()  # one for all sessions: see frontdoor/inline.py
         self._listener: asyncssh.SSHAcceptor | None = None
         self.connections: set[GatewaySSHServer] = set()
+        # asyncssh's internals: only with server.fast_paths auto, and only if the
+        # check at start finds them as tested (else one warning; see asyncssh_fast).
+        self.fast_paths = config.server.fast_paths == "auto" and asyncssh_fast.available()
 
     @property
     def sink(self) -> EventSink:
@@ -123,11 +127,12 @@ class Gateway:
             encoding=None,
         )
         log.info(
-            "listening on %s:%d (%d users, journal %s)",
+            "listening on %s:%d (%d users, journal %s, fast paths %s)",
             cfg.server.listen,
             self.port,
             len(cfg.users),
             cfg.journal_path if cfg.journal.enabled else "off",
+            "on" if self.fast_paths else "off",
         )
 
     def _new_connection(self) -> GatewaySSHServer:
@@ -145,6 +150,7 @@ class Gateway:
             inline_guard=self.inline_guard,
             fsync_uploads=self.config.journal.enabled and self.config.journal.synchronous == "full",
             umask=self.config.server.umask,
+            fast_paths=self.fast_paths,
         )
         return server
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import sqlite3
@@ -277,6 +278,9 @@ def user_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return keys
 
 
+FAST_PATHS_ENV = "SFTPGATE_SERVER__FAST_PATHS"
+
+
 def start_gateway(
     tmp: Path,
     keys: dict[str, Path],
@@ -285,7 +289,10 @@ def start_gateway(
     users: dict[str, dict[str, Any]] | None = None,
     server_class: type[GatewaySSHServer] = GatewaySSHServer,
 ) -> RunningGateway:
-    config = load_config(write_config(tmp, keys, extra, users), environ={})
+    # scripts/test.sh runs the front-door tests a second time with
+    # SFTPGATE_SERVER__FAST_PATHS=off: asyncssh's public API only.
+    environ = {k: v for k, v in os.environ.items() if k == FAST_PATHS_ENV}
+    config = load_config(write_config(tmp, keys, extra, users), environ=environ)
     loop = LoopThread()
     gateway = Gateway(config, server_class=server_class)
     loop.run(gateway.start())

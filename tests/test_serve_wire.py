@@ -1,4 +1,4 @@
-"""What the gateway sends per request: no debug formatting, no padding packets."""
+"""What the gateway sends per request: exact replies, no padding packets (with fast paths)."""
 
 from __future__ import annotations
 
@@ -32,32 +32,6 @@ from rawsftp import (
     u32,
     u64,
 )
-from sftpgate.frontdoor.handler import _LevelCheckedLogger
-
-
-class Counted:
-    def __init__(self) -> None:
-        self.formatted = 0
-
-    def __str__(self) -> str:
-        self.formatted += 1
-        return "attrs"
-
-
-def test_arguments_are_not_formatted_below_the_level(caplog: pytest.LogCaptureFixture) -> None:
-    logger = _LevelCheckedLogger(logging.getLogger("asyncssh.test-quiet"))
-    arg = Counted()
-    with caplog.at_level(logging.WARNING, logger="asyncssh.test-quiet"):
-        logger.debug1("Received stat request for %s", arg)
-    assert arg.formatted == 0
-    assert caplog.records == []
-
-
-def test_debug_logging_still_works_when_enabled(caplog: pytest.LogCaptureFixture) -> None:
-    logger = _LevelCheckedLogger(logging.getLogger("asyncssh.test-loud"), context="conn=1")
-    with caplog.at_level(logging.DEBUG, logger="asyncssh.test-loud"):
-        logger.debug1("Received stat request for %s", Counted())
-    assert [r.getMessage() for r in caplog.records] == ["[conn=1] Received stat request for attrs"]
 
 
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-ctr"])
@@ -84,7 +58,13 @@ def test_no_ignore_packet_goes_before_each_reply(
         asyncssh.set_debug_level(1)
     sent = [r.getMessage() for r in caplog.records if "] Sent MSG_" in r.getMessage()]
     assert any("MSG_CHANNEL_DATA" in m for m in sent)
-    assert not [m for m in sent if "MSG_IGNORE" in m]
+    ignores = [m for m in sent if "MSG_IGNORE" in m]
+    if gateway.gateway.fast_paths:
+        assert not ignores
+    else:
+        # Documented price of server.fast_paths off: asyncssh's own send path
+        # puts an empty MSG_IGNORE before every packet, whatever the cipher.
+        assert ignores
 
 
 async def _largest_write(port: int) -> int:

@@ -14,22 +14,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
-from asyncssh.channel import SSHChannel
-from asyncssh.constants import MSG_IGNORE
 
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo
 from ..identity import Identity, identity_for
 from ..passwords import DUMMY_HASH, verify_password
 from ..private import private_dir, private_file, write_private
-from .bytequeue import ByteQueue
+from . import asyncssh_fast
 from .handler import SFTPSession
 from .inline import InlineGuard
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 from .writebehind import WRITE_BUDGET, WriteBudget
+
+if TYPE_CHECKING:  # typing only: the channel class asyncssh's session hooks are typed with
+    from asyncssh.channel import SSHChannel
 
 log = logging.getLogger(__name__)
 
@@ -99,90 +100,6 @@ class _SFTPOnlySession(SFTPSession):
         return subsystem == "sftp"
 
 
-_EMPTY_STRING = b"\0\0\0\0"
-
-
-def _skip_cbc_ignores(conn: asyncssh.SSHServerConnection) -> None:
-    """Don't send asyncssh's MSG_IGNORE before every packet unless the cipher is CBC.
-
-    asyncssh puts an empty MSG_IGNORE ahead of each packet it encrypts: RFC 4251
-    §9.3.1's countermeasure for CBC, whose IV is the previous ciphertext block.
-    CTR and AEAD ciphers (aes-gcm, chacha20-poly1305, what clients pick) don't
-    need it, and OpenSSH never sends it; it doubled the packets, encryptions
-    and send calls of every SFTP reply. The connection's own send_packet is
-    wrapped; every other packet passes unchanged.
-    """
-    send_packet = conn.send_packet
-    c: Any = conn  # asyncssh's send state is private: read here, never written
-    # The decision for the current send keys (they change at each rekey).
-    decided: list[Any] = [None, False]
-
-    def send(pkttype: int, *args: bytes, **kwargs: Any) -> None:
-        if pkttype == MSG_IGNORE and args == (_EMPTY_STRING,) and not kwargs:
-            keys = c._send_encryption
-            if keys is not decided[0]:
-                cipher = conn.get_extra_info("send_cipher") or ""
-                decided[:] = [keys, bool(cipher) and "-cbc" not in cipher]
-            if decided[1]:
-                return
-        send_packet(pkttype, *args, **kwargs)
-
-    conn.send_packet = send  # type: ignore[method-assign]
-
-
-# A read this small goes to asyncssh's parser at once (see _feed_whole_packets).
-_SMALL_READ = 16 * 1024
-
-
-def _feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
-    """Hand asyncssh's packet parser only the bytes it is waiting for.
-
-    asyncssh appends each read to one bytes buffer and re-slices what is left
-    after every packet, so a 256 KiB read holding eight 32 KiB packets (what
-    OpenSSH's client sends) is copied many times over: ~45% of the event loop
-    during a 1 GiB upload. Received bytes wait here instead, in a
-    :class:`ByteQueue` (each read kept as it came, see bytequeue.py), and
-    asyncssh gets exactly the header or packet body it needs next, so each
-    byte is copied once (interleaved A/B, 512 MiB: 1.13-1.22x with OpenSSH's
-    sftp client). Before packets start (the version line), or in any state not
-    recognised here, everything is passed on at once, as asyncssh expects.
-
-    A read of at most :data:`_SMALL_READ` bytes with nothing waiting before
-    it is handed on whole too: re-slicing a few KiB costs nothing, and a
-    small request (header and body, usually one read) then takes one trip
-    through asyncssh's receive entry instead of two.
-    """
-    received = conn.data_received
-    pending = ByteQueue()
-    c: Any = conn  # asyncssh's receive state is private: read here, never written
-
-    def needed() -> int:
-        handler = c._recv_handler
-        if handler == c._recv_pkthdr:
-            return int(c._recv_blocksize) - len(c._inpbuf)
-        if handler == c._recv_packet:
-            rest = 4 + c._pktlen + c._recv_macsize - c._recv_blocksize
-            return int(rest) - len(c._inpbuf)
-        return 0  # not parsing packets: pass everything on
-
-    def data_received(data: bytes, datatype: Any = None) -> None:
-        if not pending and len(data) <= _SMALL_READ:
-            received(data)
-            return
-        pending.append(data)
-        while pending:
-            want = needed()
-            if want > len(pending):
-                return  # wait for the rest of this header or packet
-            chunk = pending.take(len(pending) if want <= 0 else want)
-            received(chunk)
-            if c._transport is None:  # the connection closed while parsing
-                pending.clear()
-                return
-
-    conn.data_received = data_received  # type: ignore[method-assign]
-
-
 class GatewaySSHServer(asyncssh.SSHServer):
     """One SSH connection: authenticates against :class:`Users`, journals the outcome."""
 
@@ -202,7 +119,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
         inline_guard: InlineGuard | None = None,
         fsync_uploads: bool = False,
         umask: int = 0o022,
+        fast_paths: bool = False,
     ) -> None:
+        # Whether asyncssh_fast's shortcuts may be tried (server.fast_paths, checked at start).
+        self._fast_paths = fast_paths
         self._fsync_uploads = fsync_uploads
         self._umask = umask
         self._inline_local_metadata = inline_local_metadata
@@ -235,8 +155,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
-        _skip_cbc_ignores(conn)
-        _feed_whole_packets(conn)
+        if self._fast_paths:
+            self._fast_paths = asyncssh_fast.install_connection(conn)
         if self._registry is not None:
             self._registry.add(self)
         peer = conn.get_extra_info("peername") or ("?", 0)
@@ -372,7 +292,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
         if self._user is None or not self._authenticated:
             return False
-        return _SFTPOnlySession(self._make_sftp_server)
+        return _SFTPOnlySession(self._make_sftp_server, fast=self._fast_paths)
 
     def _make_sftp_server(self, chan: SSHChannel[bytes]) -> GatewaySFTPServer:
         assert self._user is not None
