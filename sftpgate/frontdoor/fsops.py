@@ -176,9 +176,12 @@ class UserFS:
 
     @staticmethod
     def read(f: OpenFile, offset: int, size: int) -> bytes:
-        data = os.pread(f.fd, size, offset)
-        f.bytes_read += len(data)
-        return data
+        """Up to ``size`` bytes at ``offset``; the caller counts them in ``f.bytes_read``.
+
+        Runs in the pool, where READs of one handle may overlap: a ``+=`` here
+        could lose a count.
+        """
+        return os.pread(f.fd, size, offset)
 
     @staticmethod
     def read_cached(f: OpenFile, offset: int, size: int) -> bytes | None:

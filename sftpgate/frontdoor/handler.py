@@ -14,7 +14,11 @@ A request runs at once, inside the data callback, and usually finishes there
 (a file call that runs inline never waits; see inline.py); only one that has
 to wait (a trip to the thread pool, a durable commit) becomes a task, and the
 next request is taken when it is done, so requests are served one at a time,
-in order. Only SFTP version 3 is served (what OpenSSH speaks).
+in order. READs are the exception: while READs wait in the pool, the next
+requests start beside them if they are READs too (up to :data:`MAX_READS`),
+and their replies go out as they finish (each names its request); any other
+request waits until no READ is in flight. Only SFTP version 3 is served
+(what OpenSSH speaks).
 
 The requests an upload is made of (OPEN, READ, WRITE, CLOSE, STAT, LSTAT,
 FSTAT) are read straight from the payload; every other request goes through
@@ -102,7 +106,14 @@ MAX_RANGES = 128
 MAX_NAMES = 128
 # copy-data moves this much per read and write (as asyncssh's server).
 COPY_BLOCK = 256 * 1024
+# Most READs of one session waiting at once (in the pool), and most bytes they
+# may ask for together (each counts as at most MAX_IO, what one is answered).
+# Two: one pread copies while the loop encrypts the last reply; on the 2-core
+# bench machine 4 and 8 were slower for a cached file (docs/benchmarks.md).
+MAX_READS = 2
+MAX_READ_BYTES = 2 * MAX_IO
 
+_READ = bytes((FXP_READ,))
 _U64X4 = struct.Struct(">QQQQ")
 _STATVFS = struct.Struct(">11Q")
 
@@ -230,6 +241,12 @@ class GatewaySFTPHandler:
         self._ended = False
         # The request that had to wait; no other starts until it is done.
         self._task: asyncio.Task[None] | None = None
+        # READs that had to wait (the pool's preads): more READs may start
+        # beside them, up to the caps; any other request is held until none
+        # is left, and then everything runs in order again.
+        self._reads: set[asyncio.Task[None]] = set()
+        self._read_bytes = 0
+        self._held: bytes | None = None
         self._pumping = False
         self._cleanup_task: asyncio.Task[None] | None = None
 
@@ -264,20 +281,41 @@ class GatewaySFTPHandler:
             self._pump()
 
     def _pump(self) -> None:
-        """Run every whole request waiting, in order, until one has to wait."""
+        """Run every whole request waiting, in order, until one has to wait.
+
+        A READ that waits does not stop the loop: the next requests start too
+        while they are READs (at most :data:`MAX_READS` of them, and
+        :data:`MAX_READ_BYTES` asked, waiting at once); their replies go out
+        as they finish. The first other request is held until every READ
+        waiting has finished.
+        """
         if self._pumping:  # a request we run resumed reading; the loop below sees the data
             return
         self._pumping = True
         try:
             while self._task is None and not self._ended:
                 try:
-                    payload = self._take()
-                    if payload is None:
-                        if self._session.ended is not _OPEN:
-                            self._finish(self._session.ended)
-                        return
-                    if not self._initialized:
-                        self._init(payload)
+                    payload = self._held
+                    if payload is not None:
+                        if self._reads:
+                            return
+                        self._held = None
+                    else:
+                        if len(self._reads) >= MAX_READS or self._read_bytes >= MAX_READ_BYTES:
+                            return  # the inbox fills, and the channel pauses
+                        payload = self._take()
+                        if payload is None:
+                            if self._session.ended is not _OPEN and not self._reads:
+                                self._finish(self._session.ended)
+                            return
+                        if not self._initialized:
+                            self._init(payload)
+                            continue
+                        if self._reads and payload[:1] != _READ:
+                            self._held = payload
+                            return
+                    if payload[:1] == _READ:
+                        self._start_read(payload)
                         continue
                     self._task = start_eagerly(self._request(payload))
                 except Exception as exc:
@@ -287,6 +325,20 @@ class GatewaySFTPHandler:
                     self._task.add_done_callback(self._request_done)
         finally:
             self._pumping = False
+
+    def _start_read(self, payload: bytes) -> None:
+        task = start_eagerly(self._request(payload))
+        if task is None:
+            return
+        size = _read_size(payload)
+        self._reads.add(task)
+        self._read_bytes += size
+        task.add_done_callback(functools.partial(self._read_done, size))
+
+    def _read_done(self, size: int, task: asyncio.Task[None]) -> None:
+        self._reads.discard(task)
+        self._read_bytes -= size
+        self._request_done(task, reading=True)
 
     def _init(self, payload: bytes) -> None:
         """The client's INIT: answer VERSION 3 with our extensions."""
@@ -300,8 +352,9 @@ class GatewaySFTPHandler:
         self._initialized = True
         self._send(U32.pack(len(body)) + body)
 
-    def _request_done(self, task: asyncio.Task[None]) -> None:
-        self._task = None
+    def _request_done(self, task: asyncio.Task[None], *, reading: bool = False) -> None:
+        if not reading:
+            self._task = None
         if task.cancelled():
             self._finish(None)
             return
@@ -328,6 +381,8 @@ class GatewaySFTPHandler:
     async def _cleanup(self, exc: Exception | None) -> None:
         """Close what the client left open (journaled as cut off), end the server, the channel."""
         ctx = self._server.ctx
+        if self._reads:  # a request failed beside them: their handles close after them
+            await asyncio.wait(set(self._reads))
         ctx.ending = True
         try:
             for file_obj in list(self._files.values()):
@@ -569,6 +624,16 @@ class GatewaySFTPHandler:
     async def _fstat(self, payload: bytes) -> Reply:
         handle, _ = string_at(payload, 5)
         return FXP_ATTRS, _attrs(await self._server.fstat(self._file(handle)))
+
+
+def _read_size(payload: bytes) -> int:
+    """What a READ asks for, as far as it is answered (at most MAX_IO)."""
+    try:
+        _, pos = string_at(payload, 5)
+        _, size = OFFSET_LENGTH.unpack_from(payload, pos)
+    except (DecodeError, struct.error):
+        return 0
+    return int(min(size, MAX_IO))
 
 
 def _path(req: Request) -> bytes:

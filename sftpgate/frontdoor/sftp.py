@@ -309,13 +309,16 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         try:
-            return await loop.run_in_executor(self.ctx.executor, self.fs.read, f, offset, size)
+            data = await loop.run_in_executor(self.ctx.executor, self.fs.read, f, offset, size)
         except OSError as exc:
             self._io_failed(Op.READ, f, exc)
         finally:
             self._in_flight -= 1
             if self._exited and not self._in_flight:
                 self.fs.close()
+        # Counted here, on the loop: READs of one handle may run in the pool at once.
+        f.bytes_read += len(data)
+        return data
 
     async def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
         f = _file(file_obj)
