@@ -93,7 +93,7 @@ def script(client: paramiko.SFTPClient) -> None:
     both doors show them from the home)."""
     client.mkdir("videos")
     client.putfo(io.BytesIO(b"v" * 70_000), "videos/clip.mp4")  # upload
-    client.getfo("videos/clip.mp4", io.BytesIO())  # download
+    client.getfo("videos/clip.mp4", io.BytesIO(), prefetch=False)  # download
     client.rename("videos/clip.mp4", "videos/final.mp4")
     client.chmod("videos/final.mp4", 0o640)  # setstat
     client.listdir("videos")  # listing

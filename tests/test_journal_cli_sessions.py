@@ -28,7 +28,7 @@ def journaled(
         alice.mkdir("videos")
         alice.putfo(io.BytesIO(b"a" * 5000), "videos/holiday.mp4")
         alice.rename("videos/holiday.mp4", "videos/holiday 2026.mp4")
-        alice.getfo("videos/holiday 2026.mp4", io.BytesIO())
+        alice.getfo("videos/holiday 2026.mp4", io.BytesIO(), prefetch=False)
         with pytest.raises(FileNotFoundError):
             alice.remove("videos/missing.mp4")
         bob = running.sftp("bob", key=True)

@@ -117,7 +117,7 @@ def do_the_same_things(client: paramiko.SFTPClient) -> None:
     """One script of SFTP actions, run against both front doors."""
     client.mkdir("videos")
     client.putfo(io.BytesIO(b"v" * 70_000), "videos/clip one.mp4")
-    client.getfo("videos/clip one.mp4", io.BytesIO())
+    client.getfo("videos/clip one.mp4", io.BytesIO(), prefetch=False)
     client.rename("videos/clip one.mp4", "videos/final.mp4")
     client.chmod("videos/final.mp4", 0o640)
     client.listdir("videos")
