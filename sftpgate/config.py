@@ -117,6 +117,17 @@ class ServerConfig:
         "filesystem frozen for a snapshot (`fsfreeze`, LVM) a create waits for the thaw, and "
         "inline that holds every session. `false`: in the pool",
     )
+    requests_in_flight: int = key(
+        2,
+        "most requests of one SFTP session waiting at once (a read or a stat in the thread "
+        "pool, a WRITE waiting for write-behind room): requests that do not depend on each "
+        "other — READs, stats, requests about other handles — run side by side up to this, "
+        "their replies in the order they finish; requests about the same file keep their "
+        "order. 2 suits local disks (one read copies while the loop encrypts the last reply: "
+        "[benchmarks](benchmarks.md#findings)); a home on NFS, where a read waits on the "
+        "network, may want more",
+        POSITIVE,
+    )
     login_timeout: float = key(
         60.0, "time a client has to authenticate", POSITIVE, unit="seconds", restart=_SSH
     )

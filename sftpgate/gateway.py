@@ -151,6 +151,7 @@ class Gateway:
             fsync_uploads=self.config.journal.enabled and self.config.journal.synchronous == "full",
             umask=self.config.server.umask,
             fast_paths=self.fast_paths,
+            requests_in_flight=self.config.server.requests_in_flight,
         )
         return server
 

@@ -72,7 +72,7 @@ def u64(n: int) -> bytes:
     return struct.pack(">Q", n)
 
 
-OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT, STAT = 3, 4, 5, 6, 7, 8, 17
+OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT, MKDIR, STAT = 3, 4, 5, 6, 7, 8, 14, 17
 FX_OK, FX_EOF, FX_NO_SUCH_FILE, FX_FAILURE, FX_BAD_MESSAGE, FX_OP_UNSUPPORTED = 0, 1, 2, 4, 5, 8
 WRITE_CREATE_TRUNC = 0x02 | 0x08 | 0x10
 

@@ -23,7 +23,7 @@ from sshfs import SSHFileSystem
 from conftest import PASSWORDS, RunningGateway, asyncssh_login
 from rawsftp import frame
 from sftpgate.frontdoor.fsops import OpenFile, UserFS
-from sftpgate.frontdoor.handler import MAX_RANGES
+from sftpgate.frontdoor.requests import MAX_RANGES
 
 BLOCK = 4096
 

@@ -1,8 +1,9 @@
-"""READs of one session overlap: several preads in flight, replies in completion order.
+"""Requests of one session overlap: several preads in flight, replies in completion order.
 
-Everything else keeps its order: a request that is not a READ waits until no
-READ is in flight (a CLOSE right behind many READs is answered after them,
-with their bytes). Fault injection: alice's filesystem layer is replaced by one
+READs run beside READs, stats and requests about other handles (order.py);
+what depends on them keeps its order: a WRITE of a READ's handle, and a
+request that runs alone (a CLOSE right behind many READs is answered after
+them, with their bytes). Fault injection: alice's filesystem layer is replaced by one
 whose ``read`` blocks until the test opens a gate, so the test can see how many
 reads are in the pool at once. The clients are real (OpenSSH, paramiko,
 asyncssh) and the files are dropped from the page cache, so reads go to the pool.
@@ -22,9 +23,21 @@ import pytest
 from asyncssh.channel import SSHChannel
 
 from conftest import RunningGateway, asyncssh_login, need_tool, start_gateway
-from rawsftp import CLOSE, OPEN, READ, STAT, RawSFTP, s, u32, u64
+from rawsftp import (
+    CLOSE,
+    MKDIR,
+    OPEN,
+    READ,
+    STAT,
+    WRITE,
+    WRITE_CREATE_TRUNC,
+    RawSFTP,
+    s,
+    u32,
+    u64,
+)
 from sftpgate.frontdoor.fsops import OpenFile, UserFS
-from sftpgate.frontdoor.handler import MAX_READS
+from sftpgate.frontdoor.handler import IN_FLIGHT as MAX_READS
 from sftpgate.frontdoor.sftp import GatewaySFTPServer
 from sftpgate.frontdoor.ssh import GatewaySSHServer
 
@@ -90,7 +103,9 @@ def gated(tmp_path: Path, user_keys: dict[str, Path]) -> Iterator[RunningGateway
     global gate
     gate = Gate()
     channels.clear()
-    running = start_gateway(tmp_path, user_keys, server_class=GatedForAlice)
+    # Metadata calls in the pool, as on NFS: a STAT waits there too.
+    extra = {"server": {"inline_local_metadata": False}}
+    running = start_gateway(tmp_path, user_keys, server_class=GatedForAlice, extra=extra)
     try:
         yield running
     finally:
@@ -145,21 +160,50 @@ def test_reads_of_one_session_run_in_the_pool_at_once(gated: RunningGateway) -> 
     assert closed == {"/a.bin": 6 * CHUNK, "/b.bin": 6 * CHUNK}
 
 
-def test_a_request_behind_reads_waits_for_them(gated: RunningGateway) -> None:
+def test_a_request_that_runs_alone_waits_for_reads(gated: RunningGateway) -> None:
     (gated.home("alice") / "a.bin").write_bytes(b"a" * CHUNK * MAX_READS)
     raw = RawSFTP(gated.transport("alice"))
     a = _open(raw, b"/a.bin")
     wire = b""
     for n in range(MAX_READS):
         wire += raw.framed(READ, s(a), u64(n * CHUNK), u32(CHUNK))[1]
-    stat_id, stat = raw.framed(STAT, s(b"/a.bin"))
+    mkdir_id, mkdir = raw.framed(MKDIR, s(b"/d"), u32(0))
     read_id, read = raw.framed(READ, s(a), u64(0), u32(CHUNK))
-    raw.chan.sendall(wire + stat + read)
+    raw.chan.sendall(wire + mkdir + read)
     gate.wait_for("now", MAX_READS)
     gate.opened.set()
     order = [(kind, pktid) for kind, pktid, _ in _replies(raw, MAX_READS + 2)]
-    # The STAT after the READs; the READ after it only once the STAT is done.
-    assert order[MAX_READS:] == [(ATTRS, stat_id), (DATA, read_id)]
+    # The MKDIR after the READs; the READ after it only once the MKDIR is done.
+    assert order[MAX_READS:] == [(STATUS, mkdir_id), (DATA, read_id)]
+
+
+def test_stats_and_other_handles_go_on_beside_a_waiting_read(gated: RunningGateway) -> None:
+    (gated.home("alice") / "a.bin").write_bytes(b"a" * CHUNK)
+    raw = RawSFTP(gated.transport("alice"))
+    a = _open(raw, b"/a.bin")
+    kind, body = raw.request(OPEN, s(b"/b.bin"), u32(WRITE_CREATE_TRUNC), u32(0))
+    assert kind == HANDLE
+    b = body[4:]
+    read_id, read = raw.framed(READ, s(a), u64(0), u32(CHUNK))
+    stat_id, stat = raw.framed(STAT, s(b"/a.bin"))  # in the pool (inline metadata off)
+    write_b_id, write_b = raw.framed(WRITE, s(b), u64(0), s(b"bee"))
+    raw.chan.sendall(read + stat + write_b)
+    gate.wait_for("now", 1)
+    # The READ waits in the pool; the STAT and another handle's WRITE are answered.
+    first = _replies(raw, 2)
+    assert sorted((kind, pktid) for kind, pktid, _ in first) == [
+        (STATUS, write_b_id),
+        (ATTRS, stat_id),
+    ]
+    assert gate.now == 1 and gate.done == 0
+    # A WRITE of the READ's own handle waits for it, and the STAT behind it too.
+    write_a_id, write_a = raw.framed(WRITE, s(a), u64(0), s(b"x"))
+    stat2_id, stat2 = raw.framed(STAT, s(b"/b.bin"))
+    raw.chan.sendall(write_a + stat2)
+    gate.opened.set()
+    rest = [(kind, pktid) for kind, pktid, _ in _replies(raw, 3)]
+    assert rest[0] == (DATA, read_id)
+    assert rest[1:] == [(STATUS, write_a_id), (ATTRS, stat2_id)]
 
 
 def test_a_session_cut_off_mid_download_leaves_no_descriptor(gated: RunningGateway) -> None:

@@ -104,6 +104,9 @@ class SessionContext:
     # journal.synchronous: full. An upload that may start a job (or may by a
     # later rename: a temporary name) is fsync'd at its CLOSE, before the commit.
     fsync_uploads: bool = False
+    # Most requests of the session waiting at once (server.requests_in_flight;
+    # 0: the handler's default). See order.py.
+    requests_in_flight: int = 0
 
 
 def _decode(path: bytes | None) -> str | None:

@@ -24,7 +24,7 @@ from ..identity import Identity, identity_for
 from ..passwords import DUMMY_HASH, verify_password
 from ..private import private_dir, private_file, write_private
 from . import asyncssh_fast
-from .handler import SFTPSession
+from .channel import SFTPSession
 from .inline import InlineGuard
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 from .writebehind import WRITE_BUDGET, WriteBudget
@@ -120,11 +120,13 @@ class GatewaySSHServer(asyncssh.SSHServer):
         fsync_uploads: bool = False,
         umask: int = 0o022,
         fast_paths: bool = False,
+        requests_in_flight: int = 0,
     ) -> None:
         # Whether asyncssh_fast's shortcuts may be tried (server.fast_paths, checked at start).
         self._fast_paths = fast_paths
         self._fsync_uploads = fsync_uploads
         self._umask = umask
+        self._requests_in_flight = requests_in_flight
         self._inline_local_metadata = inline_local_metadata
         self._inline_local_changes = inline_local_changes
         self._inline_guard = inline_guard if inline_guard is not None else InlineGuard()
@@ -310,6 +312,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             inline_guard=self._inline_guard,
             fsync_uploads=self._fsync_uploads,
             umask=self._umask,
+            requests_in_flight=self._requests_in_flight,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)
