@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import RunningGateway, need_tool
 
 
@@ -102,3 +104,44 @@ def test_a_multi_megabyte_upload_arrives_byte_for_byte(
     run_sftp_batch(gateway, "bob", "put big.bin big.bin\nget big.bin back.bin\n", tmp_path)
     assert (gateway.home("bob") / "big.bin").read_bytes() == payload
     assert (tmp_path / "back.bin").read_bytes() == payload
+
+
+@pytest.mark.parametrize(
+    ("block", "requests", "size"),
+    [
+        (1, 1, 3000),  # one byte a request, one at a time
+        (5, 10, 20_000),  # the issue's 4,000 requests of 5 bytes, 10 outstanding
+        (512, 256, 300_000),  # many outstanding
+        # The most the client sends: its own messages stop at 256 KiB (header included).
+        (255 * 1024, 128, 6 * 1024 * 1024 + 7),
+    ],
+)
+def test_openssh_sftp_block_and_request_extremes(
+    gateway: RunningGateway, tmp_path: Path, block: int, requests: int, size: int
+) -> None:
+    """`sftp -B`/`-R` at their ends: every byte up and back down, each transfer journaled."""
+    sftp = need_tool("sftp", "apt-get install openssh-client")
+    payload = os.urandom(size)
+    (tmp_path / "up.bin").write_bytes(payload)
+    result = subprocess.run(
+        [
+            *(sftp, "-B", str(block), "-R", str(requests), "-P", str(gateway.port)),
+            *("-i", str(gateway.keys["bob"]), "-o", "StrictHostKeyChecking=no"),
+            *("-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"),
+            *("-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-b", "-", "bob@127.0.0.1"),
+        ],
+        input="put up.bin x.bin\nget x.bin down.bin\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert (gateway.home("bob") / "x.bin").read_bytes() == payload
+    assert (tmp_path / "down.bin").read_bytes() == payload
+    rows = [r for r in gateway.op_rows("close", count=2) if r["path"] == "/x.bin"]
+    assert sorted((r["bytes_written"] or 0, r["bytes_read"] or 0) for r in rows) == [
+        (0, size),
+        (size, 0),
+    ]
