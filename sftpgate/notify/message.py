@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import unicodedata
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -30,6 +31,21 @@ def _domain(address: str) -> str | None:
     return domain if at and domain else None
 
 
+def header_safe(text: str) -> str:
+    """``text`` fit for a header parameter: every control character and line break a space.
+
+    A file name may hold CR, LF or anything else an uploader chose; the email
+    package refuses a header with a line break (and would be right to: it
+    could start a header of its own). Non-ASCII is fine: the email package
+    encodes it (RFC 2231 for parameters, RFC 2047 for words).
+    """
+    return "".join(" " if unicodedata.category(c) in _UNSAFE or c in _BREAKS else c for c in text)
+
+
+_UNSAFE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
 def _poster_html(html_body: str, cid: str, alt: str) -> str:
     img = f'<p><img src="cid:{cid[1:-1]}" alt="{html.escape(alt)}" style="max-width: 100%"></p>'
     if POSTER_MARKER in html_body:
@@ -52,6 +68,9 @@ def build_message(
     ``$poster``, else just before ``</body>``); without it, the poster marker
     is removed. Date, Message-ID and ``Auto-Submitted: auto-generated`` (so
     vacation responders stay quiet) are set.
+
+    The poster's file name (the uploader's choice) goes into its part's
+    header through :func:`header_safe`, so no upload name can stop the email.
 
     Raises :class:`ValueError` when ``sender``, ``recipient`` or the subject
     cannot be a header (e.g. contain a line break).
@@ -80,6 +99,6 @@ def build_message(
         subtype="jpeg",
         cid=cid,
         disposition="inline",
-        filename=poster.name,
+        filename=header_safe(poster.name),
     )
     return msg

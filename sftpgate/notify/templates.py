@@ -11,9 +11,12 @@ Placeholders use :class:`string.Template` syntax (``$name`` or ``${name}``):
 ``$resolution`` ``WxH`` (``converted``)
 ``$outputs``    list of output paths as the user sees them over SFTP, e.g.
                 ``/converted/clip.flv`` (``converted``; see :func:`sftp_path`)
-``$reason``     why the upload was not converted (``rejected``), or the
-                job's last error (``dead``)
+``$reason``     why the upload was not converted (``rejected``, ``refused``),
+                or the job's last error (``dead``)
 ``$job_id``     the job (all kinds; ``dead`` always shows it)
+``$items``      one line per upload told of (``digest``), e.g.
+                ``/a.mp4: converted: /converted/a.flv``
+``$count``      how many uploads a ``digest`` tells of
 ``$subject``    the rendered subject (text and HTML bodies; set by
                 :func:`render`)
 ``$poster``     where the inline poster goes in the HTML body (set by
@@ -110,6 +113,49 @@ BUILTIN: dict[str, Rendered] = {
             "<p>your upload <b>$file</b> was not converted:</p>\n"
             "<blockquote>$reason</blockquote>\n"
             "<p>Only video files can be converted. The file itself is untouched.</p>\n" + _HTML_FOOT
+        ),
+    ),
+    "refused": Rendered(
+        subject="Your upload $file was not converted: too many uploads waiting",
+        text=(
+            "Hello $name $surname,\n"
+            "\n"
+            "your upload $file was not converted:\n"
+            "\n"
+            "    $reason\n"
+            "\n"
+            "Further uploads are refused the same way until your waiting uploads\n"
+            "are done; this is the only message about them. The files themselves\n"
+            "are untouched.\n" + _FOOTER
+        ),
+        html=(
+            _HTML_HEAD + "<p>Hello $name $surname,</p>\n"
+            "<p>your upload <b>$file</b> was not converted:</p>\n"
+            "<blockquote>$reason</blockquote>\n"
+            "<p>Further uploads are refused the same way until your waiting uploads are "
+            "done; this is the only message about them. The files themselves are "
+            "untouched.</p>\n" + _HTML_FOOT
+        ),
+    ),
+    "digest": Rendered(
+        subject="Your uploads: $count updates",
+        text=(
+            "Hello $name $surname,\n"
+            "\n"
+            "you uploaded more than we send single messages about, so here is\n"
+            "what became of the rest:\n"
+            "\n"
+            "$items\n"
+            "\n"
+            "Log in as $login over SFTP to download what was converted.\n" + _FOOTER
+        ),
+        html=(
+            _HTML_HEAD + "<p>Hello $name $surname,</p>\n"
+            "<p>you uploaded more than we send single messages about, so here is what "
+            "became of the rest:</p>\n"
+            "$items\n"
+            "<p>Log in as <b>$login</b> over SFTP to download what was converted.</p>\n"
+            + _HTML_FOOT
         ),
     ),
     "dead": Rendered(
