@@ -153,6 +153,53 @@ class ServerConfig:
         restart=_SSH,
     )
 
+    max_handles: int = key(
+        512,
+        "files and folders one SFTP session may hold open at once (OpenSSH's sftp-server: "
+        '512); past it OPEN and OPENDIR fail with "too many open handles", journaled. Over '
+        "every session together, handles holding a descriptor stop 256 short of the "
+        "process's open-files limit, so one session or user cannot take the descriptors "
+        "others need",
+        POSITIVE,
+        restart=_SSH,
+    )
+    max_upload_size: int = key(
+        0,
+        "largest file a client may make: a WRITE (or copy-data, or a SETSTAT size) ending past "
+        'it fails with "File too large", journaled as `quota_exceeded`, and the upload '
+        "starts no job (0: no limit)",
+        NONNEGATIVE,
+        unit="bytes",
+        restart=_SSH,
+    )
+    quota_bytes: int = key(
+        0,
+        "bytes of regular files each user may hold in their home, unless `users[].quota_bytes` "
+        'says otherwise; a WRITE past it fails with "Quota exceeded" (0: no limit). How usage '
+        "is counted, and what it cannot see: [security](security.md#quotas-and-sizes)",
+        NONNEGATIVE,
+        unit="bytes",
+        restart=_SSH,
+    )
+    quota_files: int = key(
+        0,
+        "regular files each user may hold, unless `users[].quota_files` says otherwise; "
+        'creating one more fails with "Quota exceeded" (0: no limit)',
+        NONNEGATIVE,
+        restart=_SSH,
+    )
+    receive_budget: int = key(
+        64 * 1024**2,
+        "memory for data received but not yet written, over every session: WRITEs answered "
+        "and waiting for the disk plus requests waiting in sessions' buffers. While it is "
+        "spent, sessions stop reading from their clients (no SSH window is re-opened) until "
+        "it drains, so memory stays flat as sessions grow: "
+        "[security](security.md#memory-under-overload)",
+        POSITIVE,
+        unit="bytes",
+        restart=_SSH,
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
@@ -225,12 +272,19 @@ class EmailConfig:
     enabled: bool = key(True, "send user emails at all")
     templates_dir: Path | None = key(
         None,
-        "folder with `converted.subject/.txt/.html`, `rejected.*`, `dead.*` overriding the "
-        "built-in templates; placeholders `$name $surname $login $file $duration $resolution "
-        "$outputs $reason $job_id $poster`",
+        "folder with `converted.subject/.txt/.html`, `rejected.*`, `refused.*`, `digest.*`, "
+        "`dead.*` overriding the built-in templates; placeholders `$name $surname $login $file "
+        "$duration $resolution $outputs $reason $job_id $poster $items $count`",
         shown="built-in",
     )
     admin: str | None = key(None, "told when a job goes dead", EMAIL)
+    rate_limit: int = key(
+        10,
+        "emails to one user per `rate_window`; beyond that their notices wait and go out "
+        "together as one digest as soon as the window allows one more",
+        POSITIVE,
+    )
+    rate_window: float = key(3600.0, "the sliding window of `rate_limit`", POSITIVE, unit="seconds")
 
 
 DEFAULT_PATTERNS = tuple(
@@ -355,6 +409,26 @@ class PipelineConfig:
         unit="bytes",
     )
     threads: int = key(0, "ffmpeg threads (0: ffmpeg decides)", NONNEGATIVE)
+    max_pixels: int = key(
+        10**12,
+        "work an input may cost, in decoded pixels (width x height x frame rate x duration; "
+        "about an hour of 4K at 30 fps); more is rejected before ffmpeg runs",
+        POSITIVE,
+        unit="pixels",
+    )
+    max_pixels_per_byte: int = key(
+        20_000,
+        "work per byte of the upload, for inputs over 10¹⁰ pixels: a small file cannot buy "
+        "hours of CPU (an hour of black 4K in 9 MiB is ~80,000; real video ~100-1,000)",
+        POSITIVE,
+    )
+    work_rate: float = key(
+        2e7,
+        "decoded pixels per second ffmpeg manages at worst: its timeout is "
+        "60 s + pixels / this, never more than `timeout`",
+        POSITIVE,
+        unit="pixels/second",
+    )
     input_args: tuple[str, ...] = key(
         (), 'extra ffmpeg input options, e.g. `["-readrate", "1"]` (advanced, for special inputs)'
     )
@@ -375,6 +449,25 @@ class JobsConfig:
         30.0, "wait before retry n: `base·2ⁿ⁻¹`, capped", POSITIVE, unit="seconds"
     )
     backoff_max: float = key(3600.0, "cap of the wait before a retry", POSITIVE, unit="seconds")
+    per_user_running: int = key(
+        1,
+        "jobs of one user running at once; workers take users' jobs round-robin, so one "
+        "user's backlog never holds up another's upload",
+        POSITIVE,
+    )
+    per_user_queue: int = key(
+        100,
+        "queued or running jobs one user may have; an upload beyond that gets a `refused` "
+        "job (journaled, the user told once per backlog) and is not converted",
+        POSITIVE,
+    )
+    dedupe_window: float = key(
+        3600.0,
+        "an upload with the same content (sha256) as one of the same user's within this "
+        "window is a duplicate: journaled, not converted again, no email (0: off)",
+        NONNEGATIVE,
+        unit="seconds",
+    )
     lease_seconds: float = key(
         60.0,
         "a worker's lease, renewed by heartbeats",
@@ -431,6 +524,234 @@ class SubsystemConfig:
         POSITIVE,
         unit="seconds",
         restart=_TAP,
+    )
+
+
+_DEFENDER = "the defender and its ban table are set up at start"
+
+
+def _networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    import ipaddress
+
+    for index, item in enumerate(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise Invalid(f"not an address or network: {item!r}", at=f"[{index}]") from None
+    return value
+
+
+NETWORKS = Rule(
+    "addresses or CIDR networks (`192.0.2.7`, `10.0.0.0/8`, `2001:db8::/32`)", _networks
+)
+
+
+def _max_startups(value: str) -> str:
+    parts = value.split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise Invalid("must be start:rate:full, e.g. 10:30:100") from None
+    if len(numbers) != 3:
+        raise Invalid("must be start:rate:full, e.g. 10:30:100")
+    start, rate, full = numbers
+    if not (0 < start <= full and 0 <= rate <= 100):
+        raise Invalid("needs 0 < start ≤ full and a rate of 0-100 (%)")
+    return value
+
+
+def _at_least_one(value: float) -> float:
+    if value < 1:
+        raise Invalid("must be at least 1")
+    return value
+
+
+AT_LEAST_ONE = Rule("≥ 1", _at_least_one)
+MAX_STARTUPS = Rule("`start:rate:full` (OpenSSH's `MaxStartups`)", _max_startups)
+
+
+@dataclass(frozen=True, slots=True)
+class DefenderConfig:
+    """Scores addresses for what they do wrong and bans those past a threshold (like SFTPGo's
+    defender and OpenSSH's `PerSourcePenalties`). Bans live in the journal database, so they
+    survive restarts and are shared by gateways on one database; `sftpgate bans` manages them.
+    An IPv6 client is scored and banned by its /64."""
+
+    enabled: bool = key(True, "score and ban addresses", restart=_DEFENDER)
+    threshold: int = key(15, "score within `observation_time` that bans an address", POSITIVE)
+    observation_time: float = key(
+        1800.0, "how long an offence counts towards the score", POSITIVE, unit="seconds"
+    )
+    score_failed_login: int = key(1, "a wrong password or key of a known user", NONNEGATIVE)
+    score_unknown_user: int = key(2, "a login attempt for a user that does not exist", NONNEGATIVE)
+    score_no_auth: int = key(
+        1,
+        "a connection that ends (or times out) before authenticating without trying a "
+        "password: scanners, `ssh-keyscan`, TCP health checks (safelist a load balancer's)",
+        NONNEGATIVE,
+    )
+    score_protocol_error: int = key(
+        3, "SFTP garbage that ends a session, or an SSH protocol error", NONNEGATIVE
+    )
+    score_limit: int = key(3, "a connection refused by a limit of `door`", NONNEGATIVE)
+    ban_time: float = key(1800.0, "first ban of an address", POSITIVE, unit="seconds")
+    ban_time_increment: float = key(
+        1.5,
+        "each further ban of the same address (within a day of its last) lasts this many "
+        "times longer than the one before",
+        AT_LEAST_ONE,
+    )
+    max_ban_time: float = key(86400.0, "longest ban", POSITIVE, unit="seconds")
+    safelist: tuple[str, ...] = key(
+        ("127.0.0.1", "::1"),
+        "never scored nor banned (still subject to `door` limits); the default keeps a local "
+        "proxy or health check from banning everyone",
+        NETWORKS,
+    )
+    blocklist: tuple[str, ...] = key((), "always refused at connection time", NETWORKS)
+    reload_interval: float = key(
+        5.0,
+        "how often the ban table is re-read (bans made by `sftpgate bans` or another gateway "
+        "on the same database take effect within this)",
+        POSITIVE,
+        unit="seconds",
+        restart=_DEFENDER,
+    )
+    auth_failure_delay: float = key(
+        1.0,
+        "a failed password waits this long before its answer (the connection's other work goes on)",
+        NONNEGATIVE,
+        unit="seconds",
+    )
+    hash_threads: int = key(
+        2,
+        "threads that verify password hashes (scrypt/bcrypt); attempts are served "
+        "round-robin by address",
+        POSITIVE,
+        restart=_DEFENDER,
+    )
+    hash_queue_per_address: int = key(
+        4,
+        "password checks of one address waiting at once; beyond this an attempt fails at "
+        "once and is scored as a failed login",
+        POSITIVE,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DoorConfig:
+    """Connection limits of `sftpgate serve`. A refusal before authentication closes the
+    connection before the SSH handshake; after it, the client gets an SSH disconnect naming
+    the limit. Every refusal is journaled (at most a few rows a second, the rest counted) and
+    scored by the defender."""
+
+    max_startups: str = key(
+        "64:30:256",
+        "unauthenticated connections: from `start` on, each new one is dropped with "
+        "probability `rate`% rising to 100% at `full`, as OpenSSH's `MaxStartups`; `full` "
+        "(and `start`) never more than a quarter of the descriptor limit (256 at 1,024). With "
+        "`max_startups_per_address` 8, it takes 8 flooding addresses to make anyone else wait",
+        MAX_STARTUPS,
+    )
+    max_startups_per_address: int = key(
+        8, "unauthenticated connections from one address (IPv6: one /64)", POSITIVE
+    )
+    banner_timeout: float = key(
+        10.0,
+        "time a new connection has to send its SSH version line (`server.login_timeout` then "
+        "bounds the rest of the login)",
+        POSITIVE,
+        unit="seconds",
+    )
+    max_sessions_per_user: int = key(64, "authenticated connections of one user", POSITIVE)
+    max_sessions_per_address: int = key(
+        128, "authenticated connections from one address (IPv6: one /64)", POSITIVE
+    )
+    max_sessions: int = key(
+        0,
+        "authenticated connections in all (0: a quarter of the descriptor limit, "
+        "`RLIMIT_NOFILE`, so descriptors remain for files and the journal: 256 at 1,024)",
+        NONNEGATIVE,
+    )
+    max_channels: int = key(
+        10, "SFTP sessions (channels) on one connection, as OpenSSH's `MaxSessions`", POSITIVE
+    )
+
+
+# What `serve` offers unless `algorithms` says otherwise: no SHA-1 anywhere (key exchange, MACs,
+# signatures), no CBC, no 64-bit-tag umac. Each entry is kept only if this asyncssh has it.
+# Not offered either, as ssh-audit fails them: the NIST curves (ecdh-sha2-nistp*) and
+# diffie-hellman-group-exchange-sha256 (asyncssh grants a client's 1024-bit minimum).
+MODERN_KEX = (
+    "mlkem768x25519-sha256",
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "curve448-sha512",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
+)
+MODERN_CIPHERS = (
+    "chacha20-poly1305@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+)
+MODERN_MACS = (
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+    "umac-128@openssh.com",
+)
+MODERN_HOST_KEYS = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256")
+
+
+def _supported(kind: str) -> Rule:
+    def check(value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise Invalid("must name at least one algorithm")
+        # Imported here: `sftpgate subsystem` never reads this section and must not pay for
+        # asyncssh.
+        from .algorithms import supported
+
+        known = supported(kind)
+        for index, name in enumerate(value):
+            if name not in known:
+                raise Invalid(
+                    f"{name!r} is not a {kind} algorithm asyncssh offers "
+                    f"(it has: {', '.join(known)})",
+                    at=f"[{index}]",
+                )
+        return value
+
+    return Rule(f"{kind} algorithms asyncssh supports", check)
+
+
+@dataclass(frozen=True, slots=True)
+class AlgorithmsConfig:
+    """What `sftpgate serve` offers in the SSH handshake, most preferred first. The defaults
+    have no SHA-1 (key exchange, MACs, `ssh-rsa` signatures), no CBC and no `umac-64`;
+    naming a list replaces the default (an unknown name is a config error listing the known
+    ones). Host key fingerprints (SHA256) are logged at start."""
+
+    kex: tuple[str, ...] = key(MODERN_KEX, "key exchange", _supported("kex"), restart=_SSH)
+    ciphers: tuple[str, ...] = key(MODERN_CIPHERS, "encryption", _supported("cipher"), restart=_SSH)
+    macs: tuple[str, ...] = key(
+        MODERN_MACS,
+        "message authentication (unused with the AEAD ciphers, chacha20-poly1305 and GCM)",
+        _supported("mac"),
+        restart=_SSH,
+    )
+    host_keys: tuple[str, ...] = key(
+        MODERN_HOST_KEYS,
+        "host key signature algorithms (also those accepted for users' keys: `ssh-rsa` here "
+        "allows SHA-1 signatures)",
+        _supported("host key"),
+        restart=_SSH,
     )
 
 
@@ -502,6 +823,19 @@ class User:
         "the primary group of that file work",
         shown="`uid` when that is set, else the system account's group, else the home's group",
     )
+    quota_bytes: int | None = key(
+        None,
+        "bytes of regular files this user may hold (0: no limit)",
+        NONNEGATIVE,
+        unit="bytes",
+        shown="`server.quota_bytes`",
+    )
+    quota_files: int | None = key(
+        None,
+        "regular files this user may hold (0: no limit)",
+        NONNEGATIVE,
+        shown="`server.quota_files`",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +849,9 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     subsystem: SubsystemConfig = field(default_factory=SubsystemConfig)
+    defender: DefenderConfig = field(default_factory=DefenderConfig)
+    door: DoorConfig = field(default_factory=DoorConfig)
+    algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
     users: tuple[User, ...] = field(default_factory=tuple)
 
     @property

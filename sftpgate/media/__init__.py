@@ -15,8 +15,13 @@ class MediaError(SftpgateError):
 
     ``reason`` is short, human and free of tracebacks, e.g.
     ``"not a readable media file: Invalid data found when processing input"``.
+
+    ``transient`` is True when trying again may help (ffmpeg killed by a
+    signal it did not bring on itself); a timeout or an error exit of ffmpeg
+    on the same input would only repeat.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.transient = transient

@@ -30,6 +30,10 @@ class MediaFacts:
     audio_codec: str | None
     has_video: bool
     has_audio: bool
+    # The video stream's own duration and frame count where the container says
+    # (they can be far less than ``duration``: video that ends before the audio).
+    video_duration: float | None = None
+    frames: int | None = None
 
     @classmethod
     def from_probe(cls, data: Mapping[str, Any]) -> MediaFacts:
@@ -62,7 +66,29 @@ class MediaFacts:
             audio_codec=_codec(audio),
             has_video=video is not None,
             has_audio=audio is not None,
+            video_duration=_stream_duration(video),
+            frames=_int(video.get("nb_frames")) if video else None,
         )
+
+    def pixels(self) -> float | None:
+        """Decoded pixels the video costs: width x height x frames; None when unknown.
+
+        Frames are the most of the declared count and frame rate x duration,
+        so a file cannot claim little work and decode much. An unknown frame
+        rate counts as 60 fps.
+        """
+        if not self.width or not self.height or not self.duration:
+            return None
+        frames = max(float(self.frames or 0), (self.fps or 60.0) * self.duration)
+        return float(self.width) * self.height * frames
+
+    def picture_duration(self) -> float | None:
+        """How long the pictures last: the video stream's duration where shorter than the file's."""
+        if self.duration is None:
+            return self.video_duration
+        if self.video_duration is None:
+            return self.duration
+        return min(self.duration, self.video_duration)
 
     def to_dict(self) -> dict[str, Any]:
         """The facts as a JSON-ready dict, one key per field."""
@@ -76,6 +102,24 @@ def _is_video(stream: Mapping[str, Any]) -> bool:
     if not isinstance(disposition, Mapping):
         return True
     return not any(disposition.get(key) == 1 for key in _NOT_VIDEO_DISPOSITIONS)
+
+
+def _stream_duration(stream: Mapping[str, Any] | None) -> float | None:
+    """A stream's own duration: ffprobe's field, else Matroska's ``DURATION`` tag (h:mm:ss.f)."""
+    if stream is None:
+        return None
+    seconds = _positive_float(stream.get("duration"))
+    tags = stream.get("tags")
+    if seconds is None and isinstance(tags, Mapping):
+        text = tags.get("DURATION") or tags.get("duration")
+        if isinstance(text, str) and text.count(":") == 2:
+            hours, minutes, rest = text.split(":")
+            try:
+                total = int(hours) * 3600 + int(minutes) * 60 + float(rest)
+            except ValueError:
+                return None
+            seconds = _positive_float(total)
+    return seconds
 
 
 def _codec(stream: Mapping[str, Any] | None) -> str | None:

@@ -42,9 +42,11 @@ def plan_convert(
 
     Every output is one file ffmpeg opens by the name given, never a
     numbered sequence: callers pass ``/proc/self/fd/N`` of files they made
-    themselves. The times come from ``facts.duration`` (the container's):
-    should the video stream end much earlier, ffmpeg still succeeds but
-    leaves some images empty, so callers check what was written.
+    themselves. The times come from ``facts.picture_duration()``: the
+    video stream's own duration where it ends before the file does (video
+    shorter than its audio), so every image has a frame to show. Should a
+    stream end earlier still than it says, ffmpeg succeeds but leaves some
+    images empty: callers keep what was written.
 
     ``argv[0]`` is ``cfg.ffmpeg``; the input is boxed (``-protocol_whitelist
     file``, ``-format_whitelist`` of ``cfg.allowed_containers``), then
@@ -59,7 +61,7 @@ def plan_convert(
         raise MediaError("not a video: no video stream")
     if facts.duration is None or facts.duration <= 0:
         raise MediaError("duration unknown")
-    duration = facts.duration
+    duration = facts.picture_duration() or facts.duration
     source = ffmpeg.input(file_url(src))
     # "V" rather than "v": skips attached pictures (cover art), as facts do.
     # Square pixels and even sizes first: Flash players ignore the sample

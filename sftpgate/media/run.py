@@ -60,7 +60,7 @@ async def run_ffmpeg(
     Raises:
         MediaError: ffmpeg ran longer than ``timeout`` seconds (its process
             group is killed first) or exited unsuccessfully (the reason holds
-            its last stderr lines).
+            its last stderr lines); ``transient`` only when a signal killed it.
         asyncio.CancelledError: re-raised after killing the process group.
         OSError: ffmpeg cannot be started.
     """
@@ -103,7 +103,9 @@ async def run_ffmpeg(
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
     if returncode != 0:
-        raise MediaError(_failure(returncode, tail))
+        # Killed by a signal we did not send (the OOM killer, an admin): may pass.
+        # An error exit is ffmpeg's verdict on this input: it would say it again.
+        raise MediaError(_failure(returncode, tail), transient=returncode < 0)
 
 
 def kill_leftover(pid: int, marker: str) -> bool:

@@ -58,7 +58,7 @@ def build_sidecar(
     output: MediaFacts,
     flv_name: str,
     keyframes: int,
-    poster: str,
+    poster: str | None,
     thumbnails: list[str],
 ) -> dict[str, Any]:
     """The sidecar document: ``{"source": ..., "output": ..., "generator": ...}``.
@@ -67,7 +67,8 @@ def build_sidecar(
     (login, name, surname, email; missing ones as None) and ``uploaded_at``
     (a Unix time) as ISO 8601 UTC, e.g. ``"2024-05-01T12:00:00Z"``. ``output``
     holds the FLV's file name, facts, keyframe count, poster and thumbnail
-    file names. Pure; never raises for well-typed input.
+    file names (the poster None when ffmpeg could not make it). Pure; never raises
+    for well-typed input.
     """
     stamp = datetime.fromtimestamp(uploaded_at, tz=UTC).isoformat(timespec="seconds")
     return {

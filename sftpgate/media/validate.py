@@ -73,6 +73,41 @@ def _size(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
     return None
 
 
+# Below this much work (a few minutes of 1080p) the work-per-byte rule does not
+# apply: a short, very still clip is legitimately small.
+WORK_PER_BYTE_FLOOR = 1e10
+
+
+def _work(facts: MediaFacts, cfg: PipelineConfig) -> str | None:
+    # What ffmpeg will decode, not what the upload weighs: an hour of black
+    # 4K fits in 9 MiB and costs hours of CPU.
+    pixels = facts.pixels()
+    if pixels is None:
+        return "video size unknown"
+    if pixels > cfg.max_pixels:
+        return (
+            f"too much work: {format_pixels(pixels)} pixels to convert "
+            f"(max {format_pixels(cfg.max_pixels)})"
+        )
+    if pixels > WORK_PER_BYTE_FLOOR and pixels > cfg.max_pixels_per_byte * max(1, facts.size):
+        return (
+            f"too much work for its size: {format_pixels(pixels)} pixels to convert from "
+            f"{format_size(facts.size)} (max {cfg.max_pixels_per_byte:,} a byte)"
+        )
+    return None
+
+
+def work_timeout(facts: MediaFacts, cfg: PipelineConfig) -> float:
+    """ffmpeg's timeout for ``facts``: 60 s + pixels / ``cfg.work_rate``, at most ``cfg.timeout``.
+
+    Unknown work gets ``cfg.timeout``. Pure.
+    """
+    pixels = facts.pixels()
+    if pixels is None:
+        return cfg.timeout
+    return min(cfg.timeout, 60.0 + pixels / cfg.work_rate)
+
+
 _CHECKS: tuple[Callable[[MediaFacts, PipelineConfig], str | None], ...] = (
     _video,
     _container,
@@ -80,7 +115,15 @@ _CHECKS: tuple[Callable[[MediaFacts, PipelineConfig], str | None], ...] = (
     _duration,
     _resolution,
     _size,
+    _work,
 )
+
+
+def format_pixels(value: float) -> str:
+    """``7.5e11`` -> ``"7.5e+11"``; below a million, whole: ``"76,800"``."""
+    if value < 1e6:
+        return f"{int(value):,}"
+    return f"{value:.2g}"
 
 
 def format_duration(seconds: float) -> str:
