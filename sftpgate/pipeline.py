@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,7 +47,7 @@ from .media.probe import fd_path, probe
 from .media.run import run_ffmpeg
 from .media.sandbox import SNIFF_BYTES, sniff
 from .media.sidecar import build_sidecar, sha256_file
-from .media.validate import validate
+from .media.validate import validate, work_timeout
 from .notify import PermanentEmailError, TransientEmailError
 from .notify.message import Poster, build_message
 from .notify.smtp import send
@@ -136,6 +137,16 @@ class _AsUser:
         self.home.close()
 
 
+# Email states in which the job sends nothing itself.
+_NO_EMAIL = (EmailState.SENT, EmailState.FAILED, EmailState.DIGEST, EmailState.SKIPPED)
+
+
+def _unlink_at(folder_fd: int, name: str) -> None:
+    """Remove one of the job's own temporary names from the folder (never follows a link)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=folder_fd)
+
+
 def _close(*fds: int) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -145,9 +156,13 @@ def _close(*fds: int) -> None:
 class Pipeline:
     """Runs one job's steps. The worker pool owns leasing, heartbeats and outcomes."""
 
-    def __init__(self, config: Config, store: JobStore) -> None:
+    def __init__(
+        self, config: Config, store: JobStore, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.store = store
+        # The time of the email rate limit and of "same content again" windows.
+        self.clock = clock
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -191,9 +206,21 @@ class Pipeline:
         files: _AsUser,
         progress: Callable[[float, str], None],
     ) -> Result:
+        if job.outcome == Outcome.REFUSED.value:  # over jobs.per_user_queue
+            refused = str(job.data.get("refused") or "too many uploads waiting")
+            warning = await self._email(job, owner, user, refused, files, kind="refused")
+            return Result(Outcome.REFUSED, None, refused, warning)
         if not job.done("probe"):
             progress(0.0, "probe")
             job = await self._probe(job, owner, files)
+        if "duplicate_of" in job.data:
+            await self._db(self.store.set_email_state, job.id, owner, EmailState.SKIPPED)
+            first = job.data["duplicate_of"]
+            message = (
+                f"same content as {first['path']} (job {first['id']}) within "
+                "jobs.dedupe_window: not converted again, no email"
+            )
+            return Result(Outcome.DUPLICATE, first.get("flv"), message)
         reason = job.data.get("rejected")
         if reason is None:
             if not job.done("transcode"):
@@ -242,6 +269,12 @@ class Pipeline:
                 memory_limit=cfg.memory_limit,
             )
             facts = MediaFacts.from_probe(data)
+            reason = validate(facts, cfg)
+            update: dict[str, Any] = {"source": facts.to_dict()}
+            if reason is not None:
+                update["rejected"] = reason
+            elif self.config.jobs.dedupe_window > 0:
+                update.update(await self._same_content(job, owner, fd))
         except MediaError as exc:
             return await self._db(
                 self.store.mark_step,
@@ -253,13 +286,31 @@ class Pipeline:
             )
         finally:
             _close(fd)
-        reason = validate(facts, cfg)
-        update: dict[str, Any] = {"source": facts.to_dict()}
-        if reason is not None:
-            update["rejected"] = reason
         return await self._db(
             self.store.mark_step, job.id, owner, "probe", finished=True, data=update
         )
+
+    async def _same_content(self, job: Job, owner: str, fd: int) -> dict[str, Any]:
+        """Hash the upload (once: the sidecar reuses it); name the job it repeats, if any."""
+        digest = await asyncio.to_thread(sha256_file, fd)
+        first = await self._db(
+            self.store.claim_content,
+            job,
+            owner,
+            digest,
+            self.config.jobs.dedupe_window,
+            self.clock(),
+        )
+        if first is None:
+            return {"sha256": digest}
+        outputs = first.data.get("outputs") or {}
+        flv = (
+            posixpath.join("/", self.config.pipeline.output_dir, outputs["flv"])
+            if outputs.get("flv")
+            else None
+        )
+        log.info("job %d: same content as job %d (%s)", job.id, first.id, first.path)
+        return {"duplicate_of": {"id": first.id, "path": first.path, "flv": flv}}
 
     async def _transcode(
         self,
@@ -273,12 +324,18 @@ class Pipeline:
         made: list[int] = []
         try:
             folder = await files.folder()
-            names: dict[str, Any] | None = job.data.get("outputs")
-            if names is None:  # chosen once; later attempts reuse them
+            # Chosen once; later attempts reuse them ("outputs" then loses the
+            # images ffmpeg leaves empty, "planned" keeps them all).
+            names: dict[str, Any] | None = job.data.get("planned") or job.data.get("outputs")
+            if names is None:
                 stem = posixpath.splitext(posixpath.basename(job.path))[0] or "video"
                 names = await files(choose_outputs, folder, stem, cfg.thumbnails)
                 job = await self._db(
-                    self.store.mark_step, job.id, owner, "transcode", data={"outputs": names}
+                    self.store.mark_step,
+                    job.id,
+                    owner,
+                    "transcode",
+                    data={"outputs": names, "planned": names},
                 )
             finals = [names["flv"], names["poster"], *names["thumbnails"]]
             temps = [f".part-{job.id}-{name}" for name in finals]
@@ -298,9 +355,10 @@ class Pipeline:
                     )
                 )
 
+            timeout = work_timeout(facts, cfg)
             await run_ffmpeg(
                 argv,
-                timeout=cfg.timeout,
+                timeout=timeout,
                 nice=cfg.nice,
                 memory_limit=cfg.memory_limit,
                 duration=facts.duration,
@@ -314,22 +372,45 @@ class Pipeline:
             await asyncio.gather(*pending)
             await self._db(self.store.set_pid, job.id, owner, None, None)
             stats = [await asyncio.to_thread(os.fstat, fd) for fd in made]
-            for name, st in zip(finals, stats, strict=True):
-                if st.st_size == 0:
-                    raise MediaError(f"ffmpeg did not write {name}")
-            digest = await asyncio.to_thread(sha256_file, src)
-            placed = self._placed(job, finals, stats)
+            if stats[0].st_size == 0:
+                raise PermanentJobError("ffmpeg wrote no video: the upload has no frame to convert")
+            # An image ffmpeg left empty (a stream that ends before it says) is
+            # dropped, not retried: another run would leave it empty again.
+            kept = [i for i, st in enumerate(stats) if st.st_size > 0]
+            for i in range(len(finals)):
+                if i not in kept:
+                    log.warning("job %d: ffmpeg wrote nothing for %s; left out", job.id, finals[i])
+                    await files(_unlink_at, folder, temps[i])
+            names = self._kept(names, [finals[i] for i in kept])
+            digest = str(job.data.get("sha256") or "") or await asyncio.to_thread(sha256_file, src)
+            placed = self._placed(job, [finals[i] for i in kept], [stats[i] for i in kept])
             job = await self._db(
                 self.store.mark_step,
                 job.id,
                 owner,
                 "transcode",
-                data={"sha256": digest, "placed": placed},
+                data={"sha256": digest, "placed": placed, "outputs": names},
             )
-            await files(place, folder, list(zip(temps, finals, strict=True)), placed)
+            moves = [(temps[i], finals[i]) for i in kept]
+            await files(place, folder, moves, placed)
+        except MediaError as exc:
+            if exc.transient:
+                raise
+            # ffmpeg's verdict on this input (an error exit, or more time than
+            # its work allows): another attempt would end the same way.
+            raise PermanentJobError(f"cannot convert: {exc.reason}") from None
         finally:
             _close(src, *made)
         return await self._db(self.store.mark_step, job.id, owner, "transcode", finished=True)
+
+    @staticmethod
+    def _kept(names: dict[str, Any], written: list[str]) -> dict[str, Any]:
+        """The output names with the images ffmpeg left empty taken out."""
+        kept = dict(names)
+        if kept.get("poster") not in written:
+            kept["poster"] = None
+        kept["thumbnails"] = [name for name in names.get("thumbnails", []) if name in written]
+        return kept
 
     @staticmethod
     def _placed(
@@ -386,7 +467,7 @@ class Pipeline:
             out,
             names["flv"],
             keyframes,
-            names["poster"],
+            names.get("poster"),
             list(names["thumbnails"]),
         )
         text = (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode()
@@ -405,10 +486,21 @@ class Pipeline:
         return await self._db(self.store.mark_step, job.id, owner, "sidecar", finished=True)
 
     async def _email(
-        self, job: Job, owner: str, user: User, reason: str | None, files: _AsUser
+        self,
+        job: Job,
+        owner: str,
+        user: User,
+        reason: str | None,
+        files: _AsUser,
+        kind: str | None = None,
     ) -> str | None:
-        """Send the one email; return a warning for the job if it is in doubt."""
-        if not self.config.email.enabled or job.email_state in (EmailState.SENT, EmailState.FAILED):
+        """Send the one email, or leave it to the user's digest; return a warning if in doubt.
+
+        Over ``email.rate_limit`` emails in ``email.rate_window`` (or while
+        the user's digest is waiting), the job is marked ``digest`` and the
+        worker pool's digest loop tells of it later.
+        """
+        if not self.config.email.enabled or job.email_state in _NO_EMAIL:
             return None
         if job.email_state in (EmailState.SENDING, EmailState.UNCERTAIN):
             # We stopped between "sending" and "sent": it may have gone out.
@@ -425,12 +517,25 @@ class Pipeline:
             folder = await files.folder()
             data = await files(read_output, folder, names["poster"], POSTER_LIMIT)
             poster = Poster(names["poster"], data)
-        message = self._message(job, user, reason, poster)
-        await self._db(self.store.set_email_state, job.id, owner, EmailState.SENDING)
+        kind = kind or ("rejected" if reason else "converted")
+        try:
+            message = self._message(job, user, reason, poster, kind)
+        except ValueError as exc:  # a header that cannot be: retrying changes nothing
+            await self._db(
+                self.store.set_email_state, job.id, owner, EmailState.FAILED, f"email: {exc}"
+            )
+            raise PermanentJobError(f"email cannot be built: {exc}") from None
+        rate = self.config.email
+        log_id = await self._db(
+            self.store.reserve_email, job, owner, rate.rate_limit, rate.rate_window, self.clock()
+        )
+        if log_id is None:
+            log.info("job %d: %s over the email rate limit; told in a digest", job.id, job.login)
+            return None
         try:
             await asyncio.to_thread(send, message, self.config.smtp)
         except TransientEmailError as exc:
-            await self._db(self.store.set_email_state, job.id, owner, EmailState.NONE)
+            await self._db(self.store.unreserve_email, job, owner, log_id, f"email: {exc}")
             raise SftpgateError(f"email: {exc}") from None
         except PermanentEmailError as exc:
             await self._db(
@@ -440,12 +545,14 @@ class Pipeline:
         await self._db(self.store.set_email_state, job.id, owner, EmailState.SENT)
         return None
 
-    def _message(self, job: Job, user: User, reason: str | None, poster: Poster | None) -> Any:
+    def _message(
+        self, job: Job, user: User, reason: str | None, poster: Poster | None, kind: str
+    ) -> Any:
         source = job.data.get("source") or {}
         names = job.data.get("outputs") or {}
         out_dir = "/" + self.config.pipeline.output_dir
         outputs = [
-            posixpath.join(out_dir, names[k]) for k in ("flv", "sidecar", "poster") if k in names
+            posixpath.join(out_dir, names[k]) for k in ("flv", "sidecar", "poster") if names.get(k)
         ]
         outputs += [posixpath.join(out_dir, n) for n in names.get("thumbnails", [])]
         width, height = source.get("width"), source.get("height")
@@ -460,9 +567,67 @@ class Pipeline:
             "reason": reason or "",
             "job_id": str(job.id),
         }
-        rendered = render(
-            "rejected" if reason else "converted", context, self.config.email.templates_dir
-        )
+        rendered = render(kind, context, self.config.email.templates_dir)
         return build_message(
             rendered, sender=self.config.smtp.sender, recipient=user.email, poster=poster
         )
+
+    # -- digests ---------------------------------------------------------------
+
+    async def send_digests(self) -> int:
+        """Send each user whose notices wait for a digest, and who may get an email now, one.
+
+        Returns how many digests went out. A transient SMTP failure puts the
+        notices back (they wait for the next try); a permanent one marks them
+        ``failed``. Never raises for SMTP failures.
+        """
+        rate = self.config.email
+        if not rate.enabled:
+            return 0
+        sent = 0
+        logins = await self._db(
+            self.store.digests_due, rate.rate_limit, rate.rate_window, self.clock()
+        )
+        for login in logins:
+            claimed = await self._db(
+                self.store.claim_digest, login, rate.rate_limit, rate.rate_window, self.clock()
+            )
+            if claimed is None:
+                continue
+            log_id, jobs = claimed
+            state, error = EmailState.SENT, None
+            try:
+                message = self._digest(login, jobs)
+                await asyncio.to_thread(send, message, self.config.smtp)
+                sent += 1
+            except TransientEmailError as exc:
+                state, error = EmailState.DIGEST, f"email: {exc}"
+            except (PermanentEmailError, ValueError) as exc:
+                state, error = EmailState.FAILED, f"email: {exc}"
+            if error is not None:
+                log.warning("digest to %s (%d jobs): %s", login, len(jobs), error)
+            await self._db(self.store.digest_sent, log_id, jobs, state, error)
+        return sent
+
+    def _digest(self, login: str, jobs: list[Job]) -> Any:
+        user = self.config.user(login)
+        if user is None:
+            raise PermanentEmailError(f"user {login!r} is no longer in the config")
+        out_dir = "/" + self.config.pipeline.output_dir
+        items = []
+        for job in jobs:
+            names = job.data.get("outputs") or {}
+            if job.outcome == Outcome.CONVERTED.value and names.get("flv"):
+                items.append(f"{job.path}: converted: {posixpath.join(out_dir, names['flv'])}")
+            else:
+                why = job.data.get("rejected") or job.data.get("refused") or job.state.value
+                items.append(f"{job.path}: not converted: {why}")
+        context: dict[str, str | list[str]] = {
+            "name": user.name,
+            "surname": user.surname,
+            "login": user.login,
+            "items": items,
+            "count": str(len(items)),
+        }
+        rendered = render("digest", context, self.config.email.templates_dir)
+        return build_message(rendered, sender=self.config.smtp.sender, recipient=user.email)

@@ -173,7 +173,8 @@ def test_links_planted_at_every_pipeline_name_are_never_followed_in_serve(
     clip = make_clip(tmp_path / "c.mp4", "mp4")
     client.put(str(clip), "a.mp4")
     wait_jobs(site.gateway, settled)
-    client.put(str(clip), "b.mp4")
+    # Other content: the same bytes again would be a duplicate (jobs.dedupe_window).
+    client.put(str(make_clip(tmp_path / "d.mp4", "mp4", seconds=1)), "b.mp4")
     jobs = wait_jobs(site.gateway, lambda rows: settled(rows, 2))
     assert [(j["state"], j["outcome"]) for j in jobs] == [("succeeded", "converted")] * 2, jobs
 

@@ -26,11 +26,19 @@ class EmailState(str, Enum):
     # Found in `sending` after a crash: it may or may not have gone out, and
     # sending again could duplicate it, so it is flagged instead.
     UNCERTAIN = "uncertain"
+    # Over the user's email rate limit: told in the next digest (then `sending`, `sent`).
+    DIGEST = "digest"
+    # No email for this job: a duplicate, or a refusal the user was already told of.
+    SKIPPED = "skipped"
 
 
 class Outcome(str, Enum):
     CONVERTED = "converted"
     REJECTED = "rejected"
+    # The same content as an earlier upload of the user's, within jobs.dedupe_window.
+    DUPLICATE = "duplicate"
+    # Over jobs.per_user_queue: recorded, journaled, not converted.
+    REFUSED = "refused"
 
 
 ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)

@@ -31,7 +31,8 @@ class Rules:
         config = self.config  # one config for the decision and the job row
         pipeline = config.pipeline
         if pipeline.enabled and name_matches(path, pipeline.patterns):
-            enqueue(conn, upload_id, path, event, config.jobs.max_attempts)
+            jobs = config.jobs
+            enqueue(conn, upload_id, path, event, jobs.max_attempts, jobs.per_user_queue)
             self._created = True
 
     def after_commit(self) -> None:

@@ -20,38 +20,89 @@ from typing import Any
 from ..errors import NotFoundError, SftpgateError
 from ..events import Event, Op
 from ..journal.store import connect
-from .model import ACTIVE, EmailState, Job, JobState
+from .model import ACTIVE, EmailState, Job, JobState, Outcome
 
 
 def enqueue(
-    conn: sqlite3.Connection, upload_id: int, path: str, event: Event, max_attempts: int
+    conn: sqlite3.Connection,
+    upload_id: int,
+    path: str,
+    event: Event,
+    max_attempts: int,
+    queue_cap: int | None = None,
 ) -> int:
     """Insert a queued job for an upload, inside the caller's transaction.
 
     Where the event names the uploaded file (``device``, ``inode``), the job's
     data holds them: the pipeline converts that file and refuses any other
     that later takes its name.
+
+    When the user already has ``queue_cap`` queued or running jobs, the job is
+    still written (nothing is lost silently) but as a refusal: outcome
+    ``refused``, the reason in ``data["refused"]``. A worker then only tells
+    the user, and only for the first refusal of a backlog (the others get
+    email state ``skipped``), and ends it ``failed`` with the reason journaled.
     """
     now = time.time()
+    login = event.session.login or ""
     data: dict[str, Any] = {}
     if event.device is not None and event.inode is not None:
         data = {"device": event.device, "inode": event.inode}
+    outcome: str | None = None
+    email_state = EmailState.NONE.value
+    if queue_cap is not None:
+        waiting = conn.execute(
+            "SELECT count(*) FROM jobs WHERE login = ? AND state IN ('queued', 'running')"
+            " AND outcome IS NULL",
+            (login,),
+        ).fetchone()[0]
+        if waiting >= queue_cap:
+            outcome = Outcome.REFUSED.value
+            data["refused"] = (
+                f"not converted: {waiting} of your uploads are already waiting (at most "
+                f"{queue_cap}); upload it again once they are done"
+            )
+            if _told_of_backlog(conn, login):
+                email_state = EmailState.SKIPPED.value
     cursor = conn.execute(
-        "INSERT INTO jobs (upload_id, session_id, login, path, state, max_attempts, next_run_at,"
-        " created_at, updated_at, data) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (upload_id, session_id, login, path, state, outcome, max_attempts,"
+        " next_run_at, created_at, updated_at, email_state, data)"
+        " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
         (
             upload_id,
             event.session.id,
-            event.session.login or "",
+            login,
             path,
+            outcome,
             max_attempts,
             now,
             now,
             now,
+            email_state,
             json.dumps(data),
         ),
     )
     return int(cursor.lastrowid or 0)
+
+
+def _told_of_backlog(conn: sqlite3.Connection, login: str) -> bool:
+    """Whether a refusal was recorded since the user's last accepted job (one notice a backlog)."""
+    row = conn.execute(
+        "SELECT 1 FROM jobs WHERE login = ? AND outcome = 'refused' AND id > COALESCE("
+        " (SELECT max(id) FROM jobs WHERE login = ? AND (outcome IS NULL OR outcome != 'refused')),"
+        " 0) LIMIT 1",
+        (login, login),
+    ).fetchone()
+    return row is not None
+
+
+def _due(t: str = "") -> str:
+    """SQL: a job (of table alias ``t``) a worker may take now: due, or its lease expired."""
+    p = f"{t}." if t else ""
+    return (
+        f"(({p}state = 'queued' AND {p}next_run_at <= :now)"
+        f" OR ({p}state = 'running' AND {p}lease_expires_at < :now))"
+    )
 
 
 class JobStore:
@@ -83,18 +134,44 @@ class JobStore:
 
     # -- workers -------------------------------------------------------------
 
-    def lease(self, owner: str, lease_seconds: float) -> Job | None:
-        """Take the next due job (or one whose lease expired) for ``owner``."""
+    def lease(self, owner: str, lease_seconds: float, per_user: int | None = None) -> Job | None:
+        """Take the next due job (or one whose lease expired) for ``owner``, fairly.
+
+        Users take turns: of the users with a due job and fewer than
+        ``per_user`` jobs running (no cap when None), the one whose job was
+        taken longest ago (or never) goes first, and their oldest due job is
+        taken. One user's backlog therefore never holds up another's upload.
+        """
         now = time.time()
-        return self._one(
-            "UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires_at = ?,"
-            " attempts = attempts + 1, started_at = COALESCE(started_at, ?), updated_at = ?,"
-            " pid = NULL, pid_marker = NULL"
-            " WHERE id = (SELECT id FROM jobs WHERE (state = 'queued' AND next_run_at <= ?)"
-            "   OR (state = 'running' AND lease_expires_at < ?) ORDER BY next_run_at, id LIMIT 1)"
-            " RETURNING *",
-            (owner, now + lease_seconds, now, now, now, now),
-        )
+        params: dict[str, Any] = {"now": now, "cap": per_user if per_user is not None else -1}
+        with self._tx() as conn:
+            pick = conn.execute(
+                "SELECT j.login FROM jobs AS j LEFT JOIN job_turns AS t ON t.login = j.login"  # noqa: S608
+                f" WHERE {_due('j')}"
+                " GROUP BY j.login HAVING :cap < 0 OR (SELECT count(*) FROM jobs AS r"
+                "   WHERE r.login = j.login AND r.state = 'running' AND r.lease_expires_at >= :now)"
+                "   < :cap"
+                " ORDER BY COALESCE(max(t.last_turn), 0), min(j.id) LIMIT 1",
+                params,
+            ).fetchone()
+            if pick is None:
+                return None
+            row = conn.execute(
+                "UPDATE jobs SET state = 'running', lease_owner = :owner,"  # noqa: S608
+                " lease_expires_at = :until, attempts = attempts + 1,"
+                " started_at = COALESCE(started_at, :now),"
+                " updated_at = :now, pid = NULL, pid_marker = NULL"
+                f" WHERE id = (SELECT id FROM jobs WHERE login = :login AND {_due()}"
+                "   ORDER BY next_run_at, id LIMIT 1)"
+                " RETURNING *",
+                {**params, "owner": owner, "until": now + lease_seconds, "login": pick[0]},
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO job_turns (login, last_turn) VALUES (?, ?)"
+                " ON CONFLICT(login) DO UPDATE SET last_turn = excluded.last_turn",
+                (pick[0], now),
+            )
+        return Job.from_row(row) if row else None
 
     def heartbeat(
         self,
@@ -214,6 +291,161 @@ class JobStore:
             )
         return state
 
+    # -- same content again --------------------------------------------------
+
+    def claim_content(
+        self, job: Job, owner: str, sha256: str, window: float, now: float
+    ) -> Job | None:
+        """Record ``job``'s content, or return the job that already converts it.
+
+        In one transaction: an earlier job of the same user with the same
+        sha256, created within ``window`` seconds of ``now`` and not failed,
+        dead, cancelled, refused or itself a duplicate, is returned (``job``
+        is then a duplicate of it); else ``sha256`` is stored on ``job`` and
+        None returned. Two workers checking the same content one after the
+        other thus find each other.
+        """
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE login = ? AND id != ? AND created_at >= ?"
+                " AND json_extract(data, '$.sha256') = ?"
+                " AND state NOT IN ('failed', 'dead', 'cancelled')"
+                " AND (outcome IS NULL OR outcome = 'converted') ORDER BY id LIMIT 1",
+                (job.login, job.id, now - window, sha256),
+            ).fetchone()
+            if row is not None:
+                return Job.from_row(row)
+            conn.execute(
+                "UPDATE jobs SET data = json_set(data, '$.sha256', ?), updated_at = ?"
+                " WHERE id = ? AND lease_owner = ?",
+                (sha256, time.time(), job.id, owner),
+            )
+        return None
+
+    # -- emails, rate-limited ------------------------------------------------
+
+    def reserve_email(
+        self, job: Job, owner: str, limit: int, window: float, now: float
+    ) -> int | None:
+        """Take one of the user's email slots for ``job``, or put it in their next digest.
+
+        In one transaction: when fewer than ``limit`` emails went to the user
+        in the ``window`` seconds before ``now`` and none of their notices is
+        already waiting for a digest, an ``email_log`` row is written and the
+        job set ``sending``; the row's id is returned. Otherwise the job is set
+        ``digest`` and None returned.
+        """
+        with self._tx() as conn:
+            if (
+                self._email_budget(conn, job.login, limit, window, now)
+                and not conn.execute(
+                    "SELECT 1 FROM jobs WHERE login = ? AND email_state = 'digest' LIMIT 1",
+                    (job.login,),
+                ).fetchone()
+            ):
+                log_id = conn.execute(
+                    "INSERT INTO email_log (login, sent_at, kind, jobs) VALUES (?, ?, 'single', ?)",
+                    (job.login, now, json.dumps([job.id])),
+                ).lastrowid
+                state = EmailState.SENDING
+            else:
+                log_id, state = None, EmailState.DIGEST
+            conn.execute(
+                "UPDATE jobs SET email_state = ?, updated_at = ? WHERE id = ? AND lease_owner = ?",
+                (state.value, time.time(), job.id, owner),
+            )
+        return int(log_id) if log_id is not None else None
+
+    def unreserve_email(self, job: Job, owner: str, log_id: int, error: str) -> None:
+        """The email was not accepted (a transient failure): free its slot, state ``none``."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM email_log WHERE id = ?", (log_id,))
+            conn.execute(
+                "UPDATE jobs SET email_state = 'none', last_error = ?, updated_at = ?"
+                " WHERE id = ? AND lease_owner = ?",
+                (error, time.time(), job.id, owner),
+            )
+
+    @staticmethod
+    def _email_budget(
+        conn: sqlite3.Connection, login: str, limit: int, window: float, now: float
+    ) -> bool:
+        sent = conn.execute(
+            "SELECT count(*) FROM email_log WHERE login = ? AND sent_at > ?",
+            (login, now - window),
+        ).fetchone()[0]
+        return bool(sent < limit)
+
+    def digests_due(self, limit: int, window: float, now: float) -> list[str]:
+        """Users with finished jobs waiting for a digest and an email slot free now."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT login FROM jobs WHERE email_state = 'digest'"
+            " AND state NOT IN ('queued', 'running') ORDER BY login"
+        ).fetchall()
+        return [row[0] for row in rows if self._email_budget(self.conn, row[0], limit, window, now)]
+
+    def claim_digest(
+        self, login: str, limit: int, window: float, now: float, most: int = 100
+    ) -> tuple[int, list[Job]] | None:
+        """Take the user's waiting notices (at most ``most``) for one digest, or None.
+
+        In one transaction: the slot is checked again, an ``email_log`` row
+        written and the jobs set ``sending``. A crash before
+        :meth:`digest_sent` leaves them ``sending``; :meth:`recover_emails`
+        then flags them ``uncertain`` and they are never sent twice.
+        """
+        with self._tx() as conn:
+            if not self._email_budget(conn, login, limit, window, now):
+                return None
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE login = ? AND email_state = 'digest'"
+                " AND state NOT IN ('queued', 'running') ORDER BY id LIMIT ?",
+                (login, most),
+            ).fetchall()
+            if not rows:
+                return None
+            jobs = [Job.from_row(row) for row in rows]
+            ids = [job.id for job in jobs]
+            log_id = conn.execute(
+                "INSERT INTO email_log (login, sent_at, kind, jobs) VALUES (?, ?, 'digest', ?)",
+                (login, now, json.dumps(ids)),
+            ).lastrowid
+            conn.execute(
+                f"UPDATE jobs SET email_state = 'sending' WHERE id IN ({','.join('?' * len(ids))})",  # noqa: S608
+                ids,
+            )
+        return int(log_id or 0), jobs
+
+    def digest_sent(
+        self, log_id: int, jobs: list[Job], state: EmailState, error: str | None
+    ) -> None:
+        """End a digest: ``sent`` or ``failed``; ``digest`` again (slot freed) if it may pass."""
+        ids = [job.id for job in jobs]
+        marks = ",".join("?" * len(ids))
+        with self._tx() as conn:
+            if state is EmailState.DIGEST:
+                conn.execute("DELETE FROM email_log WHERE id = ?", (log_id,))
+            conn.execute(
+                f"UPDATE jobs SET email_state = ?, last_error = COALESCE(?, last_error),"  # noqa: S608
+                f" updated_at = ? WHERE id IN ({marks}) AND email_state = 'sending'",
+                (state.value, error, time.time(), *ids),
+            )
+
+    def recover_emails(self) -> list[int]:
+        """At start-up: finished jobs still ``sending`` (a digest cut off) become ``uncertain``.
+
+        They may have been delivered, so they are flagged, never resent. (Jobs
+        that were running are requeued instead, and the pipeline flags theirs.)
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                "UPDATE jobs SET email_state = 'uncertain', updated_at = ?"
+                " WHERE email_state = 'sending' AND state NOT IN ('queued', 'running')"
+                " RETURNING id",
+                (time.time(),),
+            ).fetchall()
+        return [int(row[0]) for row in rows]
+
     def release(self, job: Job, owner: str) -> None:
         """Give a job back at shutdown: queued, and this attempt does not count."""
         now = time.time()
@@ -279,7 +511,12 @@ class JobStore:
         found = self._one(
             "UPDATE jobs SET state = 'queued', attempts = 0, next_run_at = ?, updated_at = ?,"
             " finished_at = NULL, email_state = CASE WHEN email_state IN ('failed', 'uncertain')"
-            " THEN 'none' ELSE email_state END WHERE id = ? RETURNING *",
+            " OR outcome = 'refused' THEN 'none' ELSE email_state END,"
+            # An admin's retry of a refusal converts the upload after all.
+            " data = CASE WHEN outcome = 'refused' THEN json_remove(data, '$.refused')"
+            " ELSE data END,"
+            " outcome = CASE WHEN outcome = 'refused' THEN NULL ELSE outcome END"
+            " WHERE id = ? RETURNING *",
             (now, now, job_id),
         )
         assert found is not None

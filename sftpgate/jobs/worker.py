@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from ..notify.message import build_message
 from ..notify.smtp import send
 from ..notify.templates import render
 from ..pipeline import PermanentJobError, Pipeline, Result
-from .model import Job, JobState
+from .model import Job, JobState, Outcome
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,32 @@ def backoff(attempts: int, base: float, cap: float) -> float:
     return float(min(cap, base * 2 ** max(0, attempts - 1)))
 
 
+# outcome -> (final state, journal op, journal status)
+_OUTCOMES: dict[Outcome, tuple[JobState, Op, str]] = {
+    Outcome.CONVERTED: (JobState.SUCCEEDED, Op.CONVERTED, "ok"),
+    Outcome.REJECTED: (JobState.SUCCEEDED, Op.REJECTED, "rejected"),
+    Outcome.DUPLICATE: (JobState.SUCCEEDED, Op.CONVERTED, "duplicate"),
+    Outcome.REFUSED: (JobState.FAILED, Op.REJECTED, "refused"),
+}
+
+
 class WorkerPool:
-    def __init__(self, config: Config, store: JobStore, pipeline: Pipeline | None = None) -> None:
+    """N workers taking jobs round-robin across users, and one loop sending digests.
+
+    ``clock`` is the time of the email rate limit and the dedupe window
+    (tests pass their own); leases use the real time.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: JobStore,
+        pipeline: Pipeline | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.store = store
-        self.pipeline = pipeline or Pipeline(config, store)
+        self.pipeline = pipeline or Pipeline(config, store, clock)
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[int, str] = {}  # job id -> owner
@@ -62,8 +84,15 @@ class WorkerPool:
                 if await asyncio.to_thread(kill_leftover, job.pid, job.pid_marker):
                     log.warning("job %d: killed leftover ffmpeg (pid %d)", job.id, job.pid)
                 await self._db(self.store.clear_pid, job.id)
+        for job_id in await self._db(self.store.recover_emails):
+            log.warning(
+                "job %d: its digest was being sent when the gateway stopped; "
+                "not resent (email state uncertain)",
+                job_id,
+            )
         for index in range(self.config.jobs.workers):
             self._tasks.append(asyncio.create_task(self._work(f"{self.owner_prefix}/{index}")))
+        self._tasks.append(asyncio.create_task(self._digests()))
 
     def wake(self) -> None:
         """Thread-safe: a job was committed, start now rather than at the next poll."""
@@ -84,7 +113,9 @@ class WorkerPool:
         assert self._wake is not None
         while not self._stopping:
             try:
-                job = await self._db(self.store.lease, owner, cfg.lease_seconds)
+                job = await self._db(
+                    self.store.lease, owner, cfg.lease_seconds, cfg.per_user_running
+                )
             except Exception:
                 log.exception("jobs: cannot lease; retrying")
                 await asyncio.sleep(cfg.poll_interval)
@@ -95,6 +126,15 @@ class WorkerPool:
                     await asyncio.wait_for(self._wake.wait(), cfg.poll_interval)
                 continue
             await self._run(job, owner)
+
+    async def _digests(self) -> None:
+        """Send waiting digests as users' email slots free up (checked every poll interval)."""
+        while not self._stopping:
+            try:
+                await self.pipeline.send_digests()
+            except Exception:
+                log.exception("jobs: digests failed; trying again")
+            await asyncio.sleep(self.config.jobs.poll_interval)
 
     async def _run(self, job: Job, owner: str) -> None:
         cfg = self.config.jobs
@@ -144,15 +184,14 @@ class WorkerPool:
         await self._succeed(job, owner, result)
 
     async def _succeed(self, job: Job, owner: str, result: Result) -> None:
-        op = Op.CONVERTED if result.outcome.value == "converted" else Op.REJECTED
-        status = "ok" if op is Op.CONVERTED else "rejected"
+        state, op, status = _OUTCOMES[result.outcome]
         await self._db(
             self.store.finish,
             job,
             owner,
-            JobState.SUCCEEDED,
+            state,
             outcome=result.outcome.value,
-            error=result.warning,
+            error=result.warning if state is JobState.SUCCEEDED else result.message,
             journal=(op, result.output, status, result.message),
         )
         log.info(
@@ -160,7 +199,7 @@ class WorkerPool:
             job.id,
             result.outcome.value,
             job.path,
-            f" ({result.message})" if op is Op.REJECTED else "",
+            "" if result.outcome is Outcome.CONVERTED else f" ({result.message})",
         )
 
     async def _retry(self, job: Job, owner: str, exc: Exception) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..events import Event, Op, UploadState
 from ..private import private_dir, private_file
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SESSIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -96,7 +96,52 @@ CREATE TABLE IF NOT EXISTS event_keys (
     key TEXT PRIMARY KEY                    -- events that may be delivered twice
 ) WITHOUT ROWID"""
 
+# Fair jobs: when each user last had a job taken, so workers serve users round-robin.
+JOB_TURNS_TABLE = """
+CREATE TABLE IF NOT EXISTS job_turns (
+    login     TEXT PRIMARY KEY,
+    last_turn REAL NOT NULL
+) WITHOUT ROWID"""
+
+# Emails to users, one row per message (a digest is one row): the rate limit counts
+# these, and a row is written in the same transaction that marks its jobs `sending`.
+EMAIL_LOG_TABLE = """
+CREATE TABLE IF NOT EXISTS email_log (
+    id      INTEGER PRIMARY KEY,
+    login   TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    kind    TEXT NOT NULL,                  -- single | digest
+    jobs    TEXT NOT NULL DEFAULT '[]'      -- JSON: the job ids it tells about
+)"""
+
+# The defender's bans (sftpgate/defender.py, journal/bans.py): shared by every gateway on this
+# database. A row outlives its ban by a day, so a repeat offender's next ban is longer.
+BANS_TABLE = """
+CREATE TABLE IF NOT EXISTS bans (
+    address    TEXT PRIMARY KEY,             -- an IPv4 address or an IPv6 /64
+    until      REAL NOT NULL,                -- unix time the ban ends
+    strikes    INTEGER NOT NULL DEFAULT 1,   -- bans of this address in a row
+    reason     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    lifted     INTEGER NOT NULL DEFAULT 0    -- its end has been journaled
+) WITHOUT ROWID"""
+
+# Quotas (frontdoor/limits.py, journal/usage.py): each user's usage, scanned once and then
+# kept current by sums from the front door, so no home is rescanned at each start.
+QUOTA_USAGE_TABLE = """
+CREATE TABLE IF NOT EXISTS quota_usage (
+    login      TEXT PRIMARY KEY,
+    bytes      INTEGER NOT NULL,             -- regular files, each inode once
+    files      INTEGER NOT NULL,
+    scanned_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+) WITHOUT ROWID"""
+
 INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_login_state ON jobs(login, state)",
+    "CREATE INDEX IF NOT EXISTS jobs_login_created ON jobs(login, created_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_email_state ON jobs(email_state)",
+    "CREATE INDEX IF NOT EXISTS email_log_login_sent ON email_log(login, sent_at)",
     "CREATE INDEX IF NOT EXISTS jobs_state_next ON jobs(state, next_run_at)",
     "CREATE INDEX IF NOT EXISTS operations_ts ON operations(ts)",
     "CREATE INDEX IF NOT EXISTS operations_login_ts ON operations(login, ts)",
@@ -139,6 +184,10 @@ def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) ->
                 UPLOADS_TABLE,
                 JOBS_TABLE,
                 EVENT_KEYS_TABLE,
+                BANS_TABLE,
+                QUOTA_USAGE_TABLE,
+                JOB_TURNS_TABLE,
+                EMAIL_LOG_TABLE,
                 *INDEXES,
             ):
                 conn.execute(statement)
