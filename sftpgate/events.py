@@ -40,6 +40,10 @@ class Op(str, Enum):
     REJECTED = "rejected"
     # The OpenSSH tap saw bytes it could not parse (relayed unchanged all the same).
     PROTOCOL_ERROR = "protocol_error"
+    # The defender (defender.py): an address banned or unbanned, a connection refused at the door.
+    BAN = "ban"
+    UNBAN = "unban"
+    REFUSED = "refused"
 
 
 class UploadState(str, Enum):

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "users": "users",
     "journal": "journal",
     "jobs": "jobs",
+    "bans": "bans",
     "worker": "worker",
     "subsystem": "subsystem",
 }
