@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, cast
 
 import asyncssh
 
+from ..events import Event, Op
 from ..sftp.constants import FXP_INIT, MAX_IO
 from ..sftp.decode import U32
 from ..sftp.encode import REPLY_HEADER
@@ -191,11 +192,29 @@ class GatewaySFTPHandler:
         self._pump()
 
     def _failed(self, exc: Exception) -> None:
-        """A request ended the session (a stream that no longer makes sense, a bug)."""
+        """A request ended the session (a stream that no longer makes sense, a bug).
+
+        Journaled as a ``protocol_error`` row, as the OpenSSH tap does: ``bad_message``
+        for what the client sent (the defender scores it), ``failure`` for our own fault.
+        """
         if isinstance(exc, DecodeError):
             exc = asyncssh.SFTPBadMessage(str(exc))
         elif not isinstance(exc, (OSError, asyncssh.Error)):
             log.error("SFTP session failed", exc_info=exc)
+        bug = not isinstance(exc, (OSError, asyncssh.Error))
+        if not self._ended and (bug or isinstance(exc, asyncssh.SFTPError)):
+            ctx = self._server.ctx
+            client = not bug
+            reason = str(exc) if client else f"internal error: {type(exc).__name__}"
+            ctx.sink.emit(
+                Event(
+                    Op.PROTOCOL_ERROR,
+                    ctx.info,
+                    status="bad_message" if client else "failure",
+                    message=f"session ended: {reason}"[:2048],
+                    attrs={"stream": "client"},
+                )
+            )
         self._finish(exc)
 
     def _finish(self, exc: Exception | None) -> None:
