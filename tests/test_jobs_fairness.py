@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile_kit import Bystander
 
 from conftest import PASSWORDS, RunningGateway, asyncssh_login, start_gateway
+from hostile_kit import Bystander
 from mediakit import make_clip
 from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
 from pipeline_kit import smtp as smtp  # a fixture

@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hostile_kit import Bystander
 
 from conftest import PASSWORDS, RunningGateway, start_gateway
+from hostile_kit import Bystander
 from mediakit import tool
 from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
 from pipeline_kit import smtp as smtp  # a fixture
