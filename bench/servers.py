@@ -109,6 +109,9 @@ def gateway_config(
         "journal": {"synchronous": "full"},
         "pipeline": {"enabled": False},
         "log": {"level": "warning"},
+        # Hundreds of sessions of one bench user at once (figures 4, 16): over serve's
+        # default caps (64 a user, a quarter of the descriptor limit in all).
+        "door": {"max_sessions_per_user": 4096, "max_sessions": 4096},
         "users": [
             {
                 "login": login,

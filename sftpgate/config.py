@@ -604,8 +604,9 @@ class DefenderConfig:
     max_ban_time: float = key(86400.0, "longest ban", POSITIVE, unit="seconds")
     safelist: tuple[str, ...] = key(
         ("127.0.0.1", "::1"),
-        "never scored nor banned (still subject to `door` limits); the default keeps a local "
-        "proxy or health check from banning everyone",
+        "never scored nor banned, and not held to the door's per-address caps (its totals and "
+        "per-user cap still hold); the default keeps a local proxy or health check from "
+        "banning everyone",
         NETWORKS,
     )
     blocklist: tuple[str, ...] = key((), "always refused at connection time", NETWORKS)
@@ -828,13 +829,13 @@ class User:
         "bytes of regular files this user may hold (0: no limit)",
         NONNEGATIVE,
         unit="bytes",
-        shown="`server.quota_bytes`",
+        shown="as `server.quota_bytes`",
     )
     quota_files: int | None = key(
         None,
         "regular files this user may hold (0: no limit)",
         NONNEGATIVE,
-        shown="`server.quota_files`",
+        shown="as `server.quota_files`",
     )
 
 

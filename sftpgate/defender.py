@@ -368,10 +368,13 @@ class Door:
         self.rate = rate
         self.max_sessions = cfg.max_sessions or budget
 
-    def arrive(self, address: str) -> str | None:
-        """A new connection: None and counted, or why it is refused (not counted)."""
+    def arrive(self, address: str, *, trusted: bool = False) -> str | None:
+        """A new connection: None and counted, or why it is refused (not counted).
+
+        ``trusted`` (safelisted) addresses skip the per-address cap, not the total.
+        """
         source = source_of(address)
-        if self._pre.get(source, 0) >= self.cfg.max_startups_per_address:
+        if not trusted and self._pre.get(source, 0) >= self.cfg.max_startups_per_address:
             return (
                 f"too many unauthenticated connections from {source} "
                 f"(at most {self.cfg.max_startups_per_address})"
@@ -395,12 +398,15 @@ class Door:
         else:
             self._pre.pop(source, None)
 
-    def login(self, address: str, login: str) -> str | None:
-        """An authenticated connection: None and counted, or why it is refused."""
+    def login(self, address: str, login: str, *, trusted: bool = False) -> str | None:
+        """An authenticated connection: None and counted, or why it is refused.
+
+        ``trusted`` (safelisted) addresses skip the per-address cap.
+        """
         source = source_of(address)
         if self._by_user.get(login, 0) >= self.cfg.max_sessions_per_user:
             return f"too many sessions for {login} (at most {self.cfg.max_sessions_per_user})"
-        if self._by_source.get(source, 0) >= self.cfg.max_sessions_per_address:
+        if not trusted and self._by_source.get(source, 0) >= self.cfg.max_sessions_per_address:
             return f"too many sessions from {source} (at most {self.cfg.max_sessions_per_address})"
         if self.sessions >= self.max_sessions:
             return f"too many sessions (at most {self.max_sessions})"

@@ -162,6 +162,8 @@ def test_the_door_caps_unauthenticated_connections_per_address_and_in_all() -> N
     assert never.arrive("198.51.100.1") is None
     assert never.arrive("198.51.100.1") is None
     assert "from 198.51.100.1" in (never.arrive("198.51.100.1") or "")
+    assert never.arrive("198.51.100.1", trusted=True) is None  # a safelisted address
+    never.leave_unauthenticated("198.51.100.1")
     assert never.arrive("198.51.100.2") is None
     assert never.arrive("198.51.100.2") is None
     # 4 open: from now on half are dropped; this source never draws below 0.5
@@ -190,6 +192,8 @@ def test_the_door_caps_sessions_per_user_per_address_and_in_all() -> None:
     assert "for alice" in (door.login("198.51.100.3", "alice") or "")
     assert door.login("198.51.100.1", "bob") is None
     assert "from 198.51.100.1" in (door.login("198.51.100.1", "carol") or "")
+    assert door.login("198.51.100.1", "carol", trusted=True) is None
+    door.logout("198.51.100.1", "carol")
     assert door.login("198.51.100.5", "carol") is None
     assert "at most 4" in (door.login("198.51.100.6", "dave") or "")
     door.logout("198.51.100.2", "alice")
