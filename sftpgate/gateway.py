@@ -6,11 +6,16 @@ import asyncio
 import logging
 import os
 import pwd
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import asyncssh
 
+from .algorithms import listen_options
 from .config import Config, check_homes, restart_keys_changed
+from .defender import Ban, BanSync, Defender, Door, Guard
 from .errors import ConfigError
 from .events import EventSink
 from .frontdoor import asyncssh_fast
@@ -22,6 +27,7 @@ from .jobs.rules import Rules
 from .jobs.store import JobStore
 from .jobs.worker import WorkerPool
 from .journal.writer import JournalWriter, NullSink
+from .passwords import FairHasher
 from .private import private_dir
 from .subsystem.daemon import TapDaemon
 
@@ -38,6 +44,9 @@ WINDOW = 8 * 1024 * 1024
 # 1.43x, paramiko 1.10x, OpenSSH's sftp client 1.00x (same gateway CPU);
 # 64 KiB cost that one 0.85x (twice the packets through asyncssh's layer).
 MAX_PACKET = 127 * 1024
+# Out of descriptors, asyncio reports each failed accept with a traceback (hundreds a
+# second under a flood); we log one line per this many seconds instead.
+EMFILE_LOG_INTERVAL = 10.0
 
 
 class Gateway:
@@ -66,6 +75,10 @@ class Gateway:
         # asyncssh's internals: only with server.fast_paths auto, and only if the
         # check at start finds them as tested (else one warning; see asyncssh_fast).
         self.fast_paths = config.server.fast_paths == "auto" and asyncssh_fast.available()
+        self.guard: Guard | None = None
+        self.ban_sync: BanSync | None = None
+        self._emfile_logged = 0.0
+        self._previous_handler: tuple[Any, ...] = ()  # the loop's handler before ours
 
     @property
     def sink(self) -> EventSink:
@@ -106,13 +119,118 @@ class Gateway:
         if cfg.subsystem.enabled:
             self.tap_daemon = TapDaemon(cfg, self.sink, self.users.get)
             await self.tap_daemon.start()
+        await self._start_guard()
+        self._install_emfile_handler()
+        options = await asyncio.to_thread(self._ssh_options, keys)
         self._listener = await asyncssh.listen(
-            cfg.server.listen or None,
-            cfg.server.port,
+            cfg.server.listen or None, cfg.server.port, options=options
+        )
+        log.info(
+            "listening on %s:%d (%d users, journal %s, fast paths %s)",
+            cfg.server.listen,
+            self.port,
+            len(cfg.users),
+            cfg.journal_path if cfg.journal.enabled else "off",
+            "on" if self.fast_paths else "off",
+        )
+
+    async def _start_guard(self) -> None:
+        """The defender, the door's limits, the password hasher, and the ban table's thread."""
+        cfg = self.config
+        sync: BanSync | None = None
+        if cfg.defender.enabled and cfg.journal.enabled:
+            loop = asyncio.get_running_loop()
+
+            def deliver(rows: list[Ban], written: list[Ban], lifted: list[Ban]) -> None:
+                loop.call_soon_threadsafe(defender.synced, rows, written, lifted)
+
+            sync = BanSync(
+                cfg.journal_path,
+                cfg.defender.reload_interval,
+                deliver,
+                synchronous=cfg.journal.synchronous,
+            )
+        defender = Defender(
+            cfg.defender, self.sink, persist=sync.persist if sync is not None else None
+        )
+        door = Door(cfg.door)
+        self.guard = Guard(
+            defender,
+            door,
+            FairHasher(cfg.defender.hash_threads, cfg.defender.hash_queue_per_address),
+        )
+        if sync is not None:
+            # Bans from before a restart (or from other gateways) hold from the first connection.
+            rows, lifted = await asyncio.to_thread(sync.first_round)
+            defender.synced(rows, [], lifted)
+            sync.start()
+            self.ban_sync = sync
+        log.info(
+            "door: unauthenticated connections dropped from %d, all at %d (%d per address); "
+            "sessions at most %d (%d per user, %d per address); descriptor limit %d",
+            door.start,
+            door.full,
+            cfg.door.max_startups_per_address,
+            door.max_sessions,
+            cfg.door.max_sessions_per_user,
+            cfg.door.max_sessions_per_address,
+            door.descriptors,
+        )
+
+    def _install_emfile_handler(self) -> None:
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if "out of system resource" in str(context.get("message", "")):
+                now = time.monotonic()
+                if now - self._emfile_logged >= EMFILE_LOG_INTERVAL:
+                    self._emfile_logged = now
+                    log.warning(
+                        "out of descriptors: new connections wait (%s); lower door limits or "
+                        "raise LimitNOFILE",
+                        context.get("exception"),
+                    )
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        self._previous_handler = (previous,)
+
+    def _ssh_options(self, keys: list[Path]) -> asyncssh.SSHServerConnectionOptions:
+        """The listener's options: our algorithms, our host keys, and only the host key
+        algorithms the config allows. Blocking (reads the keys)."""
+        cfg = self.config
+        algorithms = cfg.algorithms
+        # Key objects, not paths: asyncssh would re-read and re-parse the
+        # files (RSA: ~0.1 s) at every login.
+        host_keys = [asyncssh.read_private_key(k) for k in keys]
+        for path, key in zip(keys, host_keys, strict=True):
+            log.info(
+                "host key %s %s (%s)",
+                key.get_algorithm(),
+                key.get_fingerprint("sha256"),
+                path,
+            )
+        # asyncssh offers every signature algorithm a key can make (an RSA key: ssh-rsa,
+        # SHA-1, too); each key pair keeps those `algorithms.host_keys` names.
+        allowed = [name.encode("ascii") for name in algorithms.host_keys]
+        pairs = []
+        for pair in asyncssh.load_keypairs(host_keys):
+            pair.host_key_algorithms = [a for a in allowed if a in pair.host_key_algorithms]
+            if pair.host_key_algorithms:
+                pairs.append(pair)
+        if not pairs:
+            raise ConfigError(
+                f"{cfg.path.name}: algorithms.host_keys: no host key can sign with any of "
+                f"{', '.join(algorithms.host_keys)}"
+            )
+        options = asyncssh.SSHServerConnectionOptions(
             server_factory=self._new_connection,
-            # Key objects, not paths: asyncssh would re-read and re-parse the
-            # files (RSA: ~0.1 s) at every login.
-            server_host_keys=[asyncssh.read_private_key(k) for k in keys],
+            server_host_keys=pairs,
             server_version="sftpgate",
             login_timeout=cfg.server.login_timeout,
             allow_scp=False,
@@ -125,15 +243,11 @@ class Gateway:
             window=WINDOW,
             max_pktsize=MAX_PACKET,
             encoding=None,
+            **listen_options(
+                algorithms.kex, algorithms.ciphers, algorithms.macs, algorithms.host_keys
+            ),
         )
-        log.info(
-            "listening on %s:%d (%d users, journal %s, fast paths %s)",
-            cfg.server.listen,
-            self.port,
-            len(cfg.users),
-            cfg.journal_path if cfg.journal.enabled else "off",
-            "on" if self.fast_paths else "off",
-        )
+        return options
 
     def _new_connection(self) -> GatewaySSHServer:
         server = self._server_class(
@@ -152,6 +266,7 @@ class Gateway:
             umask=self.config.server.umask,
             fast_paths=self.fast_paths,
             requests_in_flight=self.config.server.requests_in_flight,
+            guard=self.guard,
         )
         return server
 
@@ -196,6 +311,10 @@ class Gateway:
             raise ConfigError("; ".join(problems))
         self.config = config
         self.users.replace(config.users)
+        if self.guard is not None:
+            self.guard.defender.reconfigure(config.defender)
+            self.guard.door.reconfigure(config.door)
+            self.guard.hasher.per_source = config.defender.hash_queue_per_address
         if self.rules is not None:
             self.rules.config = config
         if self.workers is not None:
@@ -233,6 +352,14 @@ class Gateway:
             await self.workers.stop()
             await asyncio.to_thread(self.workers.store.close)
             self.workers = None
+        if self._previous_handler:
+            asyncio.get_running_loop().set_exception_handler(self._previous_handler[0])
+            self._previous_handler = ()
+        if self.ban_sync is not None:
+            await asyncio.to_thread(self.ban_sync.stop)  # writes the last bans first
+            self.ban_sync = None
+        if self.guard is not None:
+            self.guard.hasher.close()
         if self.writer is not None:
             await self.writer.aclose()
             self.writer = None

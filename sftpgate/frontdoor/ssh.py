@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, cast
 import asyncssh
 
 from ..config import DEFAULT_TEMP_PATTERNS, User
+from ..defender import Guard, Offence, source_of
 from ..events import Event, EventSink, Op, SessionInfo
 from ..identity import Identity, identity_for
-from ..passwords import DUMMY_HASH, verify_password
+from ..passwords import DUMMY_HASH, HashQueueFull, verify_password
 from ..private import private_dir, private_file, write_private
 from . import asyncssh_fast
 from .channel import SFTPSession
@@ -87,6 +88,16 @@ def user_identity(user: User) -> Identity | None:
 class _SFTPOnlySession(SFTPSession):
     """A session channel that accepts the ``sftp`` subsystem and nothing else."""
 
+    on_close: Callable[[], None] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+                self.on_close = None
+
     def pty_requested(self, *args: Any) -> bool:
         return False
 
@@ -98,6 +109,24 @@ class _SFTPOnlySession(SFTPSession):
 
     def subsystem_requested(self, subsystem: str) -> bool:
         return subsystem == "sftp"
+
+
+class _ScoringSink:
+    """A session's sink: passes every event on, and scores the client's protocol errors."""
+
+    def __init__(self, sink: EventSink, guard: Guard) -> None:
+        self._sink = sink
+        self._guard = guard
+
+    def emit(self, event: Event) -> None:
+        self._sink.emit(event)
+        if event.op is Op.PROTOCOL_ERROR and event.status == "bad_message":
+            self._guard.defender.record(
+                event.session.remote_addr, Offence.PROTOCOL_ERROR, event.message or ""
+            )
+
+    async def emit_durable(self, event: Event) -> None:
+        await self._sink.emit_durable(event)
 
 
 class GatewaySSHServer(asyncssh.SSHServer):
@@ -121,7 +150,15 @@ class GatewaySSHServer(asyncssh.SSHServer):
         umask: int = 0o022,
         fast_paths: bool = False,
         requests_in_flight: int = 0,
+        guard: Guard | None = None,
     ) -> None:
+        # The defender and the door's limits (None: no limits, as before).
+        self._guard = guard
+        self._refused = False  # refused at connection time: nothing else happens
+        self._counted: str | None = None  # "pre" or "session": what the door counts us as
+        self._session_refused: str | None = None
+        self._channels = 0
+        self._banner_timer: asyncio.TimerHandle | None = None
         # Whether asyncssh_fast's shortcuts may be tried (server.fast_paths, checked at start).
         self._fast_paths = fast_paths
         self._fsync_uploads = fsync_uploads
@@ -157,16 +194,85 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self.info = SessionInfo(id=self.info.id, remote_addr=str(peer[0]), remote_port=int(peer[1]))
+        if self._guard is not None and not self._admit(conn):
+            return
         if self._fast_paths:
             self._fast_paths = asyncssh_fast.install_connection(conn)
         if self._registry is not None:
             self._registry.add(self)
-        peer = conn.get_extra_info("peername") or ("?", 0)
-        self.info = SessionInfo(id=self.info.id, remote_addr=str(peer[0]), remote_port=int(peer[1]))
+
+    def _admit(self, conn: asyncssh.SSHServerConnection) -> bool:
+        """Refuse a banned, blocklisted or over-limit address before the handshake costs
+        anything: the socket is closed before our version line goes out."""
+        assert self._guard is not None
+        addr, port = self.info.remote_addr, self.info.remote_port
+        why = self._guard.defender.refusal(addr)
+        offence = None
+        if why is None:
+            trusted = self._guard.defender.safelisted(addr)
+            why, offence = self._guard.door.arrive(addr, trusted=trusted), Offence.LIMIT
+        if why is not None:
+            self._refused = True
+            self._guard.defender.refused(addr, port, why, offence=offence)
+            conn.abort()
+            return False
+        self._counted = "pre"
+        self._banner_timer = asyncio.get_running_loop().call_later(
+            self._guard.door.cfg.banner_timeout, self._banner_check
+        )
+        return True
+
+    def _banner_check(self) -> None:
+        """A connection that has not even sent its version line is closed early."""
+        self._banner_timer = None
+        conn = self._conn
+        if conn is None or self._guard is None or conn.get_extra_info("client_version"):
+            return
+        self._refused = True  # scored and journaled here, not again when it is lost
+        self._leave_door()
+        why = f"no SSH version line within {self._guard.door.cfg.banner_timeout:g} s"
+        self._guard.defender.refused(
+            self.info.remote_addr, self.info.remote_port, why, offence=Offence.NO_AUTH
+        )
+        conn.abort()
+
+    def _leave_door(self) -> None:
+        guard = self._guard
+        if guard is None:
+            return
+        if self._banner_timer is not None:
+            self._banner_timer.cancel()
+            self._banner_timer = None
+        if self._counted == "pre":
+            guard.door.leave_unauthenticated(self.info.remote_addr)
+        elif self._counted == "session":
+            assert self.info.login is not None
+            guard.door.logout(self.info.remote_addr, self.info.login)
+        self._counted = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_door()
         if self._registry is not None:
             self._registry.discard(self)
+        if self._refused:
+            return
+        if self._session_refused is not None:
+            return
+        if (
+            self._guard is not None
+            and not self._authenticated
+            and self._failures == 0
+            and not self._key_rejected
+        ):
+            # Came, tried nothing we could judge (or timed out), left: a scanner's visit.
+            why = str(exc) if exc else "disconnected before authenticating"
+            self._guard.defender.record(self.info.remote_addr, Offence.NO_AUTH, why)
+            if exc is not None and "timeout" in why.lower():
+                self._guard.defender.refused(
+                    self.info.remote_addr, self.info.remote_port, why, offence=None
+                )
         if self._authenticated:
             reason = str(exc) if exc else None
             log.info(
@@ -198,6 +304,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
                     message="disconnected before authenticating",
                 )
             )
+            if self._guard is not None and self._key_rejected:
+                self._guard.defender.record(
+                    self.info.remote_addr,
+                    Offence.FAILED_LOGIN if self._user is not None else Offence.UNKNOWN_USER,
+                    "public key refused",
+                )
 
     async def _logout_after(self, waiting: list[asyncio.Event], logout: Event) -> None:
         try:
@@ -233,15 +345,39 @@ class GatewaySSHServer(asyncssh.SSHServer):
     async def validate_password(self, username: str, password: str) -> bool:
         user = self._users.get(username)
         hashed = user.password_hash if user and user.password_hash else DUMMY_HASH
-        # The default executor, not the filesystem pool: a password flood must
-        # not take the threads that uploads need.
-        ok = await asyncio.to_thread(verify_password, password, hashed)
+        guard = self._guard
+        why = "unknown user" if user is None else "wrong password"
+        if guard is None:
+            # The default executor, not the filesystem pool: a password flood must
+            # not take the threads that uploads need.
+            ok = await asyncio.to_thread(verify_password, password, hashed)
+        elif self._banned():
+            return False
+        else:
+            # Its own threads, round-robin by address: a spray delays only the sprayer.
+            try:
+                ok = await guard.hasher.verify(source_of(self.info.remote_addr), password, hashed)
+            except HashQueueFull:
+                ok, why = False, "too many password checks waiting from this address"
         ok = ok and user is not None and user.password_hash is not None
         if ok:
             self._method = "password"
-        else:
-            self._failure("password", "unknown user" if user is None else "wrong password")
-        return ok
+            return True
+        self._failure("password", why)
+        if guard is not None and guard.defender.cfg.auth_failure_delay > 0 and not self._banned():
+            # As OpenSSH: a wrong password is answered late, on the loop (no thread waits).
+            await asyncio.sleep(guard.defender.cfg.auth_failure_delay)
+        return False
+
+    def _banned(self) -> bool:
+        """Whether this address is refused now (banned while connected): if so, disconnect."""
+        if self._guard is None or self._conn is None:
+            return False
+        why = self._guard.defender.refusal(self.info.remote_addr)
+        if why is None:
+            return False
+        self._conn.disconnect(asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT, f"address {why}")
+        return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         user = self._users.get(username)
@@ -271,12 +407,27 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 message=why,
             )
         )
+        if self._guard is not None:
+            offence = Offence.UNKNOWN_USER if self._user is None else Offence.FAILED_LOGIN
+            self._guard.defender.record(self.info.remote_addr, offence, why)
+            if self._banned():
+                return
         if self._failures >= self._max_auth_attempts and self._conn is not None:
             self._conn.disconnect(
                 asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication failures"
             )
 
     def auth_completed(self) -> None:
+        if self._guard is not None:
+            self._leave_door()
+            assert self._login is not None
+            addr = self.info.remote_addr
+            trusted = self._guard.defender.safelisted(addr)
+            why = self._guard.door.login(addr, self._login, trusted=trusted)
+            if why is not None:
+                self._refuse_session(why)
+                return
+            self._counted = "session"
         self._authenticated = True
         self.info = self._with(auth_method=self._method, started_at=time.time())
         log.info(
@@ -289,19 +440,56 @@ class GatewaySSHServer(asyncssh.SSHServer):
         )
         self._sink.emit(Event(Op.LOGIN, self.info))
 
+    def _refuse_session(self, why: str) -> None:
+        """Authenticated, but over a limit of the door: a disconnect that says which."""
+        assert self._guard is not None and self._conn is not None
+        self._session_refused = why
+        log.warning(
+            "refused %s from %s:%d: %s",
+            self._login,
+            self.info.remote_addr,
+            self.info.remote_port,
+            why,
+        )
+        self._sink.emit(
+            Event(
+                Op.REFUSED,
+                self._with(auth_method=self._method),
+                status="refused",
+                message=f"session refused: {why}",
+            )
+        )
+        self._guard.defender.record(self.info.remote_addr, Offence.LIMIT, why)
+        self._conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, why)
+
     # -- sessions ------------------------------------------------------------
 
     def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
         if self._user is None or not self._authenticated:
             return False
-        return _SFTPOnlySession(self._make_sftp_server, fast=self._fast_paths)
+        if self._guard is not None:
+            most = self._guard.door.cfg.max_channels
+            if self._channels >= most:
+                why = f"too many SFTP sessions on one connection (at most {most})"
+                refused = f"session refused: {why}"
+                self._sink.emit(Event(Op.REFUSED, self.info, status="refused", message=refused))
+                self._guard.defender.record(self.info.remote_addr, Offence.LIMIT, why)
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, why)
+            self._channels += 1
+        session = _SFTPOnlySession(self._make_sftp_server, fast=self._fast_paths)
+        if self._guard is not None:
+            session.on_close = self._channel_closed
+        return session
+
+    def _channel_closed(self) -> None:
+        self._channels -= 1
 
     def _make_sftp_server(self, chan: SSHChannel[bytes]) -> GatewaySFTPServer:
         assert self._user is not None
         ctx = SessionContext(
             self.info,
             self._user,
-            self._sink,
+            _ScoringSink(self._sink, self._guard) if self._guard is not None else self._sink,
             self._executor,
             functools.partial(user_identity, self._user),  # NSS, a stat: in the pool
             temp_patterns=self._temp_patterns,
