@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import pwd
@@ -20,12 +21,14 @@ from .errors import ConfigError
 from .events import EventSink
 from .frontdoor import asyncssh_fast
 from .frontdoor.inline import InlineGuard
+from .frontdoor.limits import DoorLimits, Quotas
 from .frontdoor.ssh import GatewaySSHServer, Users, ensure_host_keys
-from .frontdoor.writebehind import WRITE_BUDGET, WriteBudget
+from .frontdoor.writebehind import WriteBudget
 from .identity import identity_for
 from .jobs.rules import Rules
 from .jobs.store import JobStore
 from .jobs.worker import WorkerPool
+from .journal.usage import SQLiteUsageLedger
 from .journal.writer import JournalWriter, NullSink
 from .passwords import FairHasher
 from .private import private_dir
@@ -68,7 +71,9 @@ class Gateway:
         self._server_class = server_class
         self.executor = ThreadPoolExecutor(config.server.io_threads, thread_name_prefix="fs")
         # Bytes of WRITEs answered but not yet on disk, over every session.
-        self.write_budget = WriteBudget(WRITE_BUDGET)
+        self.write_budget = WriteBudget(config.server.receive_budget)
+        # Handles, upload size, quotas (frontdoor/limits.py): one for every session.
+        self.limits = door_limits(config, self.executor)
         self.inline_guard = InlineGuard()  # one for all sessions: see frontdoor/inline.py
         self._listener: asyncssh.SSHAcceptor | None = None
         self.connections: set[GatewaySSHServer] = set()
@@ -266,6 +271,7 @@ class Gateway:
             umask=self.config.server.umask,
             fast_paths=self.fast_paths,
             requests_in_flight=self.config.server.requests_in_flight,
+            limits=self.limits,
             guard=self.guard,
         )
         return server
@@ -345,6 +351,7 @@ class Gateway:
             await self._listener.wait_closed()
             self._listener = None
         await self.close_connections()
+        await self.limits.quotas.aclose()  # the last usage changes, to the journal database
         if self.tap_daemon is not None:
             await self.tap_daemon.stop()
             self.tap_daemon = None
@@ -364,6 +371,23 @@ class Gateway:
             await self.writer.aclose()
             self.writer = None
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def door_limits(config: Config, executor: ThreadPoolExecutor) -> DoorLimits:
+    """The limits every session shares, from ``server.*``; quota usage kept in the journal."""
+    server = config.server
+    ledger = None
+    if config.journal.enabled:
+        ledger = functools.partial(
+            SQLiteUsageLedger, config.journal_path, synchronous=config.journal.synchronous
+        )
+    return DoorLimits(
+        max_handles=server.max_handles,
+        max_upload_size=server.max_upload_size,
+        quota_bytes=server.quota_bytes,
+        quota_files=server.quota_files,
+        quotas=Quotas(ledger, executor),
+    )
 
 
 async def start_workers(config: Config) -> WorkerPool:

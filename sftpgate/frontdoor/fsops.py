@@ -66,6 +66,12 @@ class OpenFile:
     error: str | None = None
     # Write-behind queue of a writable handle (set on the event loop after open).
     queue: WriteQueue | None = None
+    # For quotas (when the open was asked to tell): the file's size as this
+    # handle knows it (grown by its WRITEs), whether the open created it, and
+    # the bytes a truncating open freed.
+    size: int = 0
+    created: bool = False
+    freed: int = 0
 
     @property
     def writable(self) -> bool:
@@ -74,6 +80,11 @@ class OpenFile:
 
 def _not_regular() -> OSError:
     return PermissionError(errno.EPERM, "Not a regular file")
+
+
+def quota_exceeded(why: str) -> OSError:
+    """The error of a request past a quota or size limit (FX_QUOTA_EXCEEDED; v3: FX_FAILURE)."""
+    return OSError(errno.EDQUOT, why)
 
 
 def _home_itself(what: str) -> OSError:
@@ -115,11 +126,23 @@ class UserFS:
         """Let go of the home's descriptor (no call may be running)."""
         self.home.close()
 
-    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs, *, quick: bool = False) -> OpenFile:
+    def open(
+        self,
+        path: bytes,
+        pflags: int,
+        attrs: SFTPAttrs,
+        *,
+        quick: bool = False,
+        track: bool = False,
+        files_full: str | None = None,
+    ) -> OpenFile:
         """Open a regular file (or a folder, to read); refuse anything else.
 
         ``quick``: the open runs on the event loop, so it raises
         :class:`~.inline.NotQuick` rather than truncate a big file.
+        ``track``: tell what the open did for quotas (``OpenFile.created``,
+        ``freed``). ``files_full``: the user may create no more files (the
+        words of the refusal): an existing file still opens, a create fails.
 
         The open is non-blocking: a FIFO someone made in a home (a shell
         user, the NFS server's side) would otherwise wait for a writer
@@ -129,17 +152,24 @@ class UserFS:
         where = virtual(path)
         mode = attrs.permissions & _MODE_MASK if attrs.permissions is not None else 0o666
         flags = os_flags(pflags)
-        truncate_later = quick and bool(flags & os.O_TRUNC)
+        if files_full is not None and flags & os.O_CREAT:
+            if flags & os.O_EXCL:
+                raise quota_exceeded(files_full)
+            flags &= ~os.O_CREAT
+        truncate_later = (quick or track) and bool(flags & os.O_TRUNC)
         if truncate_later:
             # Truncating frees the file's blocks, which takes a while for a
             # big file: look at the size first (on what was opened).
             flags &= ~os.O_TRUNC
         try:
-            fd, created = self._open(where, flags | os.O_NONBLOCK, mode)
+            fd, created = self._open(where, flags | os.O_NONBLOCK, mode, tell=track)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # a FIFO without a reader, a socket
                 raise _not_regular() from None
+            if exc.errno == errno.ENOENT and files_full is not None and pflags & FXF_CREAT:
+                raise quota_exceeded(files_full) from None
             raise
+        freed = 0
         try:
             if created:
                 os.fchmod(fd, mode & ~self.umask)
@@ -149,11 +179,13 @@ class UserFS:
                 raise IsADirectoryError(errno.EISDIR, "Is a directory")
             if kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise _not_regular()
+            size = st.st_size
             if truncate_later:
-                if st.st_size > SMALL_WRITE:
+                if quick and st.st_size > SMALL_WRITE:
                     raise NotQuick
                 if st.st_size:
                     os.ftruncate(fd, 0)
+                    freed, size = st.st_size, 0
             # Back to blocking I/O, as any file (O_NONBLOCK also changes how
             # a lease break is waited for): F_SETFL takes the open's own
             # flags, of which it keeps only O_APPEND; one call.
@@ -161,18 +193,30 @@ class UserFS:
         except BaseException:
             os.close(fd)
             raise
-        return OpenFile(fd, where, pflags, attrs.permissions, st.st_dev, st.st_ino)
+        return OpenFile(
+            fd,
+            where,
+            pflags,
+            attrs.permissions,
+            st.st_dev,
+            st.st_ino,
+            size=size,
+            created=created and kind == stat.S_IFREG,
+            freed=freed,
+        )
 
-    def _open(self, where: bytes, flags: int, mode: int) -> tuple[int, bool]:
-        """Open; and whether this call made the file and its mode must be set again."""
-        if not self._remask or not flags & os.O_CREAT:
+    def _open(self, where: bytes, flags: int, mode: int, *, tell: bool = False) -> tuple[int, bool]:
+        """Open; and whether this call made the file (known when its mode must be set
+        again, or when ``tell``; else False)."""
+        if not (self._remask or tell) or not flags & os.O_CREAT:
             return self.home.open(where, flags, mode), False
         if flags & os.O_EXCL:
             return self.home.open(where, flags, mode), True
         try:  # made now, or there already: an exclusive create tells in one call
-            return self.home.open(where, flags | os.O_EXCL, mode), True
+            fd = self.home.open(where, flags | os.O_EXCL, mode)
         except FileExistsError:
             return self.home.open(where, flags, mode), False
+        return fd, True
 
     @staticmethod
     def read(f: OpenFile, offset: int, size: int) -> bytes:
@@ -297,21 +341,39 @@ class UserFS:
         return self._names.get((kind, ident), str(ident))
 
     def setstat(
-        self, path: bytes | None, f: OpenFile | None, attrs: SFTPAttrs, *, follow: bool = True
-    ) -> None:
-        """Change size, mode and times of an open file or a path (refuse owner changes)."""
+        self,
+        path: bytes | None,
+        f: OpenFile | None,
+        attrs: SFTPAttrs,
+        *,
+        follow: bool = True,
+        may_grow: tuple[int, str] | None = None,
+    ) -> int:
+        """Change size, mode and times of an open file or a path (refuse owner changes).
+
+        Returns how much the size grew (negative: shrank; 0 without a size).
+        ``may_grow``: the most it may grow (a quota) and the words of the
+        quota error raised, before anything changes, if it would grow more.
+        """
         if f is not None:
-            self._setstat(f.fd, attrs, None, opened=True)
-            return
+            return self._setstat(f.fd, attrs, None, opened=True, may_grow=may_grow)
         assert path is not None
         where = virtual(path)
         fd = self.home.open(where, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
         try:
-            self._setstat(fd, attrs, where, opened=False)
+            return self._setstat(fd, attrs, where, opened=False, may_grow=may_grow)
         finally:
             os.close(fd)
 
-    def _setstat(self, fd: int, attrs: SFTPAttrs, where: bytes | None, *, opened: bool) -> None:
+    def _setstat(
+        self,
+        fd: int,
+        attrs: SFTPAttrs,
+        where: bytes | None,
+        *,
+        opened: bool,
+        may_grow: tuple[int, str] | None = None,
+    ) -> int:
         # `fd` is what the request names (an O_PATH descriptor unless `opened`):
         # every change goes to that object, through the descriptor.
         current = os.fstat(fd)
@@ -321,9 +383,13 @@ class UserFS:
             raise PermissionError(errno.EPERM, "changing owner or group is not allowed")
         link = stat.S_ISLNK(current.st_mode)
         target: int | str = fd if opened else proc_path(fd)
+        grew = 0
         if attrs.size is not None:
             if link:
                 raise OSError(errno.EINVAL, "a symlink has no size to set")
+            grew = attrs.size - current.st_size if stat.S_ISREG(current.st_mode) else 0
+            if may_grow is not None and grew > may_grow[0]:
+                raise quota_exceeded(may_grow[1])
             os.truncate(target, attrs.size)
         if attrs.permissions is not None and not link:  # Linux has no lchmod
             os.chmod(target, attrs.permissions & _MODE_MASK)
@@ -336,8 +402,10 @@ class UserFS:
                 assert where is not None
                 with self.home.parent(where) as parent:
                     os.utime(parent.name, (atime, mtime), dir_fd=parent.fd, follow_symlinks=False)
+        return grew
 
-    def remove(self, path: bytes) -> None:
+    def remove(self, path: bytes) -> os.stat_result:
+        """Remove a name (not a folder); what it named (for quotas: its size, its links)."""
         with self.home.parent(virtual(path)) as parent:
             if not parent.name:
                 raise _home_itself("remove")
@@ -345,6 +413,7 @@ class UserFS:
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "Is a directory")
             os.unlink(parent.name, dir_fd=parent.fd)
+            return st
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         mode = attrs.permissions & _MODE_MASK if attrs.permissions is not None else 0o777
@@ -366,16 +435,31 @@ class UserFS:
                 raise _home_itself("remove")
             os.rmdir(parent.name, dir_fd=parent.fd)
 
-    def rename(self, old: bytes, new: bytes, *, overwrite: bool) -> os.stat_result:
-        """Rename; return what the new name now holds (not following a link)."""
+    def rename(
+        self, old: bytes, new: bytes, *, overwrite: bool
+    ) -> tuple[os.stat_result, os.stat_result | None]:
+        """Rename; return what the new name now holds (not following a link), and what
+        it held before when ``overwrite`` replaced something (for quotas; looked at just
+        before the rename, for counting only, never to decide anything)."""
         with self.home.parent(virtual(old)) as src, self.home.parent(virtual(new)) as dst:
             if not src.name or not dst.name:
                 raise _home_itself("rename")
+            replaced: os.stat_result | None = None
             if overwrite:
+                try:
+                    replaced = os.stat(dst.name, dir_fd=dst.fd, follow_symlinks=False)
+                except OSError:
+                    replaced = None
                 os.rename(src.name, dst.name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
             else:
                 rename_noreplace(src.fd, src.name, dst.fd, dst.name)
-            return os.stat(dst.name, dir_fd=dst.fd, follow_symlinks=False)
+            now = os.stat(dst.name, dir_fd=dst.fd, follow_symlinks=False)
+            if replaced is not None and (replaced.st_dev, replaced.st_ino) == (
+                now.st_dev,
+                now.st_ino,
+            ):
+                replaced = None  # two names of one file: nothing was freed
+            return now, replaced
 
     def readlink(self, path: bytes) -> bytes:
         where = virtual(path)
@@ -402,6 +486,25 @@ class UserFS:
                 os.link(proc_path(fd), parent.name, dst_dir_fd=parent.fd, follow_symlinks=True)
         finally:
             os.close(fd)
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, files) of the regular files beneath the home, each inode once.
+
+        The one scan quotas make (see limits.py): as the user, on descriptors,
+        never following a link; a folder the user cannot read is skipped.
+        """
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for _, _, files, dir_fd in os.fwalk(".", dir_fd=self.home.fd, follow_symlinks=False):
+            for name in files:
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
+        return total, len(seen)
 
     def realpath(self, path: bytes) -> bytes:
         return self.home.realpath(virtual(path))

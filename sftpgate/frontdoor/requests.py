@@ -27,6 +27,8 @@ import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
 
 from .. import __version__
+from ..events import Op
+from ..sftp.checks import MAX_OFFSET, path_problem, range_problem
 from ..sftp.constants import (
     ATTR_PERMISSIONS,
     EXT_COPY_DATA,
@@ -41,6 +43,9 @@ from ..sftp.constants import (
     EXT_STATVFS,
     EXT_VENDOR_ID,
     FX_BAD_MESSAGE,
+    FX_EOF,
+    FX_FAILURE,
+    FX_INVALID_FILENAME,
     FX_OP_UNSUPPORTED,
     FXP_ATTRS,
     FXP_CLOSE,
@@ -73,6 +78,7 @@ from ..sftp.constants import (
 from ..sftp.decode import OFFSET_LENGTH, U32, U64, Cursor, decode_request, string_at
 from ..sftp.encode import OK_BODY, ssh_string, status_body
 from ..sftp.packets import Attrs, DecodeError, Request
+from .fsops import OpenFile
 from .sftp import GatewaySFTPServer, sftp_error
 
 log = logging.getLogger(__name__)
@@ -183,6 +189,13 @@ class Requests:
     ``answer`` serves one request and returns its reply; it raises only for
     a request that ends the session (one too short to carry its id).
     ``close_all`` closes what the client left open, at the session's end.
+
+    Every field a client controls is checked here, before anything acts on
+    it (:mod:`sftpgate.sftp.checks`): paths (NUL, ``PATH_MAX``,
+    ``NAME_MAX``), offsets and lengths, handles, and how many handles the
+    session holds (``server.max_handles``; over every session, those
+    holding a descriptor stop short of the open-files limit). A refusal is
+    a proper status, journaled.
     """
 
     def __init__(self, server: GatewaySFTPServer, *, draft_symlink: bool = False) -> None:
@@ -191,6 +204,7 @@ class Requests:
         self._dirs: dict[bytes, AsyncIterator[SFTPName]] = {}
         self._next_handle = 0
         self._draft_symlink = draft_symlink
+        self._door = server.ctx.limits
 
     async def answer(self, payload: bytes) -> tuple[int, int, bytes]:
         """The reply to one request: (request id, reply type, body after the id)."""
@@ -217,6 +231,7 @@ class Requests:
     async def close_all(self) -> None:
         """Close every handle still open (the server journals them as the session's end)."""
         for file_obj in list(self._files.values()):
+            self._door.open_files -= 1
             try:
                 await self._server.close(file_obj)
             except (OSError, asyncssh.Error) as error:
@@ -225,6 +240,16 @@ class Requests:
         self._dirs.clear()
 
     # -- handles ----------------------------------------------------------------------
+
+    def _room(self, op: Op, path: bytes, *, descriptor: bool) -> None:
+        """Refuse a new handle past the session's limit (or, for a file, the gateway's)."""
+        most = self._door.max_handles
+        if len(self._files) + len(self._dirs) >= most:
+            message = f"too many open handles (at most {most} a session)"
+            raise self._server.refused(op, path, FX_FAILURE, message)
+        if descriptor and self._door.open_files >= self._door.most_open_files:
+            message = "too many open files in the gateway, try again later"
+            raise self._server.refused(op, path, FX_FAILURE, message)
 
     def _new_handle(self) -> bytes:
         while True:
@@ -239,6 +264,15 @@ class Requests:
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
         return file_obj
 
+    def _path(self, op: Op, path: bytes | None) -> bytes:
+        """A request's path, refused (journaled) if no file could have it."""
+        if path is None:  # pragma: no cover - the codec sets it for these types
+            raise DecodeError("Incomplete packet")
+        problem = path_problem(path)
+        if problem is not None:
+            raise self._server.refused(op, path, FX_INVALID_FILENAME, problem)
+        return path
+
     # -- every other request (decoded by the shared codec) ------------------------------
 
     async def _other(self, payload: bytes) -> Reply:
@@ -252,7 +286,7 @@ class Requests:
         return await serve(self, req)
 
     async def _setstat(self, req: Request) -> Reply:
-        await self._server.setstat(_path(req), _sftp_attrs(req.attrs))
+        await self._server.setstat(self._path(Op.SETSTAT, req.path), _sftp_attrs(req.attrs))
         return FXP_STATUS, OK_BODY
 
     async def _fsetstat(self, req: Request) -> Reply:
@@ -260,13 +294,15 @@ class Requests:
         return FXP_STATUS, OK_BODY
 
     async def _lsetstat(self, req: Request) -> Reply:
-        await self._server.lsetstat(_path(req), _sftp_attrs(req.attrs))
+        await self._server.lsetstat(self._path(Op.SETSTAT, req.path), _sftp_attrs(req.attrs))
         return FXP_STATUS, OK_BODY
 
     async def _opendir(self, req: Request) -> Reply:
         # As asyncssh's server: the listing is read (and a failure reported) at READDIR.
+        path = self._path(Op.LIST, req.path)
+        self._room(Op.LIST, path, descriptor=False)
         handle = self._new_handle()
-        self._dirs[handle] = self._server.scandir(_path(req))
+        self._dirs[handle] = self._server.scandir(path)
         return FXP_HANDLE, _string(handle)
 
     async def _readdir(self, req: Request) -> Reply:
@@ -285,42 +321,43 @@ class Requests:
         return FXP_NAME, _names(names)
 
     async def _remove(self, req: Request) -> Reply:
-        await self._server.remove(_path(req))
+        await self._server.remove(self._path(Op.REMOVE, req.path))
         return FXP_STATUS, OK_BODY
 
     async def _mkdir(self, req: Request) -> Reply:
-        await self._server.mkdir(_path(req), _sftp_attrs(req.attrs))
+        await self._server.mkdir(self._path(Op.MKDIR, req.path), _sftp_attrs(req.attrs))
         return FXP_STATUS, OK_BODY
 
     async def _rmdir(self, req: Request) -> Reply:
-        await self._server.rmdir(_path(req))
+        await self._server.rmdir(self._path(Op.RMDIR, req.path))
         return FXP_STATUS, OK_BODY
 
     async def _realpath(self, req: Request) -> Reply:
-        path = await self._server.realpath(_path(req))
+        path = await self._server.realpath(self._path(Op.REALPATH, req.path))
         return FXP_NAME, _names([SFTPName(path, attrs=SFTPAttrs())])
 
     async def _readlink(self, req: Request) -> Reply:
-        target = await self._server.readlink(_path(req))
+        target = await self._server.readlink(self._path(Op.READLINK, req.path))
         return FXP_NAME, _names([SFTPName(target)])
 
     async def _rename(self, req: Request) -> Reply:
-        await self._server.rename(_path(req), _path2(req))
+        await self._server.rename(self._path(Op.RENAME, req.path), self._path(Op.RENAME, req.path2))
         return FXP_STATUS, OK_BODY
 
     async def _posix_rename(self, req: Request) -> Reply:
-        await self._server.posix_rename(_path(req), _path2(req))
+        old, new = self._path(Op.RENAME, req.path), self._path(Op.RENAME, req.path2)
+        await self._server.posix_rename(old, new)
         return FXP_STATUS, OK_BODY
 
     async def _symlink(self, req: Request) -> Reply:
         # The codec reads OpenSSH's order (target, link); see sends_draft_symlink.
-        first, second = _path(req), _path2(req)
+        first, second = self._path(Op.SYMLINK, req.path), self._path(Op.SYMLINK, req.path2)
         target, link = (second, first) if self._draft_symlink else (first, second)
         await self._server.symlink(target, link)
         return FXP_STATUS, OK_BODY
 
     async def _hardlink(self, req: Request) -> Reply:
-        await self._server.link(_path(req), _path2(req))
+        await self._server.link(self._path(Op.LINK, req.path), self._path(Op.LINK, req.path2))
         return FXP_STATUS, OK_BODY
 
     async def _fsync(self, req: Request) -> Reply:
@@ -334,18 +371,32 @@ class Requests:
         return FXP_EXTENDED_REPLY, _U64X4.pack(MAX_IO + 1024, MAX_IO, MAX_IO, 0)
 
     async def _statvfs(self, req: Request) -> Reply:
-        return FXP_EXTENDED_REPLY, _vfs(await self._server.statvfs(_path(req)))
+        path = self._path(Op.STATVFS, req.path)
+        return FXP_EXTENDED_REPLY, _vfs(await self._server.statvfs(path))
 
     async def _fstatvfs(self, req: Request) -> Reply:
         return FXP_EXTENDED_REPLY, _vfs(await self._server.fstatvfs(self._file(req.handle)))
 
     async def _copy_data(self, req: Request) -> Reply:
-        # As asyncssh's server: read and write in blocks; length 0 = to the end.
+        # As OpenSSH's sftp-server: read and write in blocks. Length 0 means to
+        # the end of the source as it is now, so a copy never chases its own
+        # writes; within one file the ranges may not overlap (a file copied
+        # into itself would grow until the disk is full). Every block is a
+        # WRITE: range, size limit and quota are checked as for any other.
         src, dst = self._file(req.handle), self._file(req.handle2)
         offset, length, to = req.offset or 0, req.length or 0, req.offset2 or 0
-        to_end = length == 0
-        while to_end or length:
-            size = COPY_BLOCK if to_end else min(length, COPY_BLOCK)
+        if offset > MAX_OFFSET:
+            return FXP_STATUS, status_body(FX_EOF, "End of file")
+        if length == 0:
+            length = max(0, (await self._server.fstat(src)).st_size - offset)
+        problem = range_problem(offset, length) or range_problem(to, length)
+        if problem is not None:
+            raise self._server.refused(Op.WRITE, _shown(dst), FX_FAILURE, f"copy-data: {problem}")
+        if _same_file(src, dst) and offset < to + length and to < offset + length:
+            message = "copy-data: the source and destination ranges overlap"
+            raise self._server.refused(Op.WRITE, _shown(dst), FX_FAILURE, message)
+        while length:
+            size = min(length, COPY_BLOCK)
             data = await self._server.read(src, offset, size)
             if data:
                 await self._server.write(dst, to, data)
@@ -353,8 +404,7 @@ class Requests:
                 break
             offset += size
             to += size
-            if not to_end:
-                length -= size
+            length -= size
         return FXP_STATUS, OK_BODY
 
     async def _ranges(self, req: Request) -> Reply:
@@ -382,9 +432,12 @@ class Requests:
             attrs = _permissions_attrs(U32.unpack_from(payload, pos + 4)[0])
         else:
             attrs = _sftp_attrs(Cursor(payload, pos).attrs())  # bytes after them ignored
+        self._path(Op.OPEN, path)
+        self._room(Op.OPEN, path, descriptor=True)
         file_obj = await self._server.open(path, pflags, attrs)
         handle = self._new_handle()
         self._files[handle] = file_obj
+        self._door.open_files += 1
         return FXP_HANDLE, U32.pack(len(handle)) + handle
 
     async def _read(self, payload: bytes) -> Reply:
@@ -415,6 +468,7 @@ class Requests:
         handle, _ = string_at(payload, 5)
         file_obj = self._files.pop(handle, None)
         if file_obj is not None:
+            self._door.open_files -= 1
             await self._server.close(file_obj)
         elif self._dirs.pop(handle, None) is None:
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
@@ -422,6 +476,7 @@ class Requests:
 
     async def _stat(self, payload: bytes) -> Reply:
         path, _ = string_at(payload, 5)
+        self._path(Op.STAT, path)
         stat = self._server.stat if payload[0] == FXP_STAT else self._server.lstat
         return FXP_ATTRS, _attrs(await stat(path))
 
@@ -430,16 +485,16 @@ class Requests:
         return FXP_ATTRS, _attrs(await self._server.fstat(self._file(handle)))
 
 
-def _path(req: Request) -> bytes:
-    if req.path is None:  # pragma: no cover - the codec sets it for these types
-        raise DecodeError("Incomplete packet")
-    return req.path
+def _same_file(a: object, b: object) -> bool:
+    return (
+        isinstance(a, OpenFile)
+        and isinstance(b, OpenFile)
+        and (a.device, a.inode) == (b.device, b.inode)
+    )
 
 
-def _path2(req: Request) -> bytes:
-    if req.path2 is None:  # pragma: no cover - the codec sets it for these types
-        raise DecodeError("Incomplete packet")
-    return req.path2
+def _shown(file_obj: object) -> bytes | None:
+    return file_obj.virtual if isinstance(file_obj, OpenFile) else None
 
 
 def _vfs(result: os.statvfs_result) -> bytes:

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -27,11 +28,22 @@ from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..identity import Identity, call_as
 from ..sftp import policy
 from ..sftp.attrs import summarize
-from ..sftp.constants import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE, MAX_IO
+from ..sftp.checks import MAX_OFFSET, range_problem, size_problem
+from ..sftp.constants import (
+    FX_FAILURE,
+    FX_QUOTA_EXCEEDED,
+    FXF_APPEND,
+    FXF_CREAT,
+    FXF_TRUNC,
+    FXF_WRITE,
+    MAX_IO,
+    status_name,
+)
 from ..sftp.errors import Status, status_of
 from .fsops import OpenFile, UserFS
 from .inline import SMALL_WRITE, InlineGuard, NotQuick
 from .jail import virtual
+from .limits import DoorLimits, Usage
 from .mounts import home_is_local
 from .writebehind import HANDLE_LIMIT, WRITE_BUDGET, WriteBudget, WriteQueue
 
@@ -107,10 +119,20 @@ class SessionContext:
     # Most requests of the session waiting at once (server.requests_in_flight;
     # 0: the handler's default). See order.py.
     requests_in_flight: int = 0
+    # Handles, upload size and quotas: the gateway's, shared by every session.
+    limits: DoorLimits = field(default_factory=DoorLimits)
 
 
 def _decode(path: bytes | None) -> str | None:
     return None if path is None else path.decode("utf-8", "backslashreplace")
+
+
+# A refused path is journaled cut to this many bytes: a client may send megabytes.
+_JOURNALED_PATH = 1024
+
+
+def _clipped(path: bytes) -> bytes:
+    return path if len(path) <= _JOURNALED_PATH else path[:_JOURNALED_PATH] + b"..."
 
 
 class GatewaySFTPServer(asyncssh.SFTPServer):
@@ -132,6 +154,14 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         # request that could run inline (it resolves the home, off the loop).
         wanted = ctx.inline_local_metadata or ctx.inline_local_changes
         self._local: bool | None = None if wanted else False
+        # Quotas: (bytes, files) this user may hold (0: no limit); tracked when either is set.
+        limits = ctx.limits
+        self._quota_bytes, self._quota_files = limits.quota_of(ctx.user)
+        self._track = bool(self._quota_bytes or self._quota_files)
+        self._max_upload = limits.max_upload_size
+        self._quotas = limits.quotas
+        if not self._track:
+            self._quotas.untracked(ctx.user.login)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -203,6 +233,45 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             fields["path"] = _decode(virtual(path))
         return Event(op=op, session=self.ctx.info, **fields)
 
+    def refused(self, op: Op, path: bytes | None, code: int, message: str) -> asyncssh.SFTPError:
+        """Journal a request refused at the edge (a limit, a value out of range); its error."""
+        shown = None if path is None else _decode(virtual(_clipped(path)))
+        self.ctx.sink.emit(
+            Event(
+                op=op, session=self.ctx.info, path=shown, status=status_name(code), message=message
+            )
+        )
+        return asyncssh.SFTPError(code, message)
+
+    def _refuse_io(self, op: Op, f: OpenFile, code: int, message: str) -> asyncssh.SFTPError:
+        """A READ or WRITE refused at the edge: journaled, and the handle's upload fails."""
+        f.error = policy.io_failed(op, message)
+        self.ctx.sink.emit(
+            Event(
+                op=op,
+                session=self.ctx.info,
+                path=_decode(f.virtual),
+                status=status_name(code),
+                message=message,
+                bytes_read=f.bytes_read,
+                bytes_written=f.bytes_written,
+            )
+        )
+        return asyncssh.SFTPError(code, message)
+
+    async def _usage(self) -> Usage:
+        """This user's quota usage (scanned once, as the user, if nothing knows it yet)."""
+        quotas, login = self._quotas, self.ctx.user.login
+        known = quotas.known(login)
+        if known is not None:
+            return known
+        return await quotas.usage(login, lambda: self._io(self.fs.usage))
+
+    def _over_quota(self, usage: Usage, grow: int) -> str | None:
+        if self._quota_bytes and grow > 0 and usage.used_bytes + grow > self._quota_bytes:
+            return f"Quota exceeded: at most {self._quota_bytes} bytes"
+        return None
+
     async def _do(
         self,
         op: Op,
@@ -251,6 +320,16 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
         mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
+        opener: Callable[..., OpenFile] = self.fs.open
+        quick_opener: Callable[..., OpenFile] = self._open_quick
+        track = self._track and bool(pflags & _CHANGES)
+        if track:
+            usage = await self._usage()
+            full = None
+            if self._quota_files and usage.files >= self._quota_files:
+                full = f"Quota exceeded: at most {self._quota_files} files"
+            opener = functools.partial(self.fs.open, track=True, files_full=full)
+            quick_opener = functools.partial(self.fs.open, quick=True, track=True, files_full=full)
         # A create is quick; truncating a big file frees its blocks, which is
         # not: an inline open finds out (NotQuick), and it runs in the pool.
         may_be_inline = self.ctx.inline_local_changes and self._local is not False
@@ -258,7 +337,7 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
             f = await self._do(
                 Op.OPEN,
                 path,
-                self._open_quick if pflags & FXF_TRUNC and may_be_inline else self.fs.open,
+                quick_opener if pflags & FXF_TRUNC and may_be_inline else opener,
                 path,
                 pflags,
                 attrs,
@@ -268,9 +347,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 quick=True,
             )
         except NotQuick:
-            f = await self._do(
-                Op.OPEN, path, self.fs.open, path, pflags, attrs, flags=pflags, mode=mode
-            )
+            f = await self._do(Op.OPEN, path, opener, path, pflags, attrs, flags=pflags, mode=mode)
+        if track and (f.created or f.freed):
+            self._quotas.change(self.ctx.user.login, -f.freed, 1 if f.created else 0)
         self.ctx.open_files.add(id(f))
         if f.writable:
             queue = WriteQueue(
@@ -302,6 +381,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         (``file->f_cred``) with every read.
         """
         f = _file(file_obj)
+        if offset > MAX_OFFSET:
+            message = f"Offset out of range (at most {MAX_OFFSET})"
+            raise self._refuse_io(Op.READ, f, FX_FAILURE, message)
         size = min(size, MAX_IO)
         if f.queue is not None:
             await f.queue.drain()
@@ -325,6 +407,26 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
         f = _file(file_obj)
+        problem = range_problem(offset, len(data))
+        if problem is not None:
+            raise self._refuse_io(Op.WRITE, f, FX_FAILURE, problem)
+        # Where the file ends after this WRITE (O_APPEND writes at the end, whatever the offset).
+        end = (f.size if f.pflags & FXF_APPEND else offset) + len(data)
+        if end > f.size and f.writable:
+            if self._max_upload and end > self._max_upload:
+                raise self._refuse_io(
+                    Op.WRITE,
+                    f,
+                    FX_QUOTA_EXCEEDED,
+                    f"File too large: at most {self._max_upload} bytes",
+                )
+            if self._track:
+                usage = await self._usage()
+                over = self._over_quota(usage, end - f.size)
+                if over is not None:
+                    raise self._refuse_io(Op.WRITE, f, FX_QUOTA_EXCEEDED, over)
+                self._quotas.change(self.ctx.user.login, end - f.size)
+            f.size = end
         queue = f.queue
         if queue is None:  # a read-only handle: let the OS refuse it
             written, failure = await self._io(self.fs.write_chunks, f.fd, [(offset, data)])
@@ -449,15 +551,9 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
 
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _file(file_obj)
-        await self._do(
-            Op.SETSTAT,
-            f.virtual,
-            self.fs.setstat,
-            None,
-            f,
-            attrs,
-            attrs=summarize(attrs),
-        )
+        await self._setstat_any(f.virtual, None, f, attrs)
+        if attrs.size is not None:
+            f.size = attrs.size
 
     async def fsync(self, file_obj: object) -> None:
         f = _file(file_obj)
@@ -505,26 +601,46 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         )
 
     async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        await self._do(
-            Op.SETSTAT,
-            path,
-            self.fs.setstat,
-            path,
-            None,
-            attrs,
-            attrs=summarize(attrs),
-        )
+        await self._setstat_any(path, path, None, attrs)
 
     async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        await self._do(
+        await self._setstat_any(path, path, None, attrs, follow=False)
+
+    async def _setstat_any(
+        self,
+        shown: bytes,
+        path: bytes | None,
+        f: OpenFile | None,
+        attrs: SFTPAttrs,
+        *,
+        follow: bool = True,
+    ) -> None:
+        """SETSTAT, LSETSTAT, FSETSTAT: a size is checked like a WRITE's end, and counted."""
+        may_grow: tuple[int, str] | None = None
+        if attrs.size is not None:
+            problem = size_problem(attrs.size)
+            if problem is not None:
+                raise self.refused(Op.SETSTAT, shown, FX_FAILURE, problem)
+            if self._max_upload and attrs.size > self._max_upload:
+                message = f"File too large: at most {self._max_upload} bytes"
+                raise self.refused(Op.SETSTAT, shown, FX_QUOTA_EXCEEDED, message)
+            if self._track and self._quota_bytes:
+                usage = await self._usage()
+                room = max(0, self._quota_bytes - usage.used_bytes)
+                may_grow = room, f"Quota exceeded: at most {self._quota_bytes} bytes"
+            elif self._track:
+                await self._usage()
+        grew = await self._do(
             Op.SETSTAT,
+            shown,
+            functools.partial(self.fs.setstat, follow=follow, may_grow=may_grow),
             path,
-            functools.partial(self.fs.setstat, follow=False),
-            path,
-            None,
+            f,
             attrs,
             attrs=summarize(attrs),
         )
+        if self._track and grew:
+            self._quotas.change(self.ctx.user.login, grew)
 
     async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         names = await self._do(Op.LIST, path, self.fs.list, path, journal_ok=False)
@@ -539,7 +655,15 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         return self.fs.name_of("g", gid)
 
     async def remove(self, path: bytes) -> None:
-        await self._do(Op.REMOVE, path, self.fs.remove, path)
+        if self._track:
+            await self._usage()  # known before, so the change below counts
+        st = await self._do(Op.REMOVE, path, self.fs.remove, path)
+        self._freed(st)
+
+    def _freed(self, st: os.stat_result | None) -> None:
+        """A name of ``st`` is gone: count the file as freed if it was its last."""
+        if self._track and st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
+            self._quotas.change(self.ctx.user.login, -st.st_size, -1)
 
     async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         mode = attrs.permissions & 0o7777 if attrs.permissions is not None else None
@@ -565,9 +689,12 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         attrs = {"overwrite": True} if overwrite else None
         rename = functools.partial(self.fs.rename, overwrite=overwrite)
         started = time.monotonic()
-        st = await self._do(
+        if self._track and overwrite:
+            await self._usage()
+        st, replaced = await self._do(
             Op.RENAME, oldpath, rename, oldpath, newpath, path2=new, attrs=attrs, journal_ok=False
         )
+        self._freed(replaced)
         verdict = self.uploads.renamed(old, new)
         complete = verdict.upload is UploadState.COMPLETE
         event = self._event(

@@ -27,6 +27,7 @@ from ..private import private_dir, private_file, write_private
 from . import asyncssh_fast
 from .channel import SFTPSession
 from .inline import InlineGuard
+from .limits import DoorLimits
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 from .writebehind import WRITE_BUDGET, WriteBudget
 
@@ -150,6 +151,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         umask: int = 0o022,
         fast_paths: bool = False,
         requests_in_flight: int = 0,
+        limits: DoorLimits | None = None,
         guard: Guard | None = None,
     ) -> None:
         # The defender and the door's limits (None: no limits, as before).
@@ -168,6 +170,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._inline_local_changes = inline_local_changes
         self._inline_guard = inline_guard if inline_guard is not None else InlineGuard()
         self._write_budget = write_budget if write_budget is not None else WriteBudget(WRITE_BUDGET)
+        self._limits = limits if limits is not None else DoorLimits()
         self._temp_patterns = temp_patterns
         self._durable = durable
         self._users = users
@@ -501,6 +504,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             fsync_uploads=self._fsync_uploads,
             umask=self._umask,
             requests_in_flight=self._requests_in_flight,
+            limits=self._limits,
         )
         self.contexts.append(ctx)
         return GatewaySFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan), ctx)
