@@ -15,4 +15,5 @@ echo "== pytest: serve's front door again on asyncssh's public API only (server.
 SFTPGATE_SERVER__FAST_PATHS=off .venv/bin/pytest "$@" \
     tests/test_serve_*.py tests/test_openssh_client.py tests/test_interop_rclone_lftp.py \
     tests/test_curl_client.py tests/test_asyncssh_clients.py tests/test_symlink_order.py \
-    tests/test_confinement_races.py
+    tests/test_confinement_races.py tests/test_edge_sweep.py tests/test_limits_handles.py \
+    tests/test_quota.py tests/test_memory_budget.py

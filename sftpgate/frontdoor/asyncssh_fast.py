@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -256,6 +257,7 @@ def feed_whole_packets(conn: asyncssh.SSHServerConnection) -> None:
     """
     received = conn.data_received
     pending = ByteQueue()
+    _PENDING[conn] = pending
     c: Any = conn  # asyncssh's receive state is private: read here, never written
 
     def needed() -> int:
@@ -388,3 +390,52 @@ def send_at_once(chan: Any, data: bytes) -> bool:
         MSG_CHANNEL_DATA, _U32.pack(c._send_chan) + _U32.pack(size) + data, handler=chan
     )
     return True
+
+
+# -- the connection's socket, paused for the memory budget -------------------------
+
+# Channels of a connection that asked for its socket to stop being read (usually one).
+_PAUSED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+# Each connection's bytes read and not yet parsed (see feed_whole_packets).
+_PENDING: weakref.WeakKeyDictionary[Any, ByteQueue] = weakref.WeakKeyDictionary()
+
+
+def pause_transport(chan: Any) -> None:
+    """Stop reading the socket of ``chan``'s connection (for the memory budget; see channel.py).
+
+    Pausing only the channel stops it re-opening its SSH window, but a
+    window already granted (8 MiB) still arrives and is held by asyncssh;
+    with the socket unread, a client's bytes wait in the kernel instead.
+    asyncssh itself never pauses a connection's transport, so the count
+    here is the only one. Only for a channel :func:`install_channel` accepted.
+    """
+    c: Any = chan
+    conn = c._conn
+    transport = getattr(conn, "_transport", None) if conn is not None else None
+    if transport is None:
+        return
+    count = _PAUSED.get(conn, 0)
+    _PAUSED[conn] = count + 1
+    if count == 0 and transport.is_reading():
+        transport.pause_reading()
+        # The part of a packet waiting for the rest keeps its whole socket read
+        # (up to 256 KiB) alive while paused: keep a copy of just that part.
+        pending = _PENDING.get(conn)
+        if pending:
+            pending.append(pending.take(len(pending)))
+
+
+def resume_transport(chan: Any) -> None:
+    """Undo one :func:`pause_transport` of ``chan``; read the socket again when none is left."""
+    c: Any = chan
+    conn = c._conn
+    if conn is None or conn not in _PAUSED:
+        return
+    count = _PAUSED[conn] - 1
+    if count > 0:
+        _PAUSED[conn] = count
+        return
+    del _PAUSED[conn]
+    transport = getattr(conn, "_transport", None)
+    if transport is not None and not transport.is_closing() and not transport.is_reading():
+        transport.resume_reading()

@@ -23,11 +23,12 @@ WRITE waits for its own handle's queue to drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 # Bounds of what is answered but not yet written: per handle (a few SFTP
 # windows' worth) and per gateway (so 1,000 sessions can't hold gigabytes).
@@ -47,12 +48,57 @@ Chunk = tuple[int, Data]  # (offset, data)
 RunIO = Callable[..., Awaitable[Any]]
 
 
-@dataclass(slots=True)
+class Pausable(Protocol):
+    """A session that stopped reading because the budget was spent (see channel.py)."""
+
+    def budget_drained(self) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
 class WriteBudget:
-    """Bytes queued but not yet written, over all handles of a gateway."""
+    """Bytes received but not yet written, over every session of a gateway.
+
+    Two kinds are counted: ``queued``, WRITEs answered and waiting for the
+    disk (write-behind); ``received``, bytes waiting in sessions' receive
+    buffers for their request to be taken. A WRITE waits while ``queued`` is
+    over ``limit``; a session stops reading from its client (and so stops
+    re-opening its SSH window) while the sum is (see
+    :class:`~.channel.SFTPSession`), and reads again once it has drained
+    below three quarters of ``limit``. ``peak`` and ``pauses`` say how high
+    it went and how often sessions had to wait (for tests and the bench).
+    """
 
     limit: int
     queued: int = 0
+    received: int = 0
+    peak: int = 0
+    pauses: int = 0
+    waiting: set[Pausable] = field(default_factory=set)
+
+    @property
+    def held(self) -> int:
+        return self.queued + self.received
+
+    @property
+    def spent(self) -> bool:
+        return self.queued + self.received >= self.limit
+
+    def change(self, queued: int = 0, received: int = 0) -> None:
+        """Count bytes in (positive) or out (negative); wake waiting sessions once drained."""
+        self.queued += queued
+        self.received += received
+        held = self.queued + self.received
+        if held > self.peak:
+            self.peak = held
+        elif self.waiting and held * 4 < self.limit * 3:
+            waiting, self.waiting = self.waiting, set()
+            for session in waiting:
+                session.budget_drained()
+
+    def wait(self, session: Pausable) -> None:
+        """``session`` paused for the budget: tell it once the budget has drained."""
+        self.pauses += 1
+        self.waiting.add(session)
 
 
 def write_chunks(fd: int, chunks: list[Chunk]) -> tuple[int, OSError | None]:
@@ -76,6 +122,10 @@ def write_chunks(fd: int, chunks: list[Chunk]) -> tuple[int, OSError | None]:
                     views[0] = views[0][n:]
     except OSError as exc:
         return written, exc
+    except (OverflowError, ValueError) as exc:
+        # An offset past off_t (the edge refuses these; this is the backstop):
+        # reported as the kernel would, never raised out of the batch.
+        return written, OSError(errno.EFBIG, f"File too large ({exc})")
     return written, None
 
 
@@ -128,6 +178,8 @@ class WriteQueue:
         # Resolved each time a batch is done: what a WRITE over a bound waits for.
         self._batch_done: asyncio.Future[None] | None = None
         self.written = 0
+        # Set (once) when the descriptor has been closed, by whichever path closed it.
+        self.closed = False
         self.error: OSError | None = None
         # Set once a failure has been told to the client (a WRITE reply).
         self.reported = False
@@ -142,7 +194,7 @@ class WriteQueue:
         """Queue one WRITE; wait only if a bound is passed."""
         self._chunks.append((offset, data))
         self._queued += len(data)
-        self._budget.queued += len(data)
+        self._budget.change(queued=len(data))
         if self._task is None:
             if self._queued >= FLUSH_AT:
                 self._start()
@@ -178,36 +230,60 @@ class WriteQueue:
         """Write what is left and close the fd, in one thread trip; the close's error.
 
         With ``fsync`` the file is fsync'd before it is closed (in the same
-        trip); a failed fsync is returned as the close's error.
+        trip); a failed fsync is returned as the close's error. Whatever
+        fails on the way (the trip itself, a bug, a cancelled CLOSE) the
+        descriptor is closed exactly once and the budget given back.
         """
         self._cancel_timer()
         while self._task is not None:
             await asyncio.shield(self._task)
         chunks = self._take()
-        result: tuple[int, OSError | None, OSError | None]
         # An fsync waits for the disk: never inline on the loop, always the pool.
         runner = self._run_io if fsync else self._runner(chunks)
-        result = await runner(self._finish, chunks, fsync)
-        written, error, close_error = result
+        trip: asyncio.Future[tuple[int, OSError | None, OSError | None]]
+        trip = asyncio.ensure_future(runner(self._finish, chunks, fsync))
+        try:
+            written, error, close_error = await asyncio.shield(trip)
+        except asyncio.CancelledError:
+            # The trip goes on without us (a thread cannot be stopped): settle after it.
+            trip.add_done_callback(lambda _: self._after_failed_trip(chunks))
+            raise
+        except Exception as exc:
+            self._after_failed_trip(chunks)
+            return OSError(errno.EIO, f"close failed: {type(exc).__name__}")
         self._account(chunks, written, error)
         return close_error
+
+    def _after_failed_trip(self, chunks: list[Chunk]) -> None:
+        """The closing trip failed (or was left): return the budget; close the fd if it didn't."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self._account(chunks, 0, None)
 
     def _finish(
         self, chunks: list[Chunk], fsync: bool = False
     ) -> tuple[int, OSError | None, OSError | None]:
-        # In a worker thread: the last batch (if any), fsync(2) if asked, then close(2).
-        written, error = self._write(self.fd, chunks) if chunks else (0, None)
-        sync_error: OSError | None = None
-        if fsync and error is None and self.error is None:
-            try:
-                os.fsync(self.fd)
-            except OSError as exc:
-                sync_error = exc
+        # In a worker thread: the last batch (if any), fsync(2) if asked, then
+        # close(2), which happens whatever the rest raised.
         try:
-            os.close(self.fd)
-        except OSError as exc:
-            return written, error, sync_error or exc
-        return written, error, sync_error
+            written, error = self._write(self.fd, chunks) if chunks else (0, None)
+            sync_error: OSError | None = None
+            if fsync and error is None and self.error is None:
+                try:
+                    os.fsync(self.fd)
+                except OSError as exc:
+                    sync_error = exc
+        finally:
+            self.closed = True
+            try:
+                os.close(self.fd)
+            except OSError as exc:
+                close_error: OSError | None = exc
+            else:
+                close_error = None
+        return written, error, sync_error or close_error
 
     def _runner(self, chunks: list[Chunk]) -> RunIO:
         size = self.written + sum(len(data) for _, data in chunks)
@@ -234,7 +310,7 @@ class WriteQueue:
     def _account(self, chunks: list[Chunk], written: int, error: OSError | None) -> None:
         size = sum(len(data) for _, data in chunks)
         self._queued -= size
-        self._budget.queued -= size
+        self._budget.change(queued=-size)
         self.written += written
         if error is not None and self.error is None:
             self.error = error
@@ -247,8 +323,11 @@ class WriteQueue:
                 batch = self._take()
                 try:
                     written, error = await self._runner(batch)(self._write, self.fd, batch)
-                except Exception as exc:  # the executor itself failed (e.g. shut down)
-                    written, error = 0, OSError(errno.EIO, f"write not started: {exc}")
+                except asyncio.CancelledError:
+                    self._account(batch, 0, OSError(errno.EIO, "write cancelled"))
+                    raise
+                except Exception as exc:  # the trip itself failed (pool shut down, a bug)
+                    written, error = 0, OSError(errno.EIO, f"write failed: {type(exc).__name__}")
                 self._account(batch, written, error)
                 self._batch_finished()
             self._take()  # after a failure: drop the rest
