@@ -394,6 +394,10 @@ def send_at_once(chan: Any, data: bytes) -> bool:
 
 # -- the connection's socket, paused for the memory budget -------------------------
 
+# Most bytes asyncio reads from the socket at once, once a connection has waited for
+# the memory budget (asyncio's own: 256 KiB; its transport's ``max_size``).
+PRESSED_READ = 64 * 1024
+
 # Channels of a connection that asked for its socket to stop being read (usually one).
 _PAUSED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 # Each connection's bytes read and not yet parsed (see feed_whole_packets).
@@ -418,6 +422,13 @@ def pause_transport(chan: Any) -> None:
     _PAUSED[conn] = count + 1
     if count == 0 and transport.is_reading():
         transport.pause_reading()
+        # asyncio reads up to 256 KiB at a time, and a read stays alive while any
+        # packet of it waits (here, in asyncssh's channel buffer): under load, with
+        # hundreds of connections, that was most of the gateway's memory (256
+        # sessions x 16 MiB: ~400 MB peak, ~170 MB with 64 KiB reads, same MB/s). A
+        # connection that once had to wait for the budget reads less at a time.
+        if getattr(transport, "max_size", 0) > PRESSED_READ:
+            transport.max_size = PRESSED_READ
         # The part of a packet waiting for the rest keeps its whole socket read
         # (up to 256 KiB) alive while paused: keep a copy of just that part.
         pending = _PENDING.get(conn)
