@@ -214,6 +214,9 @@ class Options:
     journal_ops: int = 200_000  # figure 7: sustained writes
     journal_rows: int = 1_000_000  # figure 7: query size
     pipelined_requests: int = 4000  # figure 14: requests a file is moved in
+    overload_sessions: int = 256  # figure 16: sessions uploading at once
+    overload_mib: int = 16
+    overload_rounds: int = 2
     clip_seconds: int = 60  # figure 8
     clip_size: str = "1280x720"
     only: frozenset[int] = frozenset()  # figures asked for (empty: all)
@@ -235,6 +238,9 @@ SMOKE = Options(
     journal_ops=2000,
     journal_rows=5000,
     pipelined_requests=100,
+    overload_sessions=4,
+    overload_mib=1,
+    overload_rounds=1,
     clip_seconds=2,
     clip_size="320x240",
 )

@@ -31,6 +31,7 @@ SCENARIOS: dict[str, tuple[int, ...]] = {
     "subsystem": (10, 11, 12),
     "durability": (13,),
     "requests": (14, 15),
+    "overload": (16,),
 }
 
 
