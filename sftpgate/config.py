@@ -632,9 +632,10 @@ class DefenderConfig:
         restart=_DEFENDER,
     )
     hash_queue_per_address: int = key(
-        4,
-        "password checks of one address waiting at once; beyond this an attempt fails at "
-        "once and is scored as a failed login",
+        32,
+        "password checks of one address waiting at once (an office behind one NAT address "
+        "logs in at the same time); beyond this an attempt fails at once and is scored as a "
+        "failed login",
         POSITIVE,
     )
 

@@ -184,6 +184,12 @@ class Defender:
 
     # -- scoring -------------------------------------------------------------------
 
+    def score(self, address: str) -> int:
+        """The address's score within the observation window now (0 once banned)."""
+        horizon = self._clock() - self.cfg.observation_time
+        window = self._scores.get(source_of(address), ())
+        return sum(points for at, points in window if at >= horizon)
+
     def record(self, address: str, offence: Offence, why: str = "") -> Ban | None:
         """Add ``offence`` to the address's score; ban it past the threshold. Returns a new ban."""
         if not self.cfg.enabled or self.safelisted(address):

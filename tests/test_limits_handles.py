@@ -103,6 +103,10 @@ def test_20000_handles_in_one_session_stop_at_the_cap_and_others_keep_working(
     refusal = next(r for r in rows if "too many open handles" in (r["message"] or ""))
     assert refusal["op"] == "open" and refusal["status"] == "failure"
     assert refusal["remote_addr"] == "127.0.0.2" and refusal["path"] == "/f.bin"
+    # The defender counts the session's limit hit once, not 19,488 times.
+    guard = door.gateway.guard
+    assert guard is not None
+    assert guard.defender.score("127.0.0.2") == door.config.defender.score_limit
 
 
 def test_handles_of_every_session_together_stop_short_of_the_descriptor_limit(

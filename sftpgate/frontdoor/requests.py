@@ -183,6 +183,10 @@ def sends_draft_symlink(client_version: str, server_version: str) -> bool:
     )
 
 
+# How a refusal for the session's handle limit starts (the defender scores it: ssh.py).
+TOO_MANY_HANDLES = "too many open handles"
+
+
 class Requests:
     """One session's handles, and what each request does with them.
 
@@ -245,7 +249,7 @@ class Requests:
         """Refuse a new handle past the session's limit (or, for a file, the gateway's)."""
         most = self._door.max_handles
         if len(self._files) + len(self._dirs) >= most:
-            message = f"too many open handles (at most {most} a session)"
+            message = f"{TOO_MANY_HANDLES} (at most {most} a session)"
             raise self._server.refused(op, path, FX_FAILURE, message)
         if descriptor and self._door.open_files >= self._door.most_open_files:
             message = "too many open files in the gateway, try again later"

@@ -28,6 +28,7 @@ from . import asyncssh_fast
 from .channel import SFTPSession
 from .inline import InlineGuard
 from .limits import DoorLimits
+from .requests import TOO_MANY_HANDLES
 from .sftp import GatewaySFTPServer, SessionContext, always_durable
 from .writebehind import WRITE_BUDGET, WriteBudget
 
@@ -113,11 +114,18 @@ class _SFTPOnlySession(SFTPSession):
 
 
 class _ScoringSink:
-    """A session's sink: passes every event on, and scores the client's protocol errors."""
+    """A session's sink: passes every event on, and scores the client's protocol errors.
+
+    A session that runs into its handle limit is scored once as a limit hit
+    (the 20,000-handle attack is one offence, not 19,488). Quota and upload
+    size refusals are not scored: they are the customer's state, and an
+    honest client retrying into a full quota must not get its address banned.
+    """
 
     def __init__(self, sink: EventSink, guard: Guard) -> None:
         self._sink = sink
         self._guard = guard
+        self._hit_handle_limit = False
 
     def emit(self, event: Event) -> None:
         self._sink.emit(event)
@@ -125,6 +133,13 @@ class _ScoringSink:
             self._guard.defender.record(
                 event.session.remote_addr, Offence.PROTOCOL_ERROR, event.message or ""
             )
+        elif (
+            not self._hit_handle_limit
+            and event.message is not None
+            and event.message.startswith(TOO_MANY_HANDLES)
+        ):
+            self._hit_handle_limit = True
+            self._guard.defender.record(event.session.remote_addr, Offence.LIMIT, event.message)
 
     async def emit_durable(self, event: Event) -> None:
         await self._sink.emit_durable(event)
