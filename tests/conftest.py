@@ -81,11 +81,12 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
 def fill(directory: Path) -> Path:
     """Fill the filesystem holding ``directory``; return the filler file."""
     filler = directory / "filler"
-    with filler.open("wb") as f:
+    # Unbuffered: a short last write leaves nothing in a buffer for close() to
+    # fail on (whether the last write is short depends on what else is there).
+    with filler.open("wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     return filler
