@@ -237,6 +237,27 @@ class JournalConfig:
     )
 
 
+_DATABASE = "the database connections are opened once, at start"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """Where the journal, job ledger and bans live: SQLite in the state folder by default, or a
+    PostgreSQL database shared by several hosts."""
+
+    url: str | None = key(
+        None,
+        "`postgresql://user:password@host:port/dbname` (libpq's URL or its `sslmode=...` "
+        "parameters) to keep the journal, jobs and bans in PostgreSQL; unset: SQLite "
+        "(`journal.path`)",
+        matching(r"^postgres(ql)?://", "must be a postgresql:// URL", "a `postgresql://` URL"),
+        restart=_DATABASE,
+    )
+    pool_size: int = key(
+        10, "most PostgreSQL connections one process holds", POSITIVE, restart=_DATABASE
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SmtpConfig:
     """The mail server that sends users' and the admin's emails."""
@@ -845,6 +866,7 @@ class Config:
     path: Path
     server: ServerConfig = field(default_factory=ServerConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     email: EmailConfig = field(default_factory=EmailConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
