@@ -1,0 +1,1 @@
+"""Storage: the ports (:mod:`.ports`), versioned migrations, and the backend for a config."""

@@ -1,0 +1,471 @@
+"""The storage ports: what sftpgate asks of a database, and nothing about how.
+
+DESIGN.md §4: the journal, the job ledger and the scheduler sit behind small
+interfaces; every line of SQL lives in an adapter (SQLite today: ``sftpgate.journal``
+and ``sftpgate.jobs.store``; PostgreSQL beside it), and ONE contract suite
+(``tests/contract/``) runs unchanged against each adapter. huey's storage
+classes are the model.
+
+Rules for every adapter:
+
+* **Every method blocks.** Callers run them on a thread (the journal writer's,
+  the job store's executor, ``asyncio.to_thread``), never on the event loop.
+  An adapter object is used by one thread at a time unless its class says more.
+* **Times are unix seconds (float, UTC).** Ids are ints, session ids strings.
+* **Errors:** :class:`StorageUnavailable` means the database, the disk, the
+  network or a lock failed and the same call may succeed later (nothing is
+  wrong with what was asked); any other exception from a write means the
+  records themselves cannot be written (the journal writer then sets them
+  aside one by one). :class:`SchemaBehind` means ``sftpgate db migrate`` must
+  run first. Adapters translate their driver's exceptions into these.
+
+Method names and signatures here are stable: another adapter implements them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..errors import SftpgateError
+from ..events import Event
+
+if TYPE_CHECKING:
+    from ..defender import Ban
+    from ..events import Op
+    from ..jobs.model import EmailState, Job, JobState
+    from ..journal.query import JournalFilter
+
+MIGRATE_COMMAND = "sftpgate db migrate"
+
+
+class StorageUnavailable(SftpgateError):
+    """The database cannot be reached or written now (disk, lock, network); retry later."""
+
+
+class SchemaBehind(SftpgateError):
+    """The database's schema is older than this sftpgate (or missing): migrate first.
+
+    The message names :data:`MIGRATE_COMMAND`.
+    """
+
+    exit_code = 2
+
+
+class SchemaAhead(SftpgateError):
+    """The database's schema is newer than this sftpgate: upgrade sftpgate, do not write."""
+
+    exit_code = 2
+
+
+# -- rules: pure ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a rule decides for a completed upload: start a job, with these limits.
+
+    ``max_attempts``: attempts before the job is ``dead``. ``queue_cap``: when
+    the user already has this many queued or running (not refused) jobs, the
+    job is written as a refusal (outcome ``refused``, reason in
+    ``data["refused"]``; email state ``skipped`` when the user was already told
+    of this backlog); None: no cap.
+    """
+
+    max_attempts: int
+    queue_cap: int | None = None
+
+
+# A rule: (the upload's final path, the event that completed it) -> a job to
+# start, or None. Pure: no I/O, no database; it may be called on any thread.
+JobRule = Callable[[str, Event], JobSpec | None]
+
+
+# -- journal -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one committed batch wrote: its new job ids, in upload order."""
+
+    jobs: tuple[int, ...] = ()
+
+
+@runtime_checkable
+class JournalStore(Protocol):
+    """Writes the journal: sessions, operations, uploads, and the jobs uploads start."""
+
+    def record_batch(self, events: Sequence[Event], rule: JobRule | None = None) -> BatchResult:
+        """Write ``events`` in ONE transaction, in order; all of it commits or none of it.
+
+        * An event whose ``key`` is not None and was recorded before (by any
+          process on this database) is skipped entirely.
+        * ``login``/``login_failed``/``logout`` upsert the session row (its
+          ``node`` is ``getattr(event.session, "node", None)``; a session once
+          ``ok`` stays ``ok``; ``logout`` sets ``ended_at``). Every event is one
+          operations row; ids grow in the order of ``events``.
+        * An event with ``upload`` set is one uploads row (path: ``path2`` for a
+          rename, else ``path``); a ``complete`` one is passed to ``rule`` and,
+          when it returns a :class:`JobSpec`, a queued job row is inserted in the
+          same transaction (``data`` holds ``device``/``inode`` when the event
+          has them; ``node`` is the session's). A rule that raises fails the batch.
+
+        Returns the new jobs' ids. Raises :class:`StorageUnavailable` when the
+        database failed (retry the whole batch later); any other exception
+        means a record cannot be written (nothing of the batch was).
+        """
+        ...
+
+    def close(self) -> None:
+        """Let go of the database (idempotent)."""
+        ...
+
+
+# An opaque position in the journal's commit order, from JournalReader.scan().
+# Adapters encode it as they like (SQLite: the highest operation id seen); callers
+# only hand it back.
+JournalCursor = str
+
+
+@runtime_checkable
+class JournalReader(Protocol):
+    """Reads the journal for ``sftpgate journal``: query and follow. Never writes."""
+
+    def scan(
+        self,
+        flt: JournalFilter,
+        emit: Callable[[dict[str, Any]], None],
+        *,
+        transfers: bool = False,
+        after: JournalCursor | None = None,
+    ) -> JournalCursor:
+        """Pass every operation matching ``flt`` to ``emit``, oldest first; return a cursor.
+
+        Rows are dicts with the keys of :data:`sftpgate.journal.query.OPERATION_COLUMNS`
+        then ``remote_port``, ``client_version``, ``auth_method`` and ``node`` from
+        the session (None without a session row). With ``transfers``, only
+        ``close`` operations that read or wrote bytes, plus ``upload_state``
+        (``complete``, ``incomplete`` or None); ``flt.ops`` is then ignored.
+        ``flt.limit`` keeps the last N matches. ``flt.after_id`` is ignored:
+        following goes by ``after``.
+
+        The returned cursor marks everything committed up to this scan, whether
+        it matched or not, read from the same snapshot as the rows. Following is
+        ``cursor = scan(flt, emit, after=cursor)`` again and again: each row
+        committed is emitted exactly once, none skipped, even when transactions
+        commit out of id order. ``after=None`` starts at the beginning.
+        Raises :class:`SchemaBehind` when there is no journal schema yet,
+        ``ValueError`` for a negative limit.
+        """
+        ...
+
+    def close(self) -> None:
+        """Let go of the database (idempotent)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """Rows removed by :meth:`JournalPruner.prune`, by table."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.removed.values())
+
+
+@runtime_checkable
+class JournalPruner(Protocol):
+    """Retention (``journal.retention``, ``sftpgate journal prune``)."""
+
+    def prune(self, before: float, *, batch: int = 5000) -> PruneReport:
+        """Delete journal rows older than ``before``, ``batch`` rows per transaction.
+
+        Removed: jobs finished (not queued or running) before ``before``;
+        uploads older than it that no remaining job refers to; operations
+        older than it that no remaining upload refers to; sessions that ended
+        before it (or, never ended, started before it) with no operation left;
+        email log rows sent before it; bans that ended before it.
+        Never removed: a job that is queued or running, whatever its age, nor
+        its upload, nor that upload's operation, nor that job's session.
+        Each transaction is short, so the writer is never held up for long;
+        a crash between batches leaves a consistent, partly pruned journal.
+        """
+        ...
+
+
+# -- jobs ------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Who runs which job: leases with expiry, so a dead worker's job is taken over.
+
+    What ``sftpgate.jobs.store.JobStore`` implements on SQLite. Every method
+    that takes ``owner`` acts only while that owner holds the job's lease, and
+    does nothing (or returns False) otherwise.
+    """
+
+    def lease(self, owner: str, lease_seconds: float, per_user: int | None = None) -> Job | None:
+        """Take the next job for ``owner`` for ``lease_seconds``, or None.
+
+        Takes a queued job whose ``next_run_at`` has come, or a running one
+        whose lease has expired (recovery by lease expiry: its worker is
+        gone). Users take turns (the one served longest ago first; their
+        oldest due job); users with ``per_user`` live-leased jobs wait. The
+        job comes back ``running`` with ``attempts`` + 1. Two owners never
+        hold the same job.
+        """
+        ...
+
+    def heartbeat(
+        self,
+        job_id: int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        progress: float | None = None,
+        step: str | None = None,
+    ) -> bool:
+        """Extend the lease to now + ``lease_seconds`` (and note progress/step).
+
+        False when the lease is lost (cancelled, or taken over after expiry):
+        the worker must stop.
+        """
+        ...
+
+    def finish(
+        self,
+        job: Job,
+        owner: str,
+        state: JobState,
+        *,
+        outcome: str | None = None,
+        error: str | None = None,
+        journal: tuple[Op, str | None, str, str | None] | None = None,
+    ) -> None:
+        """End a running job in ``state`` (lease dropped); ``journal`` adds its operation row."""
+        ...
+
+    def retry_later(self, job: Job, owner: str, error: str, backoff: float) -> JobState:
+        """Queue again after ``backoff`` s, or ``dead`` when out of attempts; the state set."""
+        ...
+
+    def release(self, job: Job, owner: str) -> None:
+        """Give a job back (shutdown): queued now, this attempt not counted."""
+        ...
+
+    def set_pid(self, job_id: int, owner: str, pid: int | None, marker: str | None) -> None:
+        """Record the job's ffmpeg pid and a marker its command line holds (pid reuse)."""
+        ...
+
+    def clear_pid(self, job_id: int) -> None:
+        """Forget the job's pid (its leftover process was dealt with)."""
+        ...
+
+
+@runtime_checkable
+class JobLedger(Protocol):
+    """What a job did: steps, progress, outputs, email state; and the admin's view."""
+
+    def get(self, job_id: int) -> Job:
+        """The job; raises ``NotFoundError``."""
+        ...
+
+    def mark_step(
+        self,
+        job_id: int,
+        owner: str,
+        step: str,
+        *,
+        finished: bool = False,
+        error: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> Job:
+        """Record ``step`` started, finished or failed, merge ``data``; the job after it.
+
+        Raises ``SftpgateError`` when ``owner`` lost the lease.
+        """
+        ...
+
+    def set_email_state(
+        self, job_id: int, owner: str, state: EmailState, error: str | None = None
+    ) -> None:
+        """Set the job's email state (``none → sending → sent``; see EmailState)."""
+        ...
+
+    def claim_content(
+        self, job: Job, owner: str, sha256: str, window: float, now: float
+    ) -> Job | None:
+        """Store ``job``'s content hash, or return the earlier live job of the same content."""
+        ...
+
+    def reserve_email(
+        self, job: Job, owner: str, limit: int, window: float, now: float
+    ) -> int | None:
+        """An email slot (its log id, job ``sending``), or None (job set ``digest``)."""
+        ...
+
+    def unreserve_email(self, job: Job, owner: str, log_id: int, error: str) -> None:
+        """The email was not accepted: free the slot, email state ``none``."""
+        ...
+
+    def digests_due(self, limit: int, window: float, now: float) -> list[str]:
+        """Logins with notices waiting for a digest and a free email slot now."""
+        ...
+
+    def claim_digest(
+        self, login: str, limit: int, window: float, now: float, most: int = 100
+    ) -> tuple[int, list[Job]] | None:
+        """Take a user's waiting notices for one digest (jobs ``sending``), or None."""
+        ...
+
+    def digest_sent(
+        self, log_id: int, jobs: list[Job], state: EmailState, error: str | None
+    ) -> None:
+        """End a digest: ``sent``/``failed``; ``digest`` again frees its slot."""
+        ...
+
+    def recover_emails(self) -> list[int]:
+        """Finished jobs still ``sending`` become ``uncertain`` (never resent); their ids."""
+        ...
+
+    def upload_time(self, upload_id: int | None) -> float | None:
+        """When upload ``upload_id`` was journaled, or None (no such row, or None given)."""
+        ...
+
+    def retry(self, job_id: int) -> Job:
+        """An admin queues a failed, dead or cancelled job again; raises otherwise."""
+        ...
+
+    def cancel(self, job_id: int) -> Job:
+        """An admin cancels a queued or running job; raises otherwise."""
+        ...
+
+    def list(
+        self, *, states: tuple[str, ...] = (), login: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        """The last ``limit`` jobs matching, oldest first."""
+        ...
+
+
+@runtime_checkable
+class JobStore(Scheduler, JobLedger, Protocol):
+    """The job store: a :class:`Scheduler` and a :class:`JobLedger` on one database."""
+
+    def close(self) -> None:
+        """Let go of the database."""
+        ...
+
+
+# -- bans and quotas --------------------------------------------------------------
+
+
+@runtime_checkable
+class BanStore(Protocol):
+    """The defender's bans, shared by every gateway on the database."""
+
+    def upsert(self, bans: Iterable[Ban]) -> None:
+        """Write ``bans``; a ban replaces the stored one of its address only if newer."""
+        ...
+
+    def load(self, now: float, memory: float) -> tuple[list[Ban], list[Ban]]:
+        """(every ban on or ended less than ``memory`` s ago, those that ended since last look).
+
+        The second list is marked lifted in the same transaction, so exactly one
+        caller (of all gateways) journals each ban's end. Older rows are deleted.
+        """
+        ...
+
+    def list(self) -> list[Ban]:
+        """Every stored ban, by address."""
+        ...
+
+    def remove(self, address: str) -> Ban | None:
+        """Delete the ban of ``address``; the ban it was, or None."""
+        ...
+
+    def journal(self, event: Event) -> None:
+        """Journal ``event`` (an admin's ban or unban) in its own transaction."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the database."""
+        ...
+
+
+@runtime_checkable
+class UsageLedger(Protocol):
+    """Users' quota usage (the same as ``sftpgate.frontdoor.limits.UsageLedger``).
+
+    Changes add up (``bytes = bytes + n``), so gateways sharing the database
+    never overwrite each other's sums. Safe to call from several threads.
+    """
+
+    def load(self, login: str) -> tuple[int, int] | None:
+        """The stored (bytes, files) of ``login``, or None if never scanned."""
+        ...
+
+    def store(self, login: str, used_bytes: int, files: int) -> None:
+        """Replace the stored usage of ``login`` (after a scan)."""
+        ...
+
+    def add(self, login: str, used_bytes: int, files: int) -> tuple[int, int] | None:
+        """Add (never below 0); the new totals, or None if nothing is stored."""
+        ...
+
+    def forget(self, login: str) -> None:
+        """Drop the stored usage of ``login``."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the database."""
+        ...
+
+
+# -- the database as a whole -----------------------------------------------------
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One database: its schema, and a factory for every port on it.
+
+    Built by :func:`sftpgate.storage.open_backend` from the config. Each
+    factory opens its own connection (or takes one from a pool) and checks the
+    schema: it raises :class:`SchemaBehind` when the schema is older than
+    :attr:`latest` (:class:`SchemaAhead` when newer).
+    """
+
+    name: str  # "sqlite", "postgresql"
+
+    @property
+    def latest(self) -> int:
+        """The schema version this sftpgate needs (its last migration's)."""
+        ...
+
+    def schema_version(self) -> int:
+        """The database's schema version now; 0 when it has none (or does not exist)."""
+        ...
+
+    def migrate(self) -> list[int]:
+        """Create or upgrade the schema to :attr:`latest`; the versions applied, in order.
+
+        Each migration runs in its own transaction with its version bump; two
+        processes migrating at once do not both apply one. Raises
+        :class:`SchemaAhead` for a newer database.
+        """
+        ...
+
+    def journal(self) -> JournalStore: ...
+
+    def reader(self) -> JournalReader: ...
+
+    def pruner(self) -> JournalPruner: ...
+
+    def jobs(self) -> JobStore: ...
+
+    def bans(self) -> BanStore: ...
+
+    def usage(self) -> UsageLedger: ...
