@@ -453,17 +453,13 @@ class Pipeline:
         finally:
             _close(flv)
         out = MediaFacts.from_probe(report)
-        uploaded = await self._db(
-            lambda: self.store.conn.execute(
-                "SELECT ts FROM uploads WHERE id = ?", (job.upload_id,)
-            ).fetchone()
-        )
+        uploaded = await self._db(self.store.upload_time, job.upload_id)
         sidecar = build_sidecar(
             MediaFacts(**job.data["source"]),
             job.path,
             digest,
             {"login": user.login, "name": user.name, "surname": user.surname, "email": user.email},
-            uploaded[0] if uploaded else job.created_at,
+            uploaded if uploaded is not None else job.created_at,
             out,
             names["flv"],
             keyframes,

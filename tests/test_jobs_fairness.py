@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,10 +15,11 @@ from mediakit import make_clip
 from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
 from pipeline_kit import smtp as smtp  # a fixture
 from sftpgate.events import Event, Op, SessionInfo, UploadState
-from sftpgate.jobs.store import JobStore, enqueue
+from sftpgate.jobs.store import JobStore
 from sftpgate.jobs.worker import WorkerPool
 from sftpgate.journal.store import connect, record_batch
 from sftpgate.sftp.policy import NOTHING_UNDER_TEMP
+from sftpgate.storage.ports import JobSpec
 
 
 def until_rounds(bystander: Bystander, count: int, timeout: float = 30) -> None:
@@ -46,12 +46,8 @@ def _uploads(db: Path, logins: list[str], cap: int | None = None) -> None:
         for n, login in enumerate(logins)
     ]
     for event in events:  # one transaction each, so the cap sees the jobs before it
-        record_batch(conn, [event], lambda c, uid, path, ev: _enqueue(c, uid, path, ev, cap))
+        record_batch(conn, [event], lambda path, ev: JobSpec(max_attempts=5, queue_cap=cap))
     conn.close()
-
-
-def _enqueue(c: Any, uid: int, path: str, ev: Event, cap: int | None) -> None:
-    enqueue(c, uid, path, ev, 5, cap)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from sftpgate.journal.writer import (
     JournalUnavailable,
     JournalWriter,
 )
+from sftpgate.storage.ports import JobSpec
 
 SESSION = SessionInfo(id="s1", remote_addr="127.0.0.1", remote_port=5000, login="alice")
 
@@ -122,9 +123,10 @@ def test_a_poison_durable_record_fails_its_client_and_leaves_an_error_row(
 def test_a_record_that_breaks_a_job_rule_does_not_block_newer_uploads(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
 
-    def on_upload(conn: sqlite3.Connection, upload: int, final: str, event: Event) -> None:
+    def on_upload(final: str, event: Event) -> JobSpec | None:
         if "poison" in final:
             raise ValueError("a rule that cannot take this upload")
+        return None
 
     writer = JournalWriter(path, on_upload=on_upload, durable_timeout=5)
     writer.start()

@@ -13,6 +13,7 @@ from conftest import fill, small_disk
 from sftpgate.events import Event, Op, SessionInfo, UploadState
 from sftpgate.journal.store import connect, record_batch
 from sftpgate.journal.writer import JournalUnavailable, JournalWriter
+from sftpgate.storage.ports import JobSpec
 
 SESSION = SessionInfo(id="s1", remote_addr="127.0.0.1", remote_port=5000, login="alice")
 
@@ -168,12 +169,12 @@ def test_a_failing_database_fails_durable_emits_instead_of_hanging(tmp_path: Pat
 def test_a_batch_numbers_its_rows_and_links_each_upload_to_its_close(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     conn = connect(path)
-    hooked: list[tuple[int, str]] = []
+    hooked: list[str] = []
 
-    def on_upload(conn: sqlite3.Connection, upload_id: int, final: str, event: Event) -> None:
-        # Called inside the transaction, once the upload row is in.
-        row = conn.execute("SELECT path FROM uploads WHERE id = ?", (upload_id,)).fetchone()
-        hooked.append((upload_id, row["path"]))
+    def rule(final: str, event: Event) -> JobSpec | None:
+        # Pure: told each complete upload's final name; the store writes the job.
+        hooked.append(final)
+        return JobSpec(max_attempts=3) if final == "/c.mp4" else None
 
     other = SessionInfo(id="s2", remote_addr="127.0.0.1", remote_port=5001, login="bob")
     first = [
@@ -189,8 +190,9 @@ def test_a_batch_numbers_its_rows_and_links_each_upload_to_its_close(tmp_path: P
         Event(Op.LOGOUT, SESSION),
     ]
     try:
-        record_batch(conn, first, on_upload)
-        record_batch(conn, second, on_upload)
+        assert record_batch(conn, first, rule).jobs == ()
+        started = record_batch(conn, second, rule).jobs
+        jobs = [(r["id"], r["upload_id"], r["path"]) for r in conn.execute("SELECT * FROM jobs")]
         ops = [
             (r["id"], r["op"], r["path"])
             for r in conn.execute("SELECT id, op, path FROM operations ORDER BY id")
@@ -218,7 +220,8 @@ def test_a_batch_numbers_its_rows_and_links_each_upload_to_its_close(tmp_path: P
         (2, "/b.mp4", "incomplete", 4),
         (3, "/c.mp4", "complete", 6),  # a rename's upload has the new name
     ]
-    assert hooked == [(1, "/a.mp4"), (3, "/c.mp4")]
+    assert hooked == ["/a.mp4", "/c.mp4"]
+    assert jobs == [(started[0], 3, "/c.mp4")]  # committed with its upload
     assert sessions == [("s1", True)]
 
 

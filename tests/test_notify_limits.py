@@ -15,10 +15,11 @@ from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
 from pipeline_kit import smtp as smtp  # a fixture
 from sftpgate.events import Event, Op, SessionInfo, UploadState
 from sftpgate.jobs.model import EmailState, JobState
-from sftpgate.jobs.store import JobStore, enqueue
+from sftpgate.jobs.store import JobStore
 from sftpgate.jobs.worker import WorkerPool
 from sftpgate.journal.store import connect, record_batch
 from sftpgate.notify.message import header_safe
+from sftpgate.storage.ports import JobSpec
 
 HOUR = 3600.0
 
@@ -49,7 +50,7 @@ def store(tmp_path: Path) -> Iterator[JobStore]:
         Event(Op.CLOSE, session, path=f"/c{n}.mp4", bytes_written=1, upload=UploadState.COMPLETE)
         for n in range(4)
     ]
-    record_batch(conn, events, lambda c, uid, path, ev: enqueue(c, uid, path, ev, 5) and None)
+    record_batch(conn, events, lambda path, ev: JobSpec(max_attempts=5))
     conn.close()
     opened = JobStore(db, synchronous="normal")
     try:

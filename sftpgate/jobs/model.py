@@ -70,6 +70,7 @@ class Job:
     email_state: EmailState
     steps: dict[str, Any]
     data: dict[str, Any]
+    node: str | None = None  # the host of the session that uploaded it (schema 5)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:

@@ -3,15 +3,19 @@
 Blocking calls on one connection: the worker pool runs them on its own
 single thread (``JobStore.executor``), the CLI calls them directly. Leasing is
 ``BEGIN IMMEDIATE`` + ``UPDATE ... RETURNING``, so two workers never take the
-same job.
+same job. A running job is taken over only once its lease expired (a worker
+proven dead on this host has its leases expired at once: ``reap_workers``);
+every commit of a step checks the lease owner, the lease's fencing token
+(jobs/registry.py), and raises :class:`LeaseLost` where it is someone else's.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +24,12 @@ from typing import Any
 from ..errors import NotFoundError, SftpgateError
 from ..events import Event, Op
 from ..journal.store import connect
+from . import registry
 from .model import ACTIVE, EmailState, Job, JobState, Outcome
+
+
+class LeaseLost(SftpgateError):
+    """This worker no longer holds the job: its lease expired and another took it, or cancelled."""
 
 
 def enqueue(
@@ -108,10 +117,22 @@ def _due(t: str = "") -> str:
 class JobStore:
     """All job-row changes. Methods taking ``owner`` only act while that owner holds the lease."""
 
-    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        node: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
+        self.clock = clock  # leases' time (tests pass their own)
         self.conn = connect(path, synchronous=synchronous)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="jobs-db")
+        self.node = node or socket.gethostname()
+        # The registered worker process this store serves (set by the WorkerPool): a digest
+        # it claims names it, so only its death makes that digest `uncertain`.
+        self.worker_id: str | None = None
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -141,8 +162,12 @@ class JobStore:
         ``per_user`` jobs running (no cap when None), the one whose job was
         taken longest ago (or never) goes first, and their oldest due job is
         taken. One user's backlog therefore never holds up another's upload.
+
+        A job whose ``pid`` is set comes from a worker that died or stalled:
+        its ffmpeg may still run (``data["ffmpeg"]`` says where, as a
+        ``registry.Stamp``). The new holder kills it, then :meth:`clear_pid`.
         """
-        now = time.time()
+        now = self.clock()
         params: dict[str, Any] = {"now": now, "cap": per_user if per_user is not None else -1}
         with self._tx() as conn:
             pick = conn.execute(
@@ -159,8 +184,7 @@ class JobStore:
             row = conn.execute(
                 "UPDATE jobs SET state = 'running', lease_owner = :owner,"  # noqa: S608
                 " lease_expires_at = :until, attempts = attempts + 1,"
-                " started_at = COALESCE(started_at, :now),"
-                " updated_at = :now, pid = NULL, pid_marker = NULL"
+                " started_at = COALESCE(started_at, :now), updated_at = :now"
                 f" WHERE id = (SELECT id FROM jobs WHERE login = :login AND {_due()}"
                 "   ORDER BY next_run_at, id LIMIT 1)"
                 " RETURNING *",
@@ -183,7 +207,7 @@ class JobStore:
         step: str | None = None,
     ) -> bool:
         """Extend the lease; False if it was lost (cancelled, or taken over)."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET lease_expires_at = ?, updated_at = ?,"
@@ -194,10 +218,18 @@ class JobStore:
             return cursor.rowcount == 1
 
     def set_pid(self, job_id: int, owner: str, pid: int | None, marker: str | None) -> None:
+        """Record ffmpeg's pid (or its end: None), and where and when it started (its stamp).
+
+        The stamp (node, boot, pid, start time from ``/proc``) lets whoever
+        takes the job over kill exactly that process, never a recycled pid.
+        """
+        stamp = registry.stamp(pid, self.node) if pid is not None else None
         with self._tx() as conn:
             conn.execute(
-                "UPDATE jobs SET pid = ?, pid_marker = ? WHERE id = ? AND lease_owner = ?",
-                (pid, marker, job_id, owner),
+                "UPDATE jobs SET pid = ?, pid_marker = ?, data = CASE WHEN ? IS NULL"
+                " THEN json_remove(data, '$.ffmpeg') ELSE json_set(data, '$.ffmpeg', ?) END"
+                " WHERE id = ? AND lease_owner = ?",
+                (pid, marker, stamp and stamp.encode(), stamp and stamp.encode(), job_id, owner),
             )
 
     def mark_step(
@@ -211,13 +243,13 @@ class JobStore:
         data: dict[str, Any] | None = None,
     ) -> Job:
         """Record a step starting or finishing (its marker), and merge ``data`` into the job."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             row = conn.execute(
                 "SELECT steps, data FROM jobs WHERE id = ? AND lease_owner = ?", (job_id, owner)
             ).fetchone()
             if row is None:
-                raise SftpgateError(f"job {job_id}: lease lost")
+                raise LeaseLost(f"job {job_id}: lease lost")
             steps = json.loads(row["steps"])
             entry = steps.setdefault(step, {})
             if finished:
@@ -240,12 +272,15 @@ class JobStore:
     def set_email_state(
         self, job_id: int, owner: str, state: EmailState, error: str | None = None
     ) -> None:
+        """Raises :class:`LeaseLost` when ``owner`` no longer holds the job."""
         with self._tx() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE jobs SET email_state = ?, last_error = COALESCE(?, last_error),"
                 " updated_at = ? WHERE id = ? AND lease_owner = ?",
-                (state.value, error, time.time(), job_id, owner),
+                (state.value, error, self.clock(), job_id, owner),
             )
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"job {job_id}: lease lost")
 
     def finish(
         self,
@@ -257,10 +292,15 @@ class JobStore:
         error: str | None = None,
         journal: tuple[Op, str | None, str, str | None] | None = None,
     ) -> None:
-        """End a job; ``journal`` = (op, output path, status, message) for the operations table."""
-        now = time.time()
+        """End a job; ``journal`` = (op, output path, status, message) for the operations table.
+
+        Raises :class:`LeaseLost` (and journals nothing) when ``owner`` no
+        longer holds the running job: another worker took it over, or an admin
+        cancelled it.
+        """
+        now = self.clock()
         with self._tx() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE jobs SET state = ?, outcome = COALESCE(?, outcome), last_error = ?,"
                 " finished_at = ?, updated_at = ?, lease_owner = NULL, lease_expires_at = NULL,"
                 " pid = NULL, progress = CASE WHEN ? = 'succeeded' THEN 1 ELSE progress END,"
@@ -268,6 +308,8 @@ class JobStore:
                 " WHERE id = ? AND lease_owner = ? AND state = 'running'",
                 (state.value, outcome, error, now, now, state.value, state.value, job.id, owner),
             )
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"job {job.id}: lease lost")
             if journal is not None:
                 op, path2, status, message = journal
                 conn.execute(
@@ -277,18 +319,23 @@ class JobStore:
                 )
 
     def retry_later(self, job: Job, owner: str, error: str, backoff: float) -> JobState:
-        """Requeue after ``backoff`` seconds, or mark dead when out of attempts."""
+        """Requeue after ``backoff`` seconds, or mark dead when out of attempts.
+
+        Raises :class:`LeaseLost` when ``owner`` no longer holds the running job.
+        """
         dead = job.attempts >= job.max_attempts
         state = JobState.DEAD if dead else JobState.QUEUED
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE jobs SET state = ?, last_error = ?, next_run_at = ?, updated_at = ?,"
                 " finished_at = CASE WHEN ? THEN ? ELSE NULL END, lease_owner = NULL,"
                 " lease_expires_at = NULL, pid = NULL"
                 " WHERE id = ? AND lease_owner = ? AND state = 'running'",
                 (state.value, error, now + backoff, now, dead, now, job.id, owner),
             )
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"job {job.id}: lease lost")
         return state
 
     # -- same content again --------------------------------------------------
@@ -303,9 +350,11 @@ class JobStore:
         dead, cancelled, refused or itself a duplicate, is returned (``job``
         is then a duplicate of it); else ``sha256`` is stored on ``job`` and
         None returned. Two workers checking the same content one after the
-        other thus find each other.
+        other thus find each other. Raises :class:`LeaseLost` when ``owner``
+        no longer holds ``job``.
         """
         with self._tx() as conn:
+            self._hold(conn, job.id, owner)
             row = conn.execute(
                 "SELECT * FROM jobs WHERE login = ? AND id != ? AND created_at >= ?"
                 " AND json_extract(data, '$.sha256') = ?"
@@ -318,7 +367,7 @@ class JobStore:
             conn.execute(
                 "UPDATE jobs SET data = json_set(data, '$.sha256', ?), updated_at = ?"
                 " WHERE id = ? AND lease_owner = ?",
-                (sha256, time.time(), job.id, owner),
+                (sha256, self.clock(), job.id, owner),
             )
         return None
 
@@ -333,9 +382,12 @@ class JobStore:
         in the ``window`` seconds before ``now`` and none of their notices is
         already waiting for a digest, an ``email_log`` row is written and the
         job set ``sending``; the row's id is returned. Otherwise the job is set
-        ``digest`` and None returned.
+        ``digest`` and None returned. Raises :class:`LeaseLost` (and reserves
+        nothing) when ``owner`` no longer holds ``job``: a worker whose job was
+        taken over never sends its email.
         """
         with self._tx() as conn:
+            self._hold(conn, job.id, owner)
             if (
                 self._email_budget(conn, job.login, limit, window, now)
                 and not conn.execute(
@@ -352,7 +404,7 @@ class JobStore:
                 log_id, state = None, EmailState.DIGEST
             conn.execute(
                 "UPDATE jobs SET email_state = ?, updated_at = ? WHERE id = ? AND lease_owner = ?",
-                (state.value, time.time(), job.id, owner),
+                (state.value, self.clock(), job.id, owner),
             )
         return int(log_id) if log_id is not None else None
 
@@ -363,8 +415,18 @@ class JobStore:
             conn.execute(
                 "UPDATE jobs SET email_state = 'none', last_error = ?, updated_at = ?"
                 " WHERE id = ? AND lease_owner = ?",
-                (error, time.time(), job.id, owner),
+                (error, self.clock(), job.id, owner),
             )
+
+    @staticmethod
+    def _hold(conn: sqlite3.Connection, job_id: int, owner: str) -> None:
+        """Inside a transaction: raise :class:`LeaseLost` unless ``owner`` holds the running job."""
+        row = conn.execute(
+            "SELECT 1 FROM jobs WHERE id = ? AND lease_owner = ? AND state = 'running'",
+            (job_id, owner),
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(f"job {job_id}: lease lost")
 
     @staticmethod
     def _email_budget(
@@ -410,9 +472,13 @@ class JobStore:
                 "INSERT INTO email_log (login, sent_at, kind, jobs) VALUES (?, ?, 'digest', ?)",
                 (login, now, json.dumps(ids)),
             ).lastrowid
+            # The finished jobs name their sender while it sends, so that only its death
+            # makes them `uncertain` (recover_emails).
+            sender = registry.owner_of(self.worker_id, "digest") if self.worker_id else None
             conn.execute(
-                f"UPDATE jobs SET email_state = 'sending' WHERE id IN ({','.join('?' * len(ids))})",  # noqa: S608
-                ids,
+                "UPDATE jobs SET email_state = 'sending', lease_owner = ?"  # noqa: S608
+                f" WHERE id IN ({','.join('?' * len(ids))})",
+                (sender, *ids),
             )
         return int(log_id or 0), jobs
 
@@ -427,28 +493,53 @@ class JobStore:
                 conn.execute("DELETE FROM email_log WHERE id = ?", (log_id,))
             conn.execute(
                 f"UPDATE jobs SET email_state = ?, last_error = COALESCE(?, last_error),"  # noqa: S608
-                f" updated_at = ? WHERE id IN ({marks}) AND email_state = 'sending'",
-                (state.value, error, time.time(), *ids),
+                f" updated_at = ?, lease_owner = NULL WHERE id IN ({marks})"
+                " AND email_state = 'sending'",
+                (state.value, error, self.clock(), *ids),
             )
 
-    def recover_emails(self) -> list[int]:
-        """At start-up: finished jobs still ``sending`` (a digest cut off) become ``uncertain``.
+    def recover_emails(self, now: float | None = None, timeout: float | None = None) -> list[int]:
+        """Finished jobs still ``sending`` (a digest cut off) whose sender is dead: ``uncertain``.
 
-        They may have been delivered, so they are flagged, never resent. (Jobs
-        that were running are requeued instead, and the pipeline flags theirs.)
+        They may have been delivered, so they are flagged, never resent. A
+        digest's jobs name their sender (``<worker id>/digest``); it is dead
+        when its row in ``workers`` is gone (a clean exit, or
+        :meth:`reap_workers` proved it dead) or, when ``timeout`` is given,
+        has not heartbeaten in ``timeout`` seconds before ``now``. Jobs
+        without a sender (written by an older version) count as dead. A live
+        worker's digest is never touched. (A running job's own email is the
+        next lease holder's: the pipeline flags it.)
         """
+        now = self.clock() if now is None else now
         with self._tx() as conn:
             rows = conn.execute(
-                "UPDATE jobs SET email_state = 'uncertain', updated_at = ?"
-                " WHERE email_state = 'sending' AND state NOT IN ('queued', 'running')"
-                " RETURNING id",
-                (time.time(),),
+                "SELECT id, lease_owner FROM jobs WHERE email_state = 'sending'"
+                " AND state NOT IN ('queued', 'running')"
             ).fetchall()
-        return [int(row[0]) for row in rows]
+            if not rows:
+                return []
+            since = now - timeout if timeout is not None else float("-inf")
+            live = {
+                row[0]
+                for row in conn.execute("SELECT id, heartbeat_at FROM workers").fetchall()
+                if row[1] >= since
+            }
+            dead = [
+                int(row[0])
+                for row in rows
+                if not row[1] or registry.worker_of(str(row[1])) not in live
+            ]
+            if dead:
+                conn.execute(
+                    "UPDATE jobs SET email_state = 'uncertain', lease_owner = NULL,"  # noqa: S608
+                    f" updated_at = ? WHERE id IN ({','.join('?' * len(dead))})",
+                    (now, *dead),
+                )
+        return dead
 
     def release(self, job: Job, owner: str) -> None:
         """Give a job back at shutdown: queued, and this attempt does not count."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = MAX(0, attempts - 1),"
@@ -457,20 +548,91 @@ class JobStore:
                 (now, now, job.id, owner),
             )
 
-    def requeue_orphans(self) -> list[Job]:
-        """At start-up: every `running` job lost its worker; requeue them and return them."""
-        now = time.time()
+    def requeue_orphans(self, now: float | None = None) -> list[Job]:
+        """Running jobs whose lease expired (their worker died or stalled): requeue them.
+
+        Only expired leases: a job another live worker holds is never touched.
+        Their ``pid`` stays, so the next holder kills a leftover ffmpeg.
+        """
+        now = self.clock() if now is None else now
         with self._tx() as conn:
             rows = conn.execute(
                 "UPDATE jobs SET state = 'queued', next_run_at = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_expires_at = NULL WHERE state = 'running' RETURNING *",
-                (now, now),
+                " lease_owner = NULL, lease_expires_at = NULL"
+                " WHERE state = 'running' AND lease_expires_at < ? RETURNING *",
+                (now, now, now),
             ).fetchall()
         return [Job.from_row(row) for row in rows]
 
     def clear_pid(self, job_id: int) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE jobs SET pid = NULL, pid_marker = NULL WHERE id = ?", (job_id,))
+            conn.execute(
+                "UPDATE jobs SET pid = NULL, pid_marker = NULL,"
+                " data = json_remove(data, '$.ffmpeg') WHERE id = ?",
+                (job_id,),
+            )
+
+    # -- the registry of live workers -------------------------------------------
+
+    def register_worker(self, worker_id: str, pid: int, now: float) -> None:
+        """Add (or renew) this process's row in ``workers``; see jobs/registry.py."""
+        own = registry.stamp(pid, self.node)
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO workers (id, node, pid, boot_id, pid_start, started_at,"
+                " heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE"
+                " SET heartbeat_at = excluded.heartbeat_at",
+                (worker_id, self.node, pid, registry.boot_id(), own.start if own else 0, now, now),
+            )
+
+    def heartbeat_worker(self, worker_id: str, now: float) -> bool:
+        """Renew the row's heartbeat; False if it is gone (reaped): register again."""
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id)
+            )
+            return cursor.rowcount == 1
+
+    def unregister_worker(self, worker_id: str) -> None:
+        """A clean exit: the row goes (its jobs were released first)."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every registered worker, oldest first."""
+        rows = self.conn.execute("SELECT * FROM workers ORDER BY started_at, id").fetchall()
+        return [dict(row) for row in rows]
+
+    def reap_workers(self, now: float, forget_after: float) -> dict[str, list[int]]:
+        """Remove workers proven dead; expire their leases. Returns {worker id: job ids}.
+
+        Proof is only had on this node: the row is of an earlier boot, or its
+        pid is gone or is another process (its start time differs). Such a worker's running
+        jobs get an expired lease, so any worker takes them over now rather
+        than after the lease. A row of another node, or an earlier boot, is
+        only forgotten after ``forget_after`` seconds without a heartbeat; its
+        jobs are taken over by lease expiry alone (a stale row with a live
+        lease keeps its job).
+        """
+        with self._tx() as conn:
+            rows = conn.execute("SELECT * FROM workers").fetchall()
+            dead: dict[str, list[int]] = {}
+            for row in rows:
+                # A row of this node from an earlier boot is dead too (alive() says so).
+                mine = row["node"] == self.node
+                process = registry.Stamp(row["node"], row["boot_id"], row["pid"], row["pid_start"])
+                if mine and not registry.alive(process):
+                    jobs = conn.execute(
+                        "UPDATE jobs SET lease_expires_at = ? WHERE state = 'running'"
+                        " AND substr(lease_owner, 1, ?) = ? RETURNING id",
+                        (now - 1, len(row["id"]) + 1, row["id"] + "/"),
+                    ).fetchall()
+                    dead[row["id"]] = [int(job[0]) for job in jobs]
+                elif row["heartbeat_at"] < now - forget_after:
+                    dead[row["id"]] = []
+            for worker_id in dead:
+                conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        return dead
 
     # -- admins ----------------------------------------------------------------
 
@@ -507,7 +669,7 @@ class JobStore:
                 f"job {job_id} is {job.state.value}; only failed, dead or "
                 "cancelled jobs can be retried"
             )
-        now = time.time()
+        now = self.clock()
         found = self._one(
             "UPDATE jobs SET state = 'queued', attempts = 0, next_run_at = ?, updated_at = ?,"
             " finished_at = NULL, email_state = CASE WHEN email_state IN ('failed', 'uncertain')"
@@ -527,7 +689,7 @@ class JobStore:
         job = self.get(job_id)
         if job.state.value not in ACTIVE:
             raise SftpgateError(f"job {job_id} is {job.state.value}; nothing to cancel")
-        now = time.time()
+        now = self.clock()
         found = self._one(
             "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?,"
             " last_error = COALESCE(last_error, 'cancelled by an admin') WHERE id = ? RETURNING *",
@@ -535,3 +697,12 @@ class JobStore:
         )
         assert found is not None
         return found
+
+    # -- the uploads a job came from (storage port: JobLedger) ----------------
+
+    def upload_time(self, upload_id: int | None) -> float | None:
+        """When upload ``upload_id`` was journaled, or None (no such row, or None given)."""
+        if upload_id is None:
+            return None
+        row = self.conn.execute("SELECT ts FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+        return float(row[0]) if row is not None else None

@@ -10,13 +10,20 @@ import functools
 import itertools
 import json
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..events import Event, Op, UploadState
 from ..private import private_dir, private_file
-
-SCHEMA_VERSION = 4
+from ..storage.ports import (
+    MIGRATE_COMMAND,
+    BatchResult,
+    JobRule,
+    JobSpec,
+    SchemaAhead,
+    SchemaBehind,
+    StorageUnavailable,
+)
 
 SESSIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -137,6 +144,20 @@ CREATE TABLE IF NOT EXISTS quota_usage (
     updated_at REAL NOT NULL
 ) WITHOUT ROWID"""
 
+# Live job workers (jobs/registry.py): each `serve` or `worker` process heartbeats its row and
+# deletes it on a clean exit. A job's lease owner is `<id>/<slot>`. Jobs are taken over by lease
+# expiry; a row only proves death where /proc can tell (same node and boot, that pid gone).
+WORKERS_TABLE = """
+CREATE TABLE IF NOT EXISTS workers (
+    id           TEXT PRIMARY KEY,            -- node:pid:random, never reused
+    node         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    boot_id      TEXT NOT NULL,               -- /proc/sys/kernel/random/boot_id
+    pid_start    INTEGER NOT NULL,            -- /proc/<pid>/stat field 22 (pid reuse)
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+) WITHOUT ROWID"""
+
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_login_state ON jobs(login, state)",
     "CREATE INDEX IF NOT EXISTS jobs_login_created ON jobs(login, created_at)",
@@ -151,8 +172,107 @@ INDEXES = (
 )
 
 
-def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) -> sqlite3.Connection:
-    """Open the journal, creating the schema when writing.
+# Versioned migrations: version N is reached by running MIGRATIONS[N - 1] in one
+# transaction with its ``PRAGMA user_version = N``. Version 4 is the schema every
+# earlier build made (its CREATEs are idempotent, so versions 1-3 reach it too).
+# The tables above are version 4's; later versions change them by ALTER only.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (),
+    (),
+    (),
+    (
+        SESSIONS_TABLE,
+        OPERATIONS_TABLE,
+        UPLOADS_TABLE,
+        JOBS_TABLE,
+        EVENT_KEYS_TABLE,
+        BANS_TABLE,
+        QUOTA_USAGE_TABLE,
+        JOB_TURNS_TABLE,
+        EMAIL_LOG_TABLE,
+        *INDEXES,
+    ),
+    (
+        # 5 (issue 18): which host a session or a job belongs to; the live workers'
+        # registry (jobs/registry.py); the indexes retention (prune) walks by.
+        "ALTER TABLE sessions ADD COLUMN node TEXT",
+        "ALTER TABLE jobs ADD COLUMN node TEXT",
+        WORKERS_TABLE,
+        "CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_at)",
+        "CREATE INDEX IF NOT EXISTS uploads_operation ON uploads(operation_id)",
+        "CREATE INDEX IF NOT EXISTS jobs_upload ON jobs(upload_id)",
+        "CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id)",
+        "CREATE INDEX IF NOT EXISTS email_log_sent ON email_log(sent_at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version of the database behind ``conn`` (0: none)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _behind(path: Path, version: int) -> SchemaBehind:
+    return SchemaBehind(
+        f"journal {path} has schema version {version}, this sftpgate needs "
+        f"{SCHEMA_VERSION}: run `{MIGRATE_COMMAND} -c <config>` first "
+        "(back the file up before; stop the gateways and workers using it)"
+    )
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise :class:`SchemaBehind` or :class:`SchemaAhead` unless the schema is current."""
+    version = schema_version(conn)
+    if version < SCHEMA_VERSION:
+        raise _behind(path, version)
+    if version > SCHEMA_VERSION:
+        raise SchemaAhead(
+            f"journal {path} has schema version {version}, newer than this sftpgate's "
+            f"{SCHEMA_VERSION}: upgrade sftpgate"
+        )
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Run the migrations the database lacks, each in its own transaction; the versions run.
+
+    The version is read again inside each ``BEGIN IMMEDIATE``, so processes
+    migrating at once never run a step twice. Raises :class:`SchemaAhead` for
+    a database newer than this sftpgate.
+    """
+    applied: list[int] = []
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = schema_version(conn)
+            if version > SCHEMA_VERSION:
+                raise SchemaAhead(
+                    f"schema version {version} is newer than this sftpgate's {SCHEMA_VERSION}"
+                )
+            if version == SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                return applied
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version + 1}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        applied.append(version + 1)
+
+
+def connect(
+    path: Path, *, synchronous: str = "full", readonly: bool = False, create: bool = True
+) -> sqlite3.Connection:
+    """Open the journal, checking its schema.
+
+    Read-only: the schema is not checked (the reader does, see
+    :class:`~sftpgate.journal.query.SQLiteReader`). Writing: a database with no
+    schema yet (a new file) is created at the current version when ``create``
+    (the single-host default needs no extra step); one that is behind raises
+    :class:`SchemaBehind` naming ``sftpgate db migrate``, one that is ahead
+    :class:`SchemaAhead`.
 
     When writing, the file (and its WAL and shared memory) is 0600 and a
     folder created for it 0700. Raises ``sqlite3.Error`` (and ``OSError`` for
@@ -162,6 +282,19 @@ def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) ->
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         conn.row_factory = sqlite3.Row
         return conn
+    conn = open_rw(path, synchronous=synchronous)
+    try:
+        if create and schema_version(conn) == 0:
+            migrate(conn)
+        check_schema(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_rw(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
+    """Open the journal for writing without looking at its schema (``sftpgate db migrate``)."""
     # The journal is the audit trail: 0600 in a folder made 0700, whatever the
     # umask. SQLite creates -wal and -shm with the database file's mode, so the
     # file is made private before SQLite opens it; older ones are tightened.
@@ -171,39 +304,26 @@ def connect(path: Path, *, synchronous: str = "full", readonly: bool = False) ->
         private_file(path.with_name(path.name + suffix), create=False)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version < SCHEMA_VERSION:
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in (
-                SESSIONS_TABLE,
-                OPERATIONS_TABLE,
-                UPLOADS_TABLE,
-                JOBS_TABLE,
-                EVENT_KEYS_TABLE,
-                BANS_TABLE,
-                QUOTA_USAGE_TABLE,
-                JOB_TURNS_TABLE,
-                EMAIL_LOG_TABLE,
-                *INDEXES,
-            ):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
 _SESSION_UPSERT = """
 INSERT INTO sessions (id, login, remote_addr, remote_port, client_version, auth_method,
-                      result, started_at, ended_at)
+                      result, node, started_at, ended_at)
 VALUES (:id, :login, :remote_addr, :remote_port, :client_version, :auth_method,
-        :result, :started_at, :ended_at)
+        :result, :node, :started_at, :ended_at)
 ON CONFLICT(id) DO UPDATE SET
     login = COALESCE(excluded.login, sessions.login),
     client_version = COALESCE(excluded.client_version, sessions.client_version),
     auth_method = COALESCE(excluded.auth_method, sessions.auth_method),
+    node = COALESCE(excluded.node, sessions.node),
     result = CASE WHEN sessions.result = 'ok' THEN 'ok' ELSE excluded.result END,
     ended_at = COALESCE(excluded.ended_at, sessions.ended_at)
 """
@@ -252,35 +372,32 @@ def _insert_rows(
 
 _SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
 
-# Called inside the transaction that records a complete upload, with the new
-# upload's id and its final path: where rules add the job row, so the upload
-# and its job commit (or fail) together.
-UploadHook = Callable[[sqlite3.Connection, int, str, Event], None]
-
 
 def record_batch(
-    conn: sqlite3.Connection, events: Iterable[Event], on_upload: UploadHook | None = None
-) -> None:
-    """Write events in one transaction (one fsync for the lot).
+    conn: sqlite3.Connection, events: Iterable[Event], rule: JobRule | None = None
+) -> BatchResult:
+    """Write events in one transaction (one fsync for the lot): the JournalStore contract.
 
     An event whose ``key`` was recorded before is skipped. Operation and
     upload rows are numbered here, in order, and written by a few
     multi-row INSERTs: the writer thread runs little Python per event and
-    lets go of the GIL it shares with the event loop rarely. ``on_upload`` runs for
-    each complete upload once its row is in, inside the transaction.
+    lets go of the GIL it shares with the event loop rarely. Each complete
+    upload is put to ``rule`` (pure) and, when it returns a spec, its job is
+    inserted in the same transaction. Returns the new jobs' ids.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        _record_all(conn, events, on_upload)
+        jobs = _record_all(conn, events, rule)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    return BatchResult(tuple(jobs))
 
 
 def _record_all(
-    conn: sqlite3.Connection, events: Iterable[Event], on_upload: UploadHook | None
-) -> None:
+    conn: sqlite3.Connection, events: Iterable[Event], rule: JobRule | None
+) -> list[int]:
     # Inside BEGIN IMMEDIATE: no other writer can take these ids meanwhile.
     op_id = conn.execute("SELECT coalesce(max(id), 0) FROM operations").fetchone()[0]
     upload_id: int | None = None  # looked up at the batch's first upload
@@ -304,6 +421,7 @@ def _record_all(
                     "client_version": s.client_version,
                     "auth_method": s.auth_method,
                     "result": "ok" if event.op is Op.LOGIN else "failed",
+                    "node": _node(s),
                     "started_at": s.started_at,
                     "ended_at": event.time if event.op is Op.LOGOUT else None,
                 },
@@ -352,6 +470,72 @@ def _record_all(
                 completed.append((upload_id, final, event))
     _insert_rows(conn, _OPERATION_INSERT, _OPERATION_COLUMNS, operations)
     _insert_rows(conn, _UPLOAD_INSERT, _UPLOAD_COLUMNS, uploads)
-    if on_upload is not None:
-        for upload, final, event in completed:
-            on_upload(conn, upload, final, event)
+    jobs: list[int] = []
+    if rule is None:
+        return jobs
+    for upload, final, event in completed:
+        spec = rule(final, event)
+        if spec is not None:
+            jobs.append(_insert_job(conn, upload, final, event, spec))
+    return jobs
+
+
+def _node(session: object) -> str | None:
+    """The host a session is on, once the front doors say (``SessionInfo.node``)."""
+    node = getattr(session, "node", None)
+    return node if isinstance(node, str) else None
+
+
+def _insert_job(
+    conn: sqlite3.Connection, upload_id: int, path: str, event: Event, spec: JobSpec
+) -> int:
+    # The job row's SQL is the job store's (one place for it); imported here, not at the
+    # top, because the job store opens its database through this module.
+    from ..jobs.store import enqueue
+
+    job_id = enqueue(conn, upload_id, path, event, spec.max_attempts, spec.queue_cap)
+    node = _node(event.session)
+    if node is not None:
+        conn.execute("UPDATE jobs SET node = ? WHERE id = ?", (node, job_id))
+    return job_id
+
+
+class SQLiteJournal:
+    """The :class:`~sftpgate.storage.ports.JournalStore` on the SQLite journal file.
+
+    One connection, used by one thread at a time (the journal writer's). The
+    driver's errors of the disk, the lock or the file become
+    :class:`~sftpgate.storage.ports.StorageUnavailable`; an error of a record
+    (a value SQLite cannot bind, a constraint) goes through as it is.
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = connect(path, synchronous=synchronous)
+
+    def record_batch(self, events: Sequence[Event], rule: JobRule | None = None) -> BatchResult:
+        if self._conn is None:
+            raise StorageUnavailable(f"journal {self.path} is closed")
+        try:
+            return record_batch(self._conn, events, rule)
+        except Exception as exc:
+            if transient(exc):
+                raise StorageUnavailable(f"journal {self.path}: {exc}") from exc
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed statement says the disk or the lock failed, not the records.
+
+    OperationalError is locked, busy, full, I/O, a schema gone; a bare
+    DatabaseError is a corrupt file. Everything else (a value SQLite cannot
+    bind, a constraint, a field of the wrong type) is about one record.
+    """
+    return isinstance(exc, OSError | MemoryError | sqlite3.OperationalError) or (
+        type(exc) is sqlite3.DatabaseError
+    )

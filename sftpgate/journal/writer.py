@@ -30,7 +30,6 @@ import collections
 import contextlib
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..events import Event, Op, SessionInfo
-from .store import UploadHook, connect, record_batch
+from ..storage.ports import JobRule, JournalStore, StorageUnavailable
+from .store import SQLiteJournal
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,14 @@ class _Retry(Exception):
 
 
 class JournalWriter:
-    """An :class:`~sftpgate.events.EventSink` backed by the SQLite journal."""
+    """An :class:`~sftpgate.events.EventSink` backed by a journal store (SQLite by default).
+
+    ``on_upload`` is the pure job rule (:data:`~sftpgate.storage.ports.JobRule`):
+    a complete upload it gives a spec gets its job in the upload's transaction.
+    ``after_commit`` runs on the writer thread after a commit that created
+    jobs (to wake the workers). ``store`` replaces the SQLite journal at
+    ``path`` (another backend, or a test's).
+    """
 
     def __init__(
         self,
@@ -93,9 +100,10 @@ class JournalWriter:
         synchronous: str = "full",
         batch_max: int = 1000,
         interval: float = 0.02,
-        on_upload: UploadHook | None = None,
+        on_upload: JobRule | None = None,
         after_commit: Callable[[], None] | None = None,
         durable_timeout: float = 10.0,
+        store: JournalStore | None = None,
     ) -> None:
         self.path = path
         self._durable_timeout = durable_timeout
@@ -112,7 +120,7 @@ class JournalWriter:
         # plain emit pay for waking it.
         self._idle = False
         self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._store: JournalStore | None = store
         self.committed = 0
         self.batches = 0
         self.set_aside = 0  # records replaced by an error row
@@ -123,8 +131,13 @@ class JournalWriter:
         return len(self._items)
 
     def start(self) -> None:
-        """Open the database (raising if it cannot be opened) and start the thread."""
-        self._conn = connect(self.path, synchronous=self._synchronous)
+        """Open the database (raising if it cannot be opened) and start the thread.
+
+        Raises :class:`~sftpgate.storage.ports.SchemaBehind` for a schema that
+        needs ``sftpgate db migrate`` (a new SQLite file is created instead).
+        """
+        if self._store is None:
+            self._store = SQLiteJournal(self.path, synchronous=self._synchronous)
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
 
@@ -167,9 +180,9 @@ class JournalWriter:
         self._wake.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
@@ -277,14 +290,14 @@ class JournalWriter:
         Raises :class:`_Retry` with what is left when the disk or the lock
         fails (nothing is wrong with the records then: retry them all later).
         """
-        assert self._conn is not None
+        assert self._store is not None
         chunks = [items]  # a stack: the first half of a split is tried first
         while chunks:
             chunk = chunks.pop()
             try:
-                record_batch(self._conn, (item.event for item in chunk), self._on_upload)
+                result = self._store.record_batch([item.event for item in chunk], self._on_upload)
             except Exception as exc:
-                if _transient(exc):
+                if isinstance(exc, StorageUnavailable | MemoryError):
                     rest = [item for later in reversed(chunks) for item in later]
                     raise _Retry(chunk + rest, exc) from exc
                 if len(chunk) > 1:
@@ -305,12 +318,12 @@ class JournalWriter:
                 _settle(bad, JournalUnavailable(f"not journaled: {why}"))
                 chunks.append([_error_item(bad.event, STATUS_SET_ASIDE, why)])
                 continue
-            self._committed(chunk)
+            self._committed(chunk, bool(result.jobs))
 
-    def _committed(self, chunk: list[_Item]) -> None:
+    def _committed(self, chunk: list[_Item], started_jobs: bool) -> None:
         self.committed += len(chunk)
         self.batches += 1
-        if self._after_commit is not None:
+        if started_jobs and self._after_commit is not None:
             try:
                 self._after_commit()
             except Exception:  # a listener must never break the journal
@@ -331,18 +344,6 @@ _COMMITTED_LATE = (
     "committed after journal.durable_timeout: the client was told it failed, "
     "but the upload and its job exist"
 )
-
-
-def _transient(exc: BaseException) -> bool:
-    """Whether a failed commit says the disk or the lock failed, not the records.
-
-    OperationalError is locked, busy, full, I/O, a schema gone; a bare
-    DatabaseError is a corrupt file. Everything else (a value SQLite cannot
-    bind, a constraint, a field of the wrong type) is about one record.
-    """
-    return isinstance(exc, OSError | MemoryError | sqlite3.OperationalError) or (
-        type(exc) is sqlite3.DatabaseError
-    )
 
 
 def _describe(exc: BaseException) -> str:
