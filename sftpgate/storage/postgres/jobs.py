@@ -1,0 +1,470 @@
+"""The job store on PostgreSQL: the Scheduler and JobLedger ports (storage/ports.py).
+
+Leasing is ``SELECT … FOR UPDATE SKIP LOCKED``: workers on many hosts pick
+different due jobs without waiting on each other, and a job is held by one
+lease at a time. Per-user caps are checked again under the user's
+``job_turns`` row lock, so two workers cannot both start a user's only slot.
+Every change that takes ``owner`` acts only while that owner holds the lease.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from ...errors import NotFoundError, SftpgateError
+from ...events import Op
+from ...jobs.model import ACTIVE, EmailState, Job, JobState
+from .journal import insert_operations
+from .pool import Conn, unavailable_as_storage
+
+_JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
+
+
+class LeaseLost(SftpgateError):
+    """This worker no longer holds the job: its lease expired and another took it, or an admin
+    cancelled it."""
+
+
+def _job(row: dict[str, Any]) -> Job:
+    # Only the columns this build's Job knows (the table may carry newer ones).
+    return Job.from_row({k: v for k, v in row.items() if k in _JOB_FIELDS})  # type: ignore[arg-type]
+
+
+_DUE = (
+    "((j.state = 'queued' AND j.next_run_at <= %(now)s)"
+    " OR (j.state = 'running' AND j.lease_expires_at < %(now)s))"
+)
+
+_PICK = (
+    "SELECT j.id, j.login FROM jobs AS j LEFT JOIN job_turns AS t ON t.login = j.login"  # noqa: S608
+    f" WHERE {_DUE} AND NOT (j.login = ANY(%(skip)s))"
+    " AND (%(cap)s < 0 OR (SELECT count(*) FROM jobs AS r WHERE r.login = j.login"
+    "   AND r.state = 'running' AND r.lease_expires_at >= %(now)s) < %(cap)s)"
+    " ORDER BY COALESCE(t.last_turn, 0), j.next_run_at, j.id"
+    " LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
+)
+
+
+class PgJobStore:
+    """:class:`~sftpgate.storage.ports.JobStore` on PostgreSQL. Thread-safe (a pool)."""
+
+    def __init__(self, pool: ConnectionPool[Conn]) -> None:
+        self._pool = pool
+
+    def close(self) -> None:
+        """The pool belongs to the backend."""
+
+    @contextmanager
+    def _tx(self) -> Iterator[Conn]:
+        with unavailable_as_storage(), self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def _conn(self) -> Iterator[Conn]:
+        with unavailable_as_storage(), self._pool.connection() as conn:
+            yield conn
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def lease(self, owner: str, lease_seconds: float, per_user: int | None = None) -> Job | None:
+        now = time.time()
+        cap = per_user if per_user is not None else -1
+        skip: list[str] = []
+        with self._tx() as conn:
+            for _ in range(16):  # users found at their cap meanwhile are passed over
+                pick = conn.execute(_PICK, {"now": now, "cap": cap, "skip": skip}).fetchone()
+                if pick is None:
+                    return None
+                login = pick["login"]
+                # The user's turn row, locked until commit: other leases of this user wait here,
+                # then count the jobs this one starts.
+                conn.execute(
+                    "INSERT INTO job_turns (login, last_turn) VALUES (%s, %s)"
+                    " ON CONFLICT (login) DO UPDATE SET last_turn = excluded.last_turn",
+                    (login, now),
+                )
+                if cap >= 0:
+                    running = conn.execute(
+                        "SELECT count(*) AS n FROM jobs WHERE login = %s AND state = 'running'"
+                        " AND lease_expires_at >= %s AND id != %s",
+                        (login, now, pick["id"]),
+                    ).fetchone()
+                    if running is not None and running["n"] >= cap:
+                        skip.append(login)
+                        continue
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'running', lease_owner = %(owner)s,"
+                    " lease_expires_at = %(until)s, attempts = attempts + 1,"
+                    " started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s,"
+                    " pid = NULL, pid_marker = NULL WHERE id = %(id)s RETURNING *",
+                    {"owner": owner, "until": now + lease_seconds, "now": now, "id": pick["id"]},
+                ).fetchone()
+                return _job(row) if row else None
+        return None
+
+    def heartbeat(
+        self,
+        job_id: int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        progress: float | None = None,
+        step: str | None = None,
+    ) -> bool:
+        now = time.time()
+        with self._conn() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET lease_expires_at = %s, updated_at = %s,"
+                " progress = COALESCE(%s, progress), step = COALESCE(%s, step)"
+                " WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                (now + lease_seconds, now, progress, step, job_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    def set_pid(self, job_id: int, owner: str, pid: int | None, marker: str | None) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE jobs SET pid = %s, pid_marker = %s WHERE id = %s AND lease_owner = %s",
+                (pid, marker, job_id, owner),
+            )
+
+    def clear_pid(self, job_id: int) -> None:
+        with self._conn() as conn:
+            conn.execute("UPDATE jobs SET pid = NULL, pid_marker = NULL WHERE id = %s", (job_id,))
+
+    def finish(
+        self,
+        job: Job,
+        owner: str,
+        state: JobState,
+        *,
+        outcome: str | None = None,
+        error: str | None = None,
+        journal: tuple[Op, str | None, str, str | None] | None = None,
+    ) -> None:
+        now = time.time()
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = %(state)s, outcome = COALESCE(%(outcome)s, outcome),"
+                " last_error = %(error)s, finished_at = %(now)s, updated_at = %(now)s,"
+                " lease_owner = NULL, lease_expires_at = NULL, pid = NULL,"
+                " progress = CASE WHEN %(state)s = 'succeeded' THEN 1 ELSE progress END,"
+                " step = CASE WHEN %(state)s = 'succeeded' THEN 'done' ELSE step END"
+                " WHERE id = %(id)s AND lease_owner = %(owner)s AND state = 'running'",
+                {
+                    "state": state.value,
+                    "outcome": outcome,
+                    "error": error,
+                    "now": now,
+                    "id": job.id,
+                    "owner": owner,
+                },
+            )
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"job {job.id}: lease lost")
+            if journal is not None:
+                op, path2, status, message = journal
+                row = (now, job.session_id, job.login, None, op.value, job.path, path2)
+                insert_operations(
+                    conn, [(*row, None, None, None, None, None, None, status, message)]
+                )
+
+    def retry_later(self, job: Job, owner: str, error: str, backoff: float) -> JobState:
+        dead = job.attempts >= job.max_attempts
+        state = JobState.DEAD if dead else JobState.QUEUED
+        now = time.time()
+        with self._conn() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = %s, last_error = %s, next_run_at = %s, updated_at = %s,"
+                " finished_at = %s, lease_owner = NULL, lease_expires_at = NULL, pid = NULL"
+                " WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                (state.value, error, now + backoff, now, now if dead else None, job.id, owner),
+            )
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"job {job.id}: lease lost")
+        return state
+
+    def release(self, job: Job, owner: str) -> None:
+        now = time.time()
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = greatest(0, attempts - 1),"
+                " next_run_at = %s, updated_at = %s, lease_owner = NULL, lease_expires_at = NULL,"
+                " pid = NULL WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                (now, now, job.id, owner),
+            )
+
+    # -- the ledger -------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job {job_id}")
+        return _job(row)
+
+    def mark_step(
+        self,
+        job_id: int,
+        owner: str,
+        step: str,
+        *,
+        finished: bool = False,
+        error: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> Job:
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT steps, data FROM jobs WHERE id = %s AND lease_owner = %s FOR UPDATE",
+                (job_id, owner),
+            ).fetchone()
+            if row is None:
+                raise LeaseLost(f"job {job_id}: lease lost")
+            steps = json.loads(row["steps"])
+            entry = steps.setdefault(step, {})
+            if finished:
+                entry["finished"] = now
+                entry.pop("error", None)
+            elif error is not None:
+                entry["error"] = error
+                entry["failed_at"] = now
+            else:
+                entry["started"] = now
+            merged = json.loads(row["data"])
+            merged.update(data or {})
+            result = conn.execute(
+                "UPDATE jobs SET steps = %s, data = %s, step = %s, updated_at = %s WHERE id = %s"
+                " RETURNING *",
+                (json.dumps(steps), json.dumps(merged), step, now, job_id),
+            ).fetchone()
+        assert result is not None
+        return _job(result)
+
+    def set_email_state(
+        self, job_id: int, owner: str, state: EmailState, error: str | None = None
+    ) -> None:
+        with self._conn() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET email_state = %s, last_error = COALESCE(%s, last_error),"
+                " updated_at = %s WHERE id = %s AND lease_owner = %s",
+                (state.value, error, time.time(), job_id, owner),
+            )
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"job {job_id}: lease lost")
+
+    @staticmethod
+    def _hold(conn: Conn, job_id: int, owner: str) -> None:
+        """Inside a transaction: lock the job, or raise LeaseLost unless ``owner`` holds it."""
+        row = conn.execute(
+            "SELECT 1 FROM jobs WHERE id = %s AND lease_owner = %s AND state = 'running'"
+            " FOR UPDATE",
+            (job_id, owner),
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(f"job {job_id}: lease lost")
+
+    @staticmethod
+    def _lock_user(conn: Conn, login: str) -> None:
+        """Serialize one user's content and email decisions (a transaction-level advisory lock)."""
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (login,))
+
+    def claim_content(
+        self, job: Job, owner: str, sha256: str, window: float, now: float
+    ) -> Job | None:
+        with self._tx() as conn:
+            self._hold(conn, job.id, owner)
+            self._lock_user(conn, job.login)
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE login = %s AND id != %s AND created_at >= %s"
+                " AND (data::jsonb ->> 'sha256') = %s"
+                " AND state NOT IN ('failed', 'dead', 'cancelled')"
+                " AND (outcome IS NULL OR outcome = 'converted') ORDER BY id LIMIT 1",
+                (job.login, job.id, now - window, sha256),
+            ).fetchone()
+            if row is not None:
+                return _job(row)
+            conn.execute(
+                "UPDATE jobs SET data = (jsonb_set(data::jsonb, '{sha256}', to_jsonb(%s::text)))"
+                "::text, updated_at = %s WHERE id = %s AND lease_owner = %s",
+                (sha256, time.time(), job.id, owner),
+            )
+        return None
+
+    @staticmethod
+    def _email_budget(conn: Conn, login: str, limit: int, window: float, now: float) -> bool:
+        row = conn.execute(
+            "SELECT count(*) AS n FROM email_log WHERE login = %s AND sent_at > %s",
+            (login, now - window),
+        ).fetchone()
+        return bool(row is not None and row["n"] < limit)
+
+    def reserve_email(
+        self, job: Job, owner: str, limit: int, window: float, now: float
+    ) -> int | None:
+        with self._tx() as conn:
+            self._hold(conn, job.id, owner)
+            self._lock_user(conn, job.login)
+            log_id: int | None = None
+            state = EmailState.DIGEST
+            waiting = conn.execute(
+                "SELECT 1 FROM jobs WHERE login = %s AND email_state = 'digest' LIMIT 1",
+                (job.login,),
+            ).fetchone()
+            if self._email_budget(conn, job.login, limit, window, now) and waiting is None:
+                row = conn.execute(
+                    "INSERT INTO email_log (login, sent_at, kind, jobs)"
+                    " VALUES (%s, %s, 'single', %s) RETURNING id",
+                    (job.login, now, json.dumps([job.id])),
+                ).fetchone()
+                assert row is not None
+                log_id, state = int(row["id"]), EmailState.SENDING
+            conn.execute(
+                "UPDATE jobs SET email_state = %s, updated_at = %s"
+                " WHERE id = %s AND lease_owner = %s",
+                (state.value, time.time(), job.id, owner),
+            )
+        return log_id
+
+    def unreserve_email(self, job: Job, owner: str, log_id: int, error: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM email_log WHERE id = %s", (log_id,))
+            conn.execute(
+                "UPDATE jobs SET email_state = 'none', last_error = %s, updated_at = %s"
+                " WHERE id = %s AND lease_owner = %s",
+                (error, time.time(), job.id, owner),
+            )
+
+    def digests_due(self, limit: int, window: float, now: float) -> list[str]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT login FROM jobs WHERE email_state = 'digest'"
+                " AND state NOT IN ('queued', 'running') ORDER BY login"
+            ).fetchall()
+            return [
+                row["login"]
+                for row in rows
+                if self._email_budget(conn, row["login"], limit, window, now)
+            ]
+
+    def claim_digest(
+        self, login: str, limit: int, window: float, now: float, most: int = 100
+    ) -> tuple[int, list[Job]] | None:
+        with self._tx() as conn:
+            self._lock_user(conn, login)
+            if not self._email_budget(conn, login, limit, window, now):
+                return None
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE login = %s AND email_state = 'digest'"
+                " AND state NOT IN ('queued', 'running') ORDER BY id LIMIT %s FOR UPDATE",
+                (login, most),
+            ).fetchall()
+            if not rows:
+                return None
+            jobs = [_job(row) for row in rows]
+            ids = [job.id for job in jobs]
+            log = conn.execute(
+                "INSERT INTO email_log (login, sent_at, kind, jobs)"
+                " VALUES (%s, %s, 'digest', %s) RETURNING id",
+                (login, now, json.dumps(ids)),
+            ).fetchone()
+            assert log is not None
+            conn.execute("UPDATE jobs SET email_state = 'sending' WHERE id = ANY(%s)", (ids,))
+        return int(log["id"]), jobs
+
+    def digest_sent(
+        self, log_id: int, jobs: list[Job], state: EmailState, error: str | None
+    ) -> None:
+        ids = [job.id for job in jobs]
+        with self._tx() as conn:
+            if state is EmailState.DIGEST:
+                conn.execute("DELETE FROM email_log WHERE id = %s", (log_id,))
+            conn.execute(
+                "UPDATE jobs SET email_state = %s, last_error = COALESCE(%s, last_error),"
+                " updated_at = %s WHERE id = ANY(%s) AND email_state = 'sending'",
+                (state.value, error, time.time(), ids),
+            )
+
+    def recover_emails(self) -> list[int]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "UPDATE jobs SET email_state = 'uncertain', updated_at = %s"
+                " WHERE email_state = 'sending' AND state NOT IN ('queued', 'running')"
+                " RETURNING id",
+                (time.time(),),
+            ).fetchall()
+        return sorted(int(row["id"]) for row in rows)
+
+    def upload_time(self, upload_id: int | None) -> float | None:
+        if upload_id is None:
+            return None
+        with self._conn() as conn:
+            row = conn.execute("SELECT ts FROM uploads WHERE id = %s", (upload_id,)).fetchone()
+        return float(row["ts"]) if row is not None else None
+
+    # -- admins ---------------------------------------------------------------------
+
+    def retry(self, job_id: int) -> Job:
+        job = self.get(job_id)
+        if job.state.value in ACTIVE or job.state is JobState.SUCCEEDED:
+            raise SftpgateError(
+                f"job {job_id} is {job.state.value}; only failed, dead or "
+                "cancelled jobs can be retried"
+            )
+        now = time.time()
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, next_run_at = %s,"
+                " updated_at = %s, finished_at = NULL, email_state = CASE WHEN email_state IN"
+                " ('failed', 'uncertain') OR outcome = 'refused' THEN 'none' ELSE email_state END,"
+                " data = CASE WHEN outcome = 'refused' THEN (data::jsonb - 'refused')::text"
+                " ELSE data END,"
+                " outcome = CASE WHEN outcome = 'refused' THEN NULL ELSE outcome END"
+                " WHERE id = %s AND state NOT IN ('queued', 'running', 'succeeded') RETURNING *",
+                (now, now, job_id),
+            ).fetchone()
+        if row is None:
+            raise SftpgateError(f"job {job_id} changed meanwhile; look again")
+        return _job(row)
+
+    def cancel(self, job_id: int) -> Job:
+        job = self.get(job_id)
+        if job.state.value not in ACTIVE:
+            raise SftpgateError(f"job {job_id} is {job.state.value}; nothing to cancel")
+        now = time.time()
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = %s, updated_at = %s,"
+                " last_error = COALESCE(last_error, 'cancelled by an admin')"
+                " WHERE id = %s AND state IN ('queued', 'running') RETURNING *",
+                (now, now, job_id),
+            ).fetchone()
+        if row is None:
+            raise SftpgateError(f"job {job_id} ended meanwhile; nothing to cancel")
+        return _job(row)
+
+    def list(
+        self, *, states: tuple[str, ...] = (), login: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        where = ["true"]
+        params: dict[str, Any] = {"limit": limit}
+        if states:
+            where.append("state = ANY(%(states)s)")
+            params["states"] = list(states)
+        if login:
+            where.append("login = %(login)s")
+            params["login"] = login
+        sql = (
+            f"SELECT * FROM (SELECT * FROM jobs WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY id DESC LIMIT %(limit)s) AS last ORDER BY id"
+        )
+        with self._conn() as conn:
+            rows = conn.execute(sql.encode(), params).fetchall()
+        return [_job(row) for row in rows]

@@ -1,0 +1,48 @@
+"""Pooled connections to PostgreSQL (psycopg 3). The ports block (storage/ports.py): callers
+run them on threads, so these are psycopg's thread-safe pool and plain connections."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..ports import StorageUnavailable
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def open_pool(url: str, size: int = 10) -> ConnectionPool[Conn]:
+    """An open pool of up to ``size`` autocommit connections to ``url`` (rows as dicts).
+
+    Callers open transactions explicitly (``with conn.transaction()``). Raises
+    :class:`StorageUnavailable` when the server cannot be reached within 30 s.
+    """
+    pool: ConnectionPool[Conn] = ConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        open=False,
+        name="sftpgate",
+    )
+    try:
+        pool.open(wait=True, timeout=30)
+    except PoolTimeout as error:
+        pool.close()
+        raise StorageUnavailable(f"PostgreSQL cannot be reached: {error}") from error
+    return pool
+
+
+@contextmanager
+def unavailable_as_storage() -> Iterator[None]:
+    """Translate psycopg's errors of the connection (not of the statement) into
+    :class:`StorageUnavailable`, which the ports promise for "retry later"."""
+    try:
+        yield
+    except (psycopg.OperationalError, PoolTimeout) as error:
+        raise StorageUnavailable(f"PostgreSQL: {error}") from error
