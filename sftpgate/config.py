@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,16 @@ _WORKERS_STARTED = "whether embedded workers are started at all"
 _WORKERS = "the worker tasks are started, and keep these, at start"
 _TAP = "the tap socket and spool are set up at start"
 _LOG = "logging is set up at start"
+
+
+def _processes(value: int | str) -> int:
+    if isinstance(value, str):
+        if value.lower() != "auto":
+            raise Invalid(f"must be an integer or auto, got {value!r}")
+        return max(1, os.cpu_count() or 1)
+    if isinstance(value, bool) or value <= 0:
+        raise Invalid("must be greater than 0")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +210,44 @@ class ServerConfig:
         unit="bytes",
         restart=_SSH,
     )
+    node: str = key(
+        socket.gethostname(),
+        "this host's name in a cluster: on every session and log line (and, where the "
+        "database keeps them, on sessions and jobs), so one journal shows which host served "
+        "whom",
+        matching(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "must be a host name", "a host name"),
+        restart=_LOG,
+        shown="the host name",
+    )
+    processes: int = key(
+        1,
+        "gateway processes sharing the port (SO_REUSEPORT; one Python process is about one "
+        "core); above 1 a supervisor starts them, restarts one that dies and runs the "
+        "embedded workers itself. `auto`: one per core. Door limits count per process: "
+        "[deploy](deploy.md#several-processes-on-one-host)",
+        Rule("an integer > 0, or `auto`", _processes, accepts=(int, str)),
+        restart=_LISTENER,
+        shown="`1`",
+    )
+    proxy_protocol_from: tuple[str, ...] = key(
+        (),
+        "load balancers whose connections start with a PROXY protocol header (v1 or v2): "
+        "the header's source address becomes the session's address (journal, xferlog, "
+        "defender, door limits). A connection from these must send one; one from anywhere "
+        "else that sends one is refused and scored. Empty: off",
+        Rule(
+            "addresses or CIDR networks (`192.0.2.7`, `10.0.0.0/8`, `2001:db8::/32`)",
+            lambda value: _networks(value),
+        ),
+        restart=_LISTENER,
+    )
+    proxy_protocol_timeout: float = key(
+        5.0,
+        "seconds a listed load balancer's connection may take to send its whole PROXY header",
+        POSITIVE,
+        unit="seconds",
+        restart=_LISTENER,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +284,33 @@ class JournalConfig:
         unit="seconds",
         restart=_JOURNAL,
     )
+    retention: float | None = key(
+        None,
+        "how long journal rows are kept: `sftpgate journal prune` (run it daily from a timer) "
+        "removes older sessions, operations, uploads and finished jobs, never a job still "
+        "queued or running nor its upload. Unset: kept forever",
+        Rule(
+            "a duration: `400d`, `12w`, `36h`, or seconds",
+            lambda value: _retention(value),
+            accepts=(int, float, str),
+        ),
+        shown="unset",
+    )
+
+
+def _retention(value: float | str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = units.get(text[-1:]) if text else None
+        try:
+            amount = float(text[:-1] if unit else text)
+        except ValueError:
+            raise Invalid(f"must be a duration like 400d, got {value!r}") from None
+        value = amount * (unit or 1)
+    if isinstance(value, bool) or not value > 0:
+        raise Invalid("must be greater than 0")
+    return float(value)
 
 
 _DATABASE = "the database connections are opened once, at start"

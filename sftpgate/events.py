@@ -6,6 +6,7 @@ they never import the journal. Everything here is plain data.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -55,6 +56,20 @@ class UploadState(str, Enum):
 
 STATUS_OK = "ok"
 
+# This process's node name (``server.node``): one per process, set once at start.
+_node = socket.gethostname()
+
+
+def set_node(name: str) -> None:
+    """Name this process's node: every :class:`SessionInfo` made from now on carries it."""
+    global _node
+    _node = name
+
+
+def current_node() -> str:
+    """The node name :class:`SessionInfo` objects get (``server.node``; the host name until set)."""
+    return _node
+
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
@@ -67,6 +82,8 @@ class SessionInfo:
     client_version: str | None = None
     auth_method: str | None = None
     started_at: float = field(default_factory=time.time)
+    # Which gateway host served it (``server.node``): a cluster keeps one journal.
+    node: str = field(default_factory=current_node)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,8 @@ _STATUS_CODE = re.compile(r"status_[0-9]{1,10}")  # status_name of an unknown co
 _SESSION_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 
 _EVENT_FIELDS = tuple(f.name for f in dataclass_fields(Event))
-_SESSION_FIELDS = tuple(f.name for f in dataclass_fields(SessionInfo))
+# Not ``node``: the daemon that takes the line names its own node; the tap runs as the user.
+_SESSION_FIELDS = tuple(f.name for f in dataclass_fields(SessionInfo) if f.name != "node")
 
 
 class SchemaError(ValueError):
