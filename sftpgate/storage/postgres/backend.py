@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
+
+from psycopg_pool import ConnectionPool
 
 from ..ports import JobStore
 from . import schema
 from .bans import PgBanStore, PgUsageLedger
 from .journal import PgJournalPruner, PgJournalReader, PgJournalStore
-from .pool import open_pool, unavailable_as_storage
+from .pool import Conn, open_pool, unavailable_as_storage
+
+if TYPE_CHECKING:
+    from ...config import Config
 
 
 class PostgresBackend:
@@ -18,15 +24,30 @@ class PostgresBackend:
     name = "postgresql"
 
     def __init__(self, url: str, size: int = 10) -> None:
-        self._pool = open_pool(url, size)
+        self._url = url
+        self._size = size
+        self._opened: ConnectionPool[Conn] | None = None
+        self._lock = threading.Lock()
         self._checked = False
+
+    @property
+    def _pool(self) -> ConnectionPool[Conn]:
+        """The pool, opened by the first port asked for (nothing is opened before)."""
+        with self._lock:
+            if self._opened is None:
+                self._opened = open_pool(self._url, self._size)
+            return self._opened
 
     @property
     def latest(self) -> int:
         return schema.LATEST
 
     def close(self) -> None:
-        self._pool.close()
+        """Close the pool (idempotent); ports taken from this backend stop working."""
+        with self._lock:
+            if self._opened is not None:
+                self._opened.close()
+                self._opened = None
 
     def schema_version(self) -> int:
         with unavailable_as_storage(), self._pool.connection() as conn:
@@ -70,3 +91,9 @@ class PostgresBackend:
 
         store: Any = PgJobStore(self._pool)
         return store  # type: ignore[no-any-return]
+
+
+def from_config(config: Config) -> PostgresBackend:
+    """The backend of ``database.url`` (a ``postgresql://`` URL) and ``database.pool_size``."""
+    assert config.database.url is not None
+    return PostgresBackend(config.database.url, config.database.pool_size)
