@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import sqlite3
+import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..errors import NothingThere, UsageError
 from ..events import Op
 from ..journal import formats
-from ..journal.query import JournalFilter, iter_operations, iter_transfers, max_id, parse_time
-from ..journal.store import connect
+from ..journal.query import JournalFilter, parse_time
+from ..storage import open_backend
+from ..storage.ports import JournalCursor, JournalReader, StorageUnavailable
 from .common import add_config_option, config_from
 
-HELP = "Search the audit journal by user, time, operation or path; show or follow it."
+HELP = (
+    "Search the audit journal by user, time, operation or path; show or follow it; "
+    "`prune` removes old rows."
+)
 
 _OPS = tuple(op.value for op in Op)
-
-Rows = Callable[[sqlite3.Connection, JournalFilter], Iterator[dict[str, Any]]]
 
 
 class _Usage(Exception):
@@ -31,6 +33,27 @@ class _Usage(Exception):
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("prune",),
+        help="prune: remove rows older than --before (or journal.retention); never a job "
+        "still queued or running, nor its upload",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="TIME",
+        help="with prune: remove rows older than this (400d, 12w, or 2026-01-01); "
+        "default: journal.retention",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="with prune: rows per transaction (default: 5000)",
+    )
+    parser.add_argument("--node", metavar="NAME", help="only sessions on this host")
     parser.add_argument("--user", metavar="LOGIN", help="only this login")
     parser.add_argument(
         "--since", metavar="TIME", help="from this time: 15m, 2h, 1d, 1w ago, or 2026-11-23T10:00"
@@ -120,11 +143,12 @@ def _filter(args: argparse.Namespace, now: float) -> JournalFilter:
         session=args.session,
         failed_only=args.failed,
         limit=args.limit,
+        node=args.node,
     )
 
 
 class _Output:
-    """Prints rows in the chosen format and remembers the highest id seen."""
+    """Prints rows in the chosen format and remembers where the journal was read to."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.line: Callable[[dict[str, Any]], str] = formats.table_row
@@ -133,34 +157,14 @@ class _Output:
             self.line = formats.json_line if args.json else formats.xferlog_line
             self.header = None
         self.count = 0
-        self.last_id = 0
+        self.cursor: JournalCursor | None = None
 
-    def rows(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            if self.header is not None:
-                print(self.header, flush=True)
-                self.header = None
-            print(self.line(row), flush=True)
-            self.count += 1
-            self.last_id = max(self.last_id, int(row["id"]))
-
-
-def _show(conn: sqlite3.Connection, flt: JournalFilter, rows: Rows, out: _Output) -> None:
-    """Print what matches now; then ids up to the newest one are done, matching or not."""
-    # One read transaction: the rows and the high-water mark come from the same snapshot.
-    conn.execute("BEGIN")
-    try:
-        out.rows(rows(conn, flt))
-        out.last_id = max(out.last_id, max_id(conn))
-    finally:
-        conn.execute("COMMIT")
-
-
-def _has_schema(conn: sqlite3.Connection) -> bool:
-    found = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'operations'"
-    ).fetchone()
-    return found is not None
+    def row(self, row: dict[str, Any]) -> None:
+        if self.header is not None:
+            print(self.header, flush=True)
+            self.header = None
+        print(self.line(row), flush=True)
+        self.count += 1
 
 
 def _sleep_until(deadline: float | None, interval: float) -> bool:
@@ -173,72 +177,81 @@ def _sleep_until(deadline: float | None, interval: float) -> bool:
     return True
 
 
-def _follow(
-    conn: sqlite3.Connection,
+def _show(reader: JournalReader, flt: JournalFilter, transfers: bool, out: _Output) -> None:
+    out.cursor = reader.scan(flt, out.row, transfers=transfers, after=out.cursor)
+
+
+def _first(
+    reader: JournalReader,
     flt: JournalFilter,
-    rows: Rows,
+    transfers: bool,
     out: _Output,
+    follow: bool,
     interval: float,
     deadline: float | None,
-) -> None:
-    new = replace(flt, limit=None)
-    while _sleep_until(deadline, interval):
-        _show(conn, replace(new, after_id=out.last_id), rows, out)
-
-
-def _open(
-    path: Path, follow: bool, interval: float, deadline: float | None
-) -> sqlite3.Connection | None:
-    """Open the journal read-only; with ``follow``, wait for it to be created.
-
-    Returns None when, following, the deadline passed first. Raises
-    :class:`NothingThere` when it is not there (not following) and
-    ``sqlite3.Error`` when it cannot be opened.
-    """
-    if not path.exists():
-        if not follow:
-            raise NothingThere(
-                f"journal {path} does not exist yet (nothing journaled so far, "
-                "or journal.path in the config points elsewhere)"
-            )
-        print(f"sftpgate: journal {path} does not exist yet; waiting for it", file=sys.stderr)
-        while not path.exists():
-            if not _sleep_until(deadline, interval):
-                return None
-    conn = connect(path, readonly=True)
-    # The writer creates the file a moment before the tables.
-    while follow and not _has_schema(conn):
+) -> bool:
+    """The first scan; following, wait for a journal to exist. False: the deadline came first."""
+    told = False
+    while True:
+        try:
+            _show(reader, flt, transfers, out)
+            return True
+        except NothingThere as exc:
+            if not follow:
+                raise
+            if not told:
+                print(f"sftpgate: {exc}; waiting for it", file=sys.stderr)
+                told = True
         if not _sleep_until(deadline, interval):
-            conn.close()
-            return None
-    return conn
+            return False
+
+
+def _prune(config: Config, args: argparse.Namespace) -> int:
+    now = time.time()
+    if args.before is not None:
+        before = _time("--before", args.before, now)
+        assert before is not None
+    elif config.journal.retention is not None:
+        before = now - config.journal.retention
+    else:
+        raise _Usage("prune: give --before, or set journal.retention in the config")
+    if args.batch < 1:
+        raise _Usage("--batch: must be 1 or more")
+    pruner = open_backend(config).pruner()
+    report = pruner.prune(before, batch=args.batch)
+    if args.json:
+        print(json.dumps({"before": before, "removed": report.removed}))
+    else:
+        stamp = formats.local_time(before)
+        counts = ", ".join(f"{table} {n}" for table, n in report.removed.items())
+        print(f"sftpgate: pruned {report.total} rows older than {stamp} ({counts})")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     try:
+        if args.action == "prune":
+            return _prune(config, args)
         flt = _filter(args, time.time())
     except _Usage as exc:
         raise UsageError(str(exc)) from None
     deadline = None if args.follow_for is None else time.monotonic() + args.follow_for
-    path = config.journal_path
-    rows: Rows = iter_transfers if args.xferlog else iter_operations
     out = _Output(args)
-    conn: sqlite3.Connection | None = None
+    reader = open_backend(config).reader()
     try:
-        conn = _open(path, args.follow, args.interval, deadline)
-        if conn is None:  # following, and the deadline came first
-            return 0
-        _show(conn, flt, rows, out)
+        if not _first(reader, flt, args.xferlog, out, args.follow, args.interval, deadline):
+            return 0  # following, and the deadline came first
         if args.follow:
-            _follow(conn, flt, rows, out, args.interval, deadline)
+            new = replace(flt, limit=None)
+            while _sleep_until(deadline, args.interval):
+                _show(reader, new, args.xferlog, out)
         elif out.count == 0:
             print("sftpgate: no matching operations", file=sys.stderr)
     except KeyboardInterrupt:
         return 0
-    except sqlite3.Error as exc:
-        raise NothingThere(f"cannot read journal {path}: {exc}") from None
+    except StorageUnavailable as exc:
+        raise NothingThere(str(exc)) from None
     finally:
-        if conn is not None:
-            conn.close()
+        reader.close()
     return 0

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "journal": "journal",
     "jobs": "jobs",
     "bans": "bans",
+    "db": "db",
     "worker": "worker",
     "subsystem": "subsystem",
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..defender import Ban
 from ..events import Event
-from .store import BANS_TABLE, connect, record_batch
+from .store import connect, record_batch
 
 _UPSERT = """
 INSERT INTO bans (address, until, strikes, reason, created_at, lifted)
@@ -26,11 +26,10 @@ def _ban(row: sqlite3.Row) -> Ban:
 
 
 class BanStore:
-    """One connection to the journal database, for the ban table. Blocking: use from a thread."""
+    """The :class:`~sftpgate.storage.ports.BanStore` on the SQLite journal. Blocking: a thread."""
 
     def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
         self._conn = connect(path, synchronous=synchronous)
-        self._conn.execute(BANS_TABLE)  # a database made by a build between two schema bumps
 
     def close(self) -> None:
         self._conn.close()

@@ -20,7 +20,7 @@ Row = Mapping[str, Any]
 
 # Minimum widths; longer values push the line rather than being cut (an audit
 # log must not hide the end of a name).
-_TIME_W, _USER_W, _REMOTE_W, _OP_W, _STATUS_W, _BYTES_W = 19, 12, 21, 12, 17, 20
+_TIME_W, _USER_W, _REMOTE_W, _NODE_W, _OP_W, _STATUS_W, _BYTES_W = 19, 12, 21, 12, 12, 17, 20
 
 _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -87,7 +87,8 @@ def _bytes(row: Row) -> str:
 
 
 TABLE_HEADER = (
-    f"{'TIME':<{_TIME_W}} {'USER':<{_USER_W}} {'REMOTE':<{_REMOTE_W}} {'OP':<{_OP_W}} "
+    f"{'TIME':<{_TIME_W}} {'USER':<{_USER_W}} {'REMOTE':<{_REMOTE_W}} {'NODE':<{_NODE_W}} "
+    f"{'OP':<{_OP_W}} "
     f"{'STATUS':<{_STATUS_W}} {'BYTES':<{_BYTES_W}} PATH"
 )
 
@@ -95,7 +96,8 @@ TABLE_HEADER = (
 def table_row(row: Row) -> str:
     """Format one row as a line of :func:`table` (no header, no newline).
 
-    Columns: local time, user, remote address:port, op, status, bytes
+    Columns: local time, user, remote address:port, node (the host the
+    session was on; ``-`` when not recorded), op, status, bytes
     (``r=N`` read, ``w=N`` written, when recorded), path (``-> path2`` when
     there is one) and, after ``--``, the message. Every client-supplied text
     goes through :func:`escape`.
@@ -105,7 +107,8 @@ def table_row(row: Row) -> str:
         path = f"{path} -> {_text(row['path2'])}"
     line = (
         f"{local_time(float(row['ts'])):<{_TIME_W}} {_text(row.get('login')):<{_USER_W}} "
-        f"{_remote(row):<{_REMOTE_W}} {_text(row.get('op')):<{_OP_W}} "
+        f"{_remote(row):<{_REMOTE_W}} {_text(row.get('node')):<{_NODE_W}} "
+        f"{_text(row.get('op')):<{_OP_W}} "
         f"{_text(row.get('status')):<{_STATUS_W}} {_bytes(row):<{_BYTES_W}} {path}"
     )
     if row.get("message"):

@@ -11,12 +11,16 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from ..errors import NothingThere
 from ..events import STATUS_OK, Op
+from ..storage.ports import JournalCursor, SchemaBehind, StorageUnavailable
+from .store import SCHEMA_VERSION, connect, schema_version
 
 # Columns of a row returned by fetch(): the operations table, then what is
 # joined from sessions. fetch_transfers() adds ``upload_state``.
@@ -38,7 +42,7 @@ OPERATION_COLUMNS = (
     "status",
     "message",
 )
-SESSION_COLUMNS = ("remote_port", "client_version", "auth_method")
+SESSION_COLUMNS = ("remote_port", "client_version", "auth_method", "node")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
@@ -50,9 +54,8 @@ _SELECT = (
     + ", ".join(f"s.{name}" for name in SESSION_COLUMNS)
 )
 _FROM = " FROM operations AS o LEFT JOIN sessions AS s ON s.id = o.session_id"
-# store.record_batch() writes an upload with the same ts as its operation, so the
-# join can go through the uploads_ts index (uploads.operation_id has none).
-_TRANSFER_JOIN = " LEFT JOIN uploads AS u ON u.ts = o.ts AND u.operation_id = o.id"
+# Through the uploads_operation index (schema 5).
+_TRANSFER_JOIN = " LEFT JOIN uploads AS u ON u.operation_id = o.id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,9 @@ class JournalFilter:
     ``*`` also matches ``/``) tried on ``path`` and on ``path2``; ``session``
     is a session id; ``failed_only`` keeps rows whose status is not ``ok``;
     ``limit`` keeps the *last* N matching rows (still returned oldest first);
-    ``after_id`` keeps rows with an id greater than it (for following).
+    ``after_id`` keeps rows with an id greater than it (for following);
+    ``node`` is the host the session was on (rows without a session row
+    never match it).
     """
 
     user: str | None = None
@@ -77,6 +82,7 @@ class JournalFilter:
     failed_only: bool = False
     limit: int | None = None
     after_id: int | None = None
+    node: str | None = None
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -159,6 +165,9 @@ def _build(
     if flt.session is not None:
         clauses.append(f"{col}session_id = ?")
         params.append(flt.session)
+    if flt.node is not None:
+        clauses.append("s.node = ?")
+        params.append(flt.node)
     if flt.failed_only:
         clauses.append("o.status != ?")
         params.append(STATUS_OK)
@@ -246,3 +255,75 @@ def max_id(conn: sqlite3.Connection) -> int:
     """Return the highest operation id in the journal, 0 when it is empty."""
     value = conn.execute("SELECT MAX(id) FROM operations").fetchone()[0]
     return int(value or 0)
+
+
+class SQLiteReader:
+    """The :class:`~sftpgate.storage.ports.JournalReader` on the SQLite journal (read-only).
+
+    SQLite has one writer at a time and every writer numbers its operations
+    inside its write lock, so ids are commit order: the cursor is the highest
+    id seen. The connection opens at the first scan.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        if not self.path.exists():
+            raise NothingThere(
+                f"journal {self.path} does not exist yet (nothing journaled so far, "
+                "or journal.path in the config points elsewhere)"
+            )
+        try:
+            conn = connect(self.path, readonly=True)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot read journal {self.path}: {exc}") from exc
+        try:
+            version = schema_version(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StorageUnavailable(f"cannot read journal {self.path}: {exc}") from exc
+        if version < SCHEMA_VERSION:
+            conn.close()
+            if version == 0:  # the writer makes the file a moment before the tables
+                raise NothingThere(f"journal {self.path} has no tables yet")
+            raise SchemaBehind(
+                f"journal {self.path} has schema version {version}, this sftpgate reads "
+                f"{SCHEMA_VERSION}: run `sftpgate db migrate -c <config>`"
+            )
+        self._conn = conn
+        return conn
+
+    def scan(
+        self,
+        flt: JournalFilter,
+        emit: Callable[[dict[str, Any]], None],
+        *,
+        transfers: bool = False,
+        after: JournalCursor | None = None,
+    ) -> JournalCursor:
+        conn = self._open()
+        start = int(after) if after else 0
+        flt = replace(flt, after_id=start if after else None)
+        sql, params = build_transfers_query(flt) if transfers else build_query(flt)
+        try:
+            # One read transaction: the rows and the high-water mark share a snapshot.
+            conn.execute("BEGIN")
+            try:
+                for row in _rows(conn, sql, params):
+                    emit(row)
+                top = max_id(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # Reading, nothing is wrong with a record: whatever failed, failed to read.
+            raise StorageUnavailable(f"cannot read journal {self.path}: {exc}") from exc
+        return str(max(start, top))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from .store import QUOTA_USAGE_TABLE, connect
+from .store import connect
 
 
 class SQLiteUsageLedger:
@@ -23,7 +23,6 @@ class SQLiteUsageLedger:
 
     def __init__(self, path: Path, *, synchronous: str = "normal") -> None:
         self._conn = connect(path, synchronous=synchronous)
-        self._conn.execute(QUOTA_USAGE_TABLE)
         self._lock = threading.Lock()
 
     def load(self, login: str) -> tuple[int, int] | None:

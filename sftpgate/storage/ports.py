@@ -155,8 +155,9 @@ class JournalReader(Protocol):
         ``cursor = scan(flt, emit, after=cursor)`` again and again: each row
         committed is emitted exactly once, none skipped, even when transactions
         commit out of id order. ``after=None`` starts at the beginning.
-        Raises :class:`SchemaBehind` when there is no journal schema yet,
-        ``ValueError`` for a negative limit.
+        Raises ``NothingThere`` when there is no journal yet (no file, no
+        tables: nothing journaled so far), :class:`SchemaBehind` when its
+        schema is older, ``ValueError`` for a negative limit.
         """
         ...
 
@@ -186,10 +187,13 @@ class JournalPruner(Protocol):
         Removed: jobs finished (not queued or running) before ``before``;
         uploads older than it that no remaining job refers to; operations
         older than it that no remaining upload refers to; sessions that ended
-        before it (or, never ended, started before it) with no operation left;
-        email log rows sent before it; bans that ended before it.
+        before it (or, never ended, started before it) with no operation or job
+        left; email log rows sent before it. The newest row of each numbered
+        table stays (ids must never be handed out again). Bans are not pruned
+        here (the defender forgets them itself).
         Never removed: a job that is queued or running, whatever its age, nor
         its upload, nor that upload's operation, nor that job's session.
+        Raises ``ValueError`` for a batch below 1.
         Each transaction is short, so the writer is never held up for long;
         a crash between batches leaves a consistent, partly pruned journal.
         """
