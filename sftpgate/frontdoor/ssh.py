@@ -242,6 +242,18 @@ class GatewaySSHServer(asyncssh.SSHServer):
         )
         return True
 
+    def refuse(self, why: str, offence: Offence | None) -> None:
+        """Close this connection before it is a session (a PROXY header from an address not
+        trusted to send one): journaled and scored here, once, not again when it is lost."""
+        self._refused = True
+        self._leave_door()
+        if self._guard is not None:
+            self._guard.defender.refused(
+                self.info.remote_addr, self.info.remote_port, why, offence=offence
+            )
+        if self._conn is not None:
+            self._conn.abort()
+
     def _banner_check(self) -> None:
         """A connection that has not even sent its version line is closed early."""
         self._banner_timer = None
