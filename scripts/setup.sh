@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(python3 python3-venv python3-pip openssh-client openssh-server openssh-sftp-server ffmpeg
     libcap2-bin util-linux curl rclone lftp
-    postgresql)  # initdb + pg_ctl for the PostgreSQL tests (tests/pg_kit.py)
+    postgresql  # initdb + pg_ctl for the PostgreSQL tests (tests/pg_kit.py)
+    haproxy)  # a real load balancer sending the PROXY protocol (tests/test_proxy_protocol.py)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -16,9 +16,9 @@ import asyncssh
 
 from .algorithms import listen_options
 from .config import Config, check_homes, restart_keys_changed
-from .defender import Ban, BanSync, Defender, Door, Guard
+from .defender import Ban, BanSync, Defender, Door, Guard, Offence
 from .errors import ConfigError
-from .events import EventSink
+from .events import EventSink, set_node
 from .frontdoor import asyncssh_fast
 from .frontdoor.inline import InlineGuard
 from .frontdoor.limits import DoorLimits, Quotas
@@ -32,6 +32,7 @@ from .journal.usage import SQLiteUsageLedger
 from .journal.writer import JournalWriter, NullSink
 from .passwords import FairHasher
 from .private import private_dir
+from .proxyproto import ProxyListener
 from .subsystem.daemon import TapDaemon
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,18 @@ class Gateway:
         config: Config,
         sink: EventSink | None = None,
         server_class: type[GatewaySSHServer] = GatewaySSHServer,
+        *,
+        reuse_port: bool = False,
+        embedded_workers: bool = True,
+        tap: bool = True,
     ) -> None:
+        """``reuse_port``, ``embedded_workers`` and ``tap`` are for one of several processes
+        (supervisor.py): the port shared, the workers run by the supervisor, and the tap's
+        socket served by one process only."""
         self.config = config
+        self.reuse_port = reuse_port
+        self.embedded_workers = embedded_workers
+        self.serve_tap = tap
         self.users = Users(config.users)
         self.writer: JournalWriter | None = None
         self.workers: WorkerPool | None = None
@@ -97,11 +108,8 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        # The state folder is ours alone, whatever the umask (the journal makes its own folder).
-        await asyncio.to_thread(private_dir, cfg.server.state_dir)
-        keys = await asyncio.to_thread(ensure_host_keys, cfg.server.host_keys_dir)
-        if cfg.server.create_homes:
-            await asyncio.to_thread(self._create_homes)
+        set_node(cfg.server.node)
+        keys = await asyncio.to_thread(prepare_state, cfg)
         if self._sink is None:
             if cfg.journal.enabled:
                 rules = self.rules = Rules(cfg)
@@ -116,28 +124,62 @@ class Gateway:
                 )
                 await asyncio.to_thread(self.writer.start)
                 self._sink = self.writer
-                if cfg.pipeline.enabled and cfg.jobs.workers > 0:
+                if self.embedded_workers and cfg.pipeline.enabled and cfg.jobs.workers > 0:
                     self.workers = await start_workers(cfg)
                     rules.wake = self.workers.wake
             else:
                 self._sink = NullSink()
-        if cfg.subsystem.enabled:
+        if cfg.subsystem.enabled and self.serve_tap:
             self.tap_daemon = TapDaemon(cfg, self.sink, self.users.get)
             await self.tap_daemon.start()
         await self._start_guard()
         self._install_emfile_handler()
         options = await asyncio.to_thread(self._ssh_options, keys)
-        self._listener = await asyncssh.listen(
-            cfg.server.listen or None, cfg.server.port, options=options
-        )
+        if cfg.server.proxy_protocol_from:
+            # Each connection behind a PROXY-header gate (proxyproto.py), via asyncssh's
+            # public tunnel-listener hook: the same socket, the same transport after the header.
+            tunnel = ProxyListener(
+                cfg.server.proxy_protocol_from,
+                cfg.server.proxy_protocol_timeout,
+                self._proxy_refused,
+                self._proxy_untrusted,
+                reuse_port=self.reuse_port,
+            )
+            self._listener = await asyncssh.listen(
+                cfg.server.listen, cfg.server.port, tunnel=tunnel, options=options
+            )
+        else:
+            self._listener = await asyncssh.listen(
+                cfg.server.listen or None,
+                cfg.server.port,
+                options=options,
+                reuse_port=self.reuse_port or None,
+            )
         log.info(
-            "listening on %s:%d (%d users, journal %s, fast paths %s)",
+            # A child of the supervisor does not say "listening": the supervisor does, once.
+            "%s %s:%d (%d users, journal %s, fast paths %s)",
+            "sharing port" if self.reuse_port else "listening on",
             cfg.server.listen,
             self.port,
             len(cfg.users),
             cfg.journal_path if cfg.journal.enabled else "off",
             "on" if self.fast_paths else "off",
         )
+
+    def _proxy_refused(self, address: str, port: int, why: str, score: bool) -> None:
+        """A listed balancer's connection without a valid PROXY header: journaled; scored
+        only when ``score`` (never the balancer: a ban would shut out every customer)."""
+        if self.guard is not None:
+            offence = Offence.PROTOCOL_ERROR if score else None
+            self.guard.defender.refused(address, port, why, offence=offence)
+
+    def _proxy_untrusted(self, conn: object, address: str, port: int, why: str) -> None:
+        """A PROXY header from an address not allowed to send one: the session refuses it."""
+        for server in self.connections:
+            if server.conn is conn:
+                server.refuse(why, Offence.PROTOCOL_ERROR)
+                return
+        self._proxy_refused(address, port, why, True)  # refused at the door already
 
     async def _start_guard(self) -> None:
         """The defender, the door's limits, the password hasher, and the ban table's thread."""
@@ -277,19 +319,7 @@ class Gateway:
         return server
 
     def _create_homes(self, config: Config | None = None) -> None:
-        for user in (config or self.config).users:
-            if not user.home.exists():
-                user.home.mkdir(parents=True, mode=0o750)
-                if os.geteuid() == 0 and (user.uid is not None or _has_account(user.login)):
-                    ident = identity_for(user.login, user.home, user.uid, user.gid)
-                    assert ident is not None
-                    # Through the folder just made, never a path looked up again.
-                    fd = os.open(user.home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-                    try:
-                        os.fchown(fd, ident.uid, ident.gid)
-                    finally:
-                        os.close(fd)
-                log.info("created home %s for %s", user.home, user.login)
+        create_homes(config or self.config)
 
     def reload(self, config: Config) -> None:
         """Swap in a re-read config: users, rules, pipeline, email and SMTP settings together.
@@ -371,6 +401,32 @@ class Gateway:
             await self.writer.aclose()
             self.writer = None
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def prepare_state(config: Config) -> list[Path]:
+    """The state folder (ours alone, whatever the umask), the host keys (made if missing) and,
+    with ``server.create_homes``, the homes. Blocking; run once before any process listens."""
+    private_dir(config.server.state_dir)
+    keys = ensure_host_keys(config.server.host_keys_dir)
+    if config.server.create_homes:
+        create_homes(config)
+    return keys
+
+
+def create_homes(config: Config) -> None:
+    for user in config.users:
+        if not user.home.exists():
+            user.home.mkdir(parents=True, mode=0o750)
+            if os.geteuid() == 0 and (user.uid is not None or _has_account(user.login)):
+                ident = identity_for(user.login, user.home, user.uid, user.gid)
+                assert ident is not None
+                # Through the folder just made, never a path looked up again.
+                fd = os.open(user.home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchown(fd, ident.uid, ident.gid)
+                finally:
+                    os.close(fd)
+            log.info("created home %s for %s", user.home, user.login)
 
 
 def door_limits(config: Config, executor: ThreadPoolExecutor) -> DoorLimits:
