@@ -183,8 +183,8 @@ class PgJobStore:
         with self._conn() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET state = %s, last_error = %s, next_run_at = %s, updated_at = %s,"
-                " finished_at = %s, lease_owner = NULL, lease_expires_at = NULL, pid = NULL"
-                " WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                " finished_at = %s, lease_owner = NULL, lease_expires_at = NULL, pid = NULL,"
+                " handed_at = NULL WHERE id = %s AND lease_owner = %s AND state = 'running'",
                 (state.value, error, now + backoff, now, now if dead else None, job.id, owner),
             )
             if cursor.rowcount != 1:
@@ -197,8 +197,59 @@ class PgJobStore:
             conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = greatest(0, attempts - 1),"
                 " next_run_at = %s, updated_at = %s, lease_owner = NULL, lease_expires_at = NULL,"
-                " pid = NULL WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                " pid = NULL, handed_at = NULL"
+                " WHERE id = %s AND lease_owner = %s AND state = 'running'",
                 (now, now, job.id, owner),
+            )
+
+    # -- Procrastinate's side (queue.py) ------------------------------------------------
+
+    def lease_job(self, job_id: int, owner: str, lease_seconds: float) -> Job | None:
+        """Lease job ``job_id`` itself for ``owner`` (a Procrastinate task runs that job), or
+        None: it is not due, held by a live lease, finished or cancelled. A leftover ffmpeg's
+        pid stays on the job, for its new holder to kill."""
+        now = time.time()
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE jobs AS j SET state = 'running', lease_owner = %(owner)s,"  # noqa: S608
+                " lease_expires_at = %(until)s, attempts = attempts + 1,"
+                " started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s"
+                f" WHERE id = %(id)s AND {_DUE} RETURNING *",
+                {"owner": owner, "until": now + lease_seconds, "now": now, "id": job_id},
+            ).fetchone()
+        return _job(row) if row else None
+
+    def to_hand_over(self, now: float, most: int = 500) -> list[tuple[int, float]]:
+        """(job id, when it is due) of queued jobs not yet handed to Procrastinate, oldest first.
+
+        A running job whose lease expired and that no Procrastinate job waits for or runs
+        (its worker and Procrastinate's record of it are gone) is queued again here first.
+        """
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs AS j SET handed_at = NULL WHERE j.state = 'running'"
+                " AND j.lease_expires_at < %s AND j.handed_at IS NOT NULL AND NOT EXISTS"
+                " (SELECT 1 FROM procrastinate_jobs AS p WHERE p.status IN ('todo', 'doing')"
+                "  AND p.queueing_lock = 'sftpgate-job-' || j.id)",
+                (now,),
+            )
+            rows = conn.execute(
+                "SELECT id, next_run_at FROM jobs WHERE handed_at IS NULL"
+                " AND state IN ('queued', 'running') ORDER BY id LIMIT %s",
+                (most,),
+            ).fetchall()
+        return [(int(r["id"]), float(r["next_run_at"])) for r in rows]
+
+    def mark_handed(self, job_id: int) -> None:
+        """The job's current attempt is in Procrastinate's queue."""
+        with self._conn() as conn:
+            conn.execute("UPDATE jobs SET handed_at = %s WHERE id = %s", (time.time(), job_id))
+
+    def unhand(self, job_id: int) -> None:
+        """Hand the job over again (its Procrastinate job ran before the job was due)."""
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE jobs SET handed_at = NULL WHERE id = %s AND state = 'queued'", (job_id,)
             )
 
     # -- the ledger -------------------------------------------------------------------
@@ -422,8 +473,9 @@ class PgJobStore:
         with self._conn() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, next_run_at = %s,"
-                " updated_at = %s, finished_at = NULL, email_state = CASE WHEN email_state IN"
-                " ('failed', 'uncertain') OR outcome = 'refused' THEN 'none' ELSE email_state END,"
+                " updated_at = %s, finished_at = NULL, handed_at = NULL,"
+                " email_state = CASE WHEN email_state IN ('failed', 'uncertain')"
+                " OR outcome = 'refused' THEN 'none' ELSE email_state END,"
                 " data = CASE WHEN outcome = 'refused' THEN (data::jsonb - 'refused')::text"
                 " ELSE data END,"
                 " outcome = CASE WHEN outcome = 'refused' THEN NULL ELSE outcome END"

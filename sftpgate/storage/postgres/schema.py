@@ -145,7 +145,36 @@ MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
             "CREATE INDEX jobs_upload ON jobs(upload_id)",
         ),
     ),
+    (
+        2,
+        "Procrastinate runs the jobs: its schema, and the outbox mark of a job handed to it",
+        (
+            # When the job's current attempt was handed to Procrastinate; NULL: not yet (the
+            # outbox: queue.py hands such rows over, with the job id as queueing lock).
+            "ALTER TABLE jobs ADD COLUMN handed_at double precision",
+            "CREATE INDEX jobs_unhanded ON jobs(state, next_run_at) WHERE handed_at IS NULL",
+        ),
+    ),
 )
+
+
+def _procrastinate_schema() -> str:
+    """Procrastinate's own schema (its tables, functions and triggers), as the installed
+    release ships it; applied by migration 2 unless the database already has it."""
+    from procrastinate.schema import SchemaManager
+
+    return (
+        "DO $sftpgate$ BEGIN IF to_regclass('procrastinate_jobs') IS NULL THEN "
+        f"EXECUTE {_quote(SchemaManager.get_schema())}; END IF; END $sftpgate$"
+    )
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# Migrations whose statements are built when they run (they read an installed package).
+LATE: Final = {2: _procrastinate_schema}
 
 LATEST: Final = MIGRATIONS[-1][0]
 
@@ -185,7 +214,8 @@ def migrate(conn: psycopg.Connection[Any]) -> list[int]:
         for version, name, statements in MIGRATIONS:
             if version <= have:
                 continue
-            for statement in statements:
+            late = LATE.get(version)
+            for statement in (*statements, *((late(),) if late else ())):
                 conn.execute(statement.encode())
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",

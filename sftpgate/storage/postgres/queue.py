@@ -1,0 +1,185 @@
+"""Procrastinate runs the jobs on PostgreSQL (DESIGN.md §5, issue 18 point 5).
+
+Our ``jobs`` table stays the truth (state, lease, steps, email state); Procrastinate
+is how a job reaches a worker on any host. Three things make that safe:
+
+- **An outbox.** The job row commits with its upload (journal.py). A sweep hands every
+  job not yet handed (``handed_at IS NULL``) to Procrastinate with the queueing lock
+  ``sftpgate-job-<id>``, then marks it handed. A crash between the two hands it again:
+  Procrastinate refuses a second waiting job with that lock (``AlreadyEnqueued``), and a
+  second job that slips in after the first started finds our row leased and does
+  nothing. Never lost, never run twice at once.
+- **Our own per-job heartbeat.** A task leases our row (``lease_job``) and the runner
+  heartbeats that lease while ffmpeg runs, for an hour if need be. Procrastinate's
+  stalled-job API only says a *worker* went quiet (issue #702: liveness of a long job
+  is ours to judge), so a stalled Procrastinate job is retried only once our lease has
+  expired too.
+- **A periodic sweep** (every few seconds, a queueing lock and no ``lock``, so a sweep
+  that stalls never blocks the next; Procrastinate issue #1408): retries stalled jobs
+  through ``get_stalled_jobs``/``retry_job``, and hands over what is waiting. Issue
+  #1518 (jobs left ``doing`` forever): since Procrastinate 3.10 (our floor) a pruned
+  worker's jobs lose their ``worker_id`` and ``get_stalled_jobs`` returns them; and a
+  running job whose lease expired with no Procrastinate job left to run it is handed
+  over again by the outbox (``PgJobStore.to_hand_over``). Worker names carry the
+  process id, so a restarted worker never heartbeats for a dead one's jobs.
+
+Cancel: an admin's ``cancel`` ends our row; the runner's next heartbeat fails and it
+stops the pipeline, killing ffmpeg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate import jobs as pjobs
+from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
+
+from ...errors import NotFoundError
+from ...jobs.model import ACTIVE, Job, JobState
+from .jobs import PgJobStore
+
+log = logging.getLogger(__name__)
+
+QUEUE = "sftpgate"
+RUN_TASK = "sftpgate.run_job"
+SWEEP_TASK = "sftpgate.sweep"
+
+# Runs a job leased for ``owner`` to its end: heartbeats the lease, finishes or retries it;
+# returns when the lease is lost (cancelled or taken over). jobs/worker.py's runner.
+Runner = Callable[[Job, str], Awaitable[None]]
+
+
+def queueing_lock(job_id: int) -> str:
+    return f"sftpgate-job-{job_id}"
+
+
+class JobQueue:
+    """Our job rows handed to Procrastinate and run by its workers (see the module)."""
+
+    def __init__(
+        self,
+        url: str,
+        store: PgJobStore,
+        runner: Runner,
+        *,
+        node: str,
+        lease_seconds: float,
+        stalled_after: float = 30.0,
+        sweep_cron: str = "* * * * * */5",
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.node = node
+        self.lease_seconds = lease_seconds
+        self.stalled_after = stalled_after
+        self.app = App(connector=PsycopgConnector(conninfo=url, min_size=1, max_size=4))
+        self.run_task = self.app.task(name=RUN_TASK, queue=QUEUE, pass_context=True)(self._run)
+
+        async def sweep(timestamp: int) -> None:
+            await self.sweep()
+
+        periodic = self.app.periodic(cron=sweep_cron, periodic_id="sweep")
+        periodic(self.app.task(name=SWEEP_TASK, queue=QUEUE, queueing_lock=SWEEP_TASK)(sweep))
+
+    async def open(self) -> None:
+        await self.app.open_async()
+
+    async def close(self) -> None:
+        await self.app.close_async()
+
+    async def run_worker(self, concurrency: int, **options: Any) -> None:
+        """A Procrastinate worker on our queue until cancelled (its name names this process)."""
+        await self.app.run_worker_async(
+            queues=[QUEUE],
+            name=f"{self.node}/{os.getpid()}",
+            concurrency=concurrency,
+            install_signal_handlers=False,
+            **options,
+        )
+
+    # -- the outbox -------------------------------------------------------------------
+
+    async def hand_over(self) -> list[int]:
+        """Hand every job not yet handed to Procrastinate; the ids handed (or found there)."""
+        handed = []
+        for job_id, due in await asyncio.to_thread(self.store.to_hand_over, time.time()):
+            deferrer = self.run_task.configure(
+                queueing_lock=queueing_lock(job_id),
+                schedule_at=datetime.datetime.fromtimestamp(due, datetime.UTC),
+            )
+            # AlreadyEnqueued: handed before a crash, not yet marked; it waits there once.
+            with contextlib.suppress(AlreadyEnqueued):
+                await deferrer.defer_async(job_id=job_id)
+            await asyncio.to_thread(self.store.mark_handed, job_id)
+            handed.append(job_id)
+        return handed
+
+    # -- running ----------------------------------------------------------------------
+
+    async def _run(self, context: JobContext, job_id: int) -> None:
+        pjob = context.job.id
+        owner = f"{self.node}/{os.getpid()}/pq{pjob}"
+        job = await asyncio.to_thread(self.store.lease_job, job_id, owner, self.lease_seconds)
+        if job is None:
+            try:
+                current = await asyncio.to_thread(self.store.get, job_id)
+            except NotFoundError:
+                return
+            if current.state is JobState.QUEUED and current.next_run_at > time.time():
+                await asyncio.to_thread(self.store.unhand, job_id)  # early: hand it over again
+            return
+        await self.runner(job, owner)
+
+    # -- stalled jobs -----------------------------------------------------------------
+
+    async def retry_stalled(self) -> list[int]:
+        """Retry Procrastinate jobs whose worker went quiet, once our lease says the job is
+        dead too; clear those whose job ended. The Procrastinate job ids retried."""
+        manager = self.app.job_manager
+        stalled = list(
+            await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=self.stalled_after)
+        )
+        retried: list[int] = []
+        now = time.time()
+        for pjob in {j.id: j for j in stalled}.values():
+            assert pjob.id is not None
+            job_id = pjob.task_kwargs.get("job_id")
+            ours = await self._ours(job_id)
+            if (
+                ours is not None
+                and ours.state is JobState.RUNNING
+                and (ours.lease_expires_at or 0) >= now
+            ):
+                continue  # its runner still heartbeats our lease (#702): alive, just long
+            if ours is not None and ours.state.value in ACTIVE:
+                try:
+                    await manager.retry_job(pjob)
+                except UniqueViolation:  # handed again meanwhile: that one runs it
+                    await manager.finish_job(pjob, pjobs.Status.FAILED, delete_job=False)
+                    continue
+                log.warning("job %s: its worker stalled; retried", job_id)
+                retried.append(pjob.id)
+            else:  # the job ended (or is not ours, e.g. a stalled sweep): nothing to run
+                await manager.finish_job(pjob, pjobs.Status.FAILED, delete_job=False)
+        return retried
+
+    async def _ours(self, job_id: object) -> Job | None:
+        if not isinstance(job_id, int):
+            return None
+        try:
+            return await asyncio.to_thread(self.store.get, job_id)
+        except NotFoundError:
+            return None
+
+    async def sweep(self) -> None:
+        """The periodic task: stalled jobs first, then the outbox."""
+        await self.retry_stalled()
+        await self.hand_over()

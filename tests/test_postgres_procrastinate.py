@@ -1,0 +1,220 @@
+"""Procrastinate runs the jobs on a real PostgreSQL: the outbox hands a job over once however
+often it is swept, a real Procrastinate worker runs it, and a worker SIGKILLed mid-job has its
+job retried through the stalled-job sweep only once our own lease has expired."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pg_kit
+from sftpgate.events import Event, Op, SessionInfo, UploadState
+from sftpgate.jobs.model import Job, JobState
+from sftpgate.storage.ports import JobSpec
+from sftpgate.storage.postgres.backend import PostgresBackend
+from sftpgate.storage.postgres.jobs import PgJobStore
+from sftpgate.storage.postgres.queue import JobQueue, queueing_lock
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[pg_kit.PgServer]:
+    with pg_kit.shared_server() as server:
+        yield server
+
+
+@pytest.fixture
+def db(pg: pg_kit.PgServer) -> Iterator[tuple[str, PostgresBackend]]:
+    with pg.database() as url:
+        b = PostgresBackend(url, size=8)
+        b.migrate()
+        try:
+            yield url, b
+        finally:
+            b.close()
+
+
+def upload(backend: PostgresBackend, name: str = "/a.mp4") -> int:
+    s = SessionInfo(id="s1", remote_addr="192.0.2.1", remote_port=1, login="alice")
+    event = Event(Op.CLOSE, s, path=name, bytes_written=1, upload=UploadState.COMPLETE)
+    rule = lambda path, e: JobSpec(max_attempts=3)  # noqa: E731
+    return backend.journal().record_batch([event], rule).jobs[0]
+
+
+def procrastinate_jobs(url: str, job_id: int) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT id, status FROM procrastinate_jobs WHERE queueing_lock = %s ORDER BY id",
+            (queueing_lock(job_id),),
+        ).fetchall()
+
+
+async def until(check: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)  # polling a condition, bounded by the deadline
+
+
+def finishing_runner(store: PgJobStore, calls: list[int]) -> Callable[[Job, str], Any]:
+    async def run(job: Job, owner: str) -> None:
+        calls.append(job.id)
+        assert await asyncio.to_thread(store.heartbeat, job.id, owner, 30, progress=0.5)
+        await asyncio.to_thread(store.finish, job, owner, JobState.SUCCEEDED)
+
+    return run
+
+
+def test_a_crash_between_hand_over_and_its_mark_hands_the_job_over_once(
+    db: tuple[str, PostgresBackend],
+) -> None:
+    url, backend = db
+    store: Any = backend.jobs()
+    job_id = upload(backend)
+
+    async def scenario() -> None:
+        queue = JobQueue(url, store, finishing_runner(store, []), node="n1", lease_seconds=30)
+        await queue.open()
+        try:
+            # What hand_over does before it marks the row, then a crash (the mark never
+            # comes): the first half of the real code path, run on its own.
+            await queue.run_task.configure(queueing_lock=queueing_lock(job_id)).defer_async(
+                job_id=job_id
+            )
+            assert await queue.hand_over() == [job_id]  # handed again after the "restart"
+            assert await queue.hand_over() == []  # marked now
+        finally:
+            await queue.close()
+
+    asyncio.run(scenario())
+    assert [status for _, status in procrastinate_jobs(url, job_id)] == ["todo"]
+
+
+def test_a_procrastinate_worker_runs_the_job_once_even_when_handed_twice(
+    db: tuple[str, PostgresBackend],
+) -> None:
+    url, backend = db
+    store: Any = backend.jobs()
+    job_id = upload(backend)
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        queue = JobQueue(url, store, finishing_runner(store, calls), node="n1", lease_seconds=30)
+        await queue.open()
+        worker = asyncio.create_task(queue.run_worker(2, fetch_job_polling_interval=0.1))
+        try:
+            assert await queue.hand_over() == [job_id]
+            await until(lambda: store.get(job_id).state is JobState.SUCCEEDED)
+            # A second Procrastinate job for the same row (no lock: as if handed again after
+            # the first started): it finds the job finished and does nothing.
+            await queue.run_task.defer_async(job_id=job_id)
+            await until(
+                lambda: all(status == "succeeded" for _, status in _all_jobs(url)), seconds=30
+            )
+        finally:
+            worker.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await worker
+            await queue.close()
+
+    asyncio.run(scenario())
+    assert calls == [job_id]
+    assert store.get(job_id).attempts == 1
+
+
+def _all_jobs(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT id, status FROM procrastinate_jobs WHERE task_name = 'sftpgate.run_job'"
+        ).fetchall()
+
+
+# A worker process whose runner holds the job and heartbeats our lease every 0.2 s (as the
+# pipeline's runner does while ffmpeg runs) until it is SIGKILLed.
+_CHILD = """
+import asyncio, sys
+from sftpgate.storage.postgres.backend import PostgresBackend
+from sftpgate.storage.postgres.queue import JobQueue
+
+url = sys.argv[1]
+store = PostgresBackend(url, size=4).jobs()
+
+async def run(job, owner):
+    while await asyncio.to_thread(store.heartbeat, job.id, owner, 1.0):
+        await asyncio.sleep(0.2)
+
+async def main():
+    queue = JobQueue(url, store, run, node="child", lease_seconds=1.0)
+    await queue.open()
+    await queue.run_worker(1, fetch_job_polling_interval=0.1, update_heartbeat_interval=0.2)
+
+asyncio.run(main())
+"""
+
+
+def test_a_sigkilled_workers_job_is_retried_only_after_our_lease_expires(
+    db: tuple[str, PostgresBackend], tmp_path: Any
+) -> None:
+    url, backend = db
+    store: Any = backend.jobs()
+    job_id = upload(backend)
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        queue = JobQueue(
+            url,
+            store,
+            finishing_runner(store, calls),
+            node="n1",
+            lease_seconds=30,
+            stalled_after=0.5,
+        )
+        await queue.open()
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, url], cwd=os.getcwd())
+        try:
+            await queue.hand_over()
+            await until(lambda: store.get(job_id).state is JobState.RUNNING)
+            # Procrastinate is told the worker went quiet (its heartbeat row made an hour old),
+            # but our lease is alive: never retried while its runner heartbeats (#702).
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour'"
+                )
+            stalled = await queue.app.job_manager.get_stalled_jobs(queue="sftpgate")
+            assert [j.task_kwargs for j in stalled] == [{"job_id": job_id}]
+            assert await queue.retry_stalled() == []
+            assert store.get(job_id).state is JobState.RUNNING
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(30)
+            # As Procrastinate's prune_stalled_workers would: the dead worker's row goes (the
+            # case of issue #1518); the sweep still finds its job.
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("DELETE FROM procrastinate_workers")
+            await until(lambda: (store.get(job_id).lease_expires_at or 0) < time.time())
+            assert len(await queue.retry_stalled()) == 1
+            worker = asyncio.create_task(queue.run_worker(1, fetch_job_polling_interval=0.1))
+            try:
+                await until(lambda: store.get(job_id).state is JobState.SUCCEEDED)
+            finally:
+                worker.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await worker
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(30)
+            await queue.close()
+
+    asyncio.run(scenario())
+    assert calls == [job_id]  # run to its end once, here
+    done = store.get(job_id)
+    assert done.attempts == 2  # the killed attempt, then this one
+    assert [status for _, status in procrastinate_jobs(url, job_id)] == ["succeeded"]
