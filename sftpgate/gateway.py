@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import Any
 import asyncssh
 
 from .algorithms import listen_options
-from .config import Config, check_homes, restart_keys_changed
+from .config import Config, DefenderConfig, check_homes, restart_keys_changed
 from .defender import Ban, BanSync, Defender, Door, Guard, Offence
 from .errors import ConfigError
 from .events import EventSink, set_node
@@ -198,7 +199,7 @@ class Gateway:
                 synchronous=cfg.journal.synchronous,
             )
         defender = Defender(
-            cfg.defender, self.sink, persist=sync.persist if sync is not None else None
+            defender_config(cfg), self.sink, persist=sync.persist if sync is not None else None
         )
         door = Door(cfg.door)
         self.guard = Guard(
@@ -348,7 +349,7 @@ class Gateway:
         self.config = config
         self.users.replace(config.users)
         if self.guard is not None:
-            self.guard.defender.reconfigure(config.defender)
+            self.guard.defender.reconfigure(defender_config(config))
             self.guard.door.reconfigure(config.door)
             self.guard.hasher.per_source = config.defender.hash_queue_per_address
         if self.rules is not None:
@@ -427,6 +428,16 @@ def create_homes(config: Config) -> None:
                 finally:
                     os.close(fd)
             log.info("created home %s for %s", user.home, user.login)
+
+
+def defender_config(config: Config) -> DefenderConfig:
+    """``defender``, with the PROXY-protocol balancers safelisted: their own connections
+    (health checks, v2 LOCAL) are never scored or capped per address, since a ban of a
+    balancer would shut out every client behind it. Proxied clients keep their own address."""
+    balancers = config.server.proxy_protocol_from
+    if not balancers:
+        return config.defender
+    return dataclasses.replace(config.defender, safelist=config.defender.safelist + balancers)
 
 
 def door_limits(config: Config, executor: ThreadPoolExecutor) -> DoorLimits:

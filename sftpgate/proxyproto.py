@@ -287,8 +287,18 @@ class ProxyGate(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._inner is not None:
             return self._inner.eof_received()
+        if not self._buffer:
+            # Connected and closed without a byte: a balancer's TCP health check.
+            self._quiet_close()
+            return None
         self._refuse("closed before a complete PROXY header")
         return None
+
+    def _quiet_close(self) -> None:
+        transport, self._transport = self._transport, None
+        self._cancel_timer()
+        if transport is not None:
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()

@@ -303,3 +303,17 @@ def test_the_defender_scores_the_proxied_client_not_the_balancer(gate: RunningGa
     assert defender.score(LISTED) == 0
     rows = gate.op_rows("login_failed")
     assert rows[0]["remote_addr"] == "203.0.113.50"
+
+
+def test_balancer_health_checks_are_neither_journaled_nor_scored(gate: RunningGateway) -> None:
+    connect(gate.port, LISTED).close()  # a TCP check: connect, close, not a byte
+    local = connect(gate.port, LISTED, v2(0, 0x00, b""))  # check-send-proxy: LOCAL, then close
+    local.settimeout(10)
+    assert local.recv(4096).startswith(b"SSH-")  # past the gate: our version line
+    local.close()
+    # A barrier: a refusal after both, then every refusal row so far.
+    closed_without_banner(connect(gate.port, LISTED, b"GET / HTTP/1.0\r\n"), TIMEOUT + 5)
+    rows = gate.op_rows("refused")
+    assert len(rows) == 1 and "no PROXY header" in (rows[0]["message"] or ""), rows
+    assert gate.gateway.guard is not None
+    assert gate.gateway.guard.defender.score(LISTED) == 0
