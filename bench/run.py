@@ -24,7 +24,7 @@ from .servers import Servers, running_servers
 # figure numbers -> scenario module (each module's run() returns those figures)
 SCENARIOS: dict[str, tuple[int, ...]] = {
     "transfer": (1, 2, 3, 9),
-    "concurrency": (4, 5),
+    "concurrency": (4, 5, 17),
     "latency": (6,),
     "journal": (7,),
     "pipeline": (8,),

@@ -31,11 +31,11 @@ def check_figures(figures: list[Figure], numbers: list[int]) -> None:
         assert isinstance(figure.met, bool)  # the target parses
 
 
-def test_concurrency_figures_4_and_5(servers: Servers) -> None:
+def test_concurrency_figures_4_5_and_17(servers: Servers) -> None:
     figures = concurrency.run(servers, SMOKE)
 
-    check_figures(figures, [4, 4, 5, 5])
-    throughput, memory4, failures, memory5 = figures
+    check_figures(figures, [4, 4, 5, 5, 17])
+    throughput, memory4, failures, memory5, processes = figures
     assert throughput.value > 0
     assert len(throughput.extra["sftpgate_mb_s"]) == SMOKE.rounds
     assert len(throughput.extra["openssh_mb_s"]) == SMOKE.rounds
@@ -47,6 +47,9 @@ def test_concurrency_figures_4_and_5(servers: Servers) -> None:
     assert failures.extra["uploaded"] == SMOKE.many
     assert failures.extra["peak_open"] == SMOKE.many  # they really overlapped
     assert memory5.value > 0
+    # Figure 17: the same load against server.processes N and 1 (uploads checked inside run()).
+    assert len(processes.extra["processes_mb_s"]) == SMOKE.rounds
+    assert all(rate > 0 for rate in processes.extra["one_process_mb_s"])
     assert list(servers.sftpgate.home.iterdir()) == []  # cleaned up after itself
 
 

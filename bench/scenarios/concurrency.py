@@ -36,7 +36,7 @@ from typing import Any
 import asyncssh
 
 from ..common import Figure, Options, interleave, median, rss_mb
-from ..servers import Endpoint, Servers, clean_home
+from ..servers import Endpoint, Servers, clean_home, extra_gateway
 
 MIB = 1024 * 1024
 CONNECT_AT_ONCE = 64  # SSH handshakes in flight at most (0: no limit)
@@ -438,5 +438,56 @@ def figure_5(servers: Servers, options: Options, *, connect_at_once: int = 0) ->
     return [failures, memory]
 
 
+def figure_17(servers: Servers, options: Options, processes: int = 0) -> list[Figure]:
+    """Figure 4's load against ``server.processes: 1`` (the main gateway) and ``processes``
+    (default: one per core), same home, interleaved rounds; the ratio is the scaling."""
+    processes = processes or max(2, os.cpu_count() or 1)
+    sessions, size = options.concurrent, options.concurrent_mib * MIB
+    raise_nofile(4 * sessions + 256)
+    key = load_key(servers)
+    payload = os.urandom(size)
+    with extra_gateway(
+        servers, "processes", shared_home=True, server={"processes": processes}
+    ) as endpoint:
+        one, many = _Side(servers.sftpgate), _Side(endpoint)
+        many_rates, one_rates = interleave(
+            _round_runner(many, servers.login, key, sessions, payload),
+            _round_runner(one, servers.login, key, sessions, payload),
+            rounds=options.rounds,
+            warmup=options.warmup,
+        )
+    m, o = median(many_rates), median(one_rates)
+    cores = os.cpu_count() or 1
+    return [
+        Figure(
+            number=17,
+            title=(
+                f"{sessions} concurrent sessions x {options.concurrent_mib} MiB upload: "
+                f"server.processes {processes} vs 1"
+            ),
+            measured=f"{m:.0f} vs {o:.0f} MB/s on {cores} cores (client included)",
+            value=m / o,
+            target=">= 0.9",
+            notes=(
+                f"Figure 4's client and checks against two gateways of the same config and "
+                f"home: `server.processes: {processes}` (a supervisor and {processes} gateway "
+                f"processes on one SO_REUSEPORT port) and the main one (1 process). Peak RSS "
+                f"{many.peak_rss:.0f} vs {one.peak_rss:.0f} MB (the whole process tree). The "
+                f"client is one Python process on the same {cores} cores: where the cores are "
+                "fewer than the gateway processes plus one, the client and the gateways share "
+                "them and the ratio shows that contention, not the gateway's scaling."
+            ),
+            extra={"processes_mb_s": many_rates, "one_process_mb_s": one_rates},
+        )
+    ]
+
+
 def run(servers: Servers, options: Options) -> list[Figure]:
-    return [*figure_4(servers, options), *figure_5(servers, options)]
+    figures: list[Figure] = []
+    if options.wants(4):
+        figures += figure_4(servers, options)
+    if options.wants(5):
+        figures += figure_5(servers, options)
+    if options.wants(17):
+        figures += figure_17(servers, options)
+    return figures
