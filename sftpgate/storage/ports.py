@@ -53,6 +53,11 @@ class SchemaBehind(SftpgateError):
     exit_code = 2
 
 
+class LeaseLost(SftpgateError):
+    """The worker no longer holds the job: its lease expired and another took it, or an admin
+    cancelled it. Adapters raise this one class (or a subclass), so workers catch one."""
+
+
 class SchemaAhead(SftpgateError):
     """The database's schema is newer than this sftpgate: upgrade sftpgate, do not write."""
 
@@ -208,8 +213,11 @@ class Scheduler(Protocol):
     """Who runs which job: leases with expiry, so a dead worker's job is taken over.
 
     What ``sftpgate.jobs.store.JobStore`` implements on SQLite. Every method
-    that takes ``owner`` acts only while that owner holds the job's lease, and
-    does nothing (or returns False) otherwise.
+    that takes ``owner`` acts only while that owner holds the job's lease
+    (fencing: a worker whose lease expired and was taken over changes
+    nothing). Otherwise :meth:`heartbeat` returns False, :meth:`release`,
+    :meth:`set_pid` do nothing, and :meth:`finish`, :meth:`retry_later` and
+    the ledger's owner methods raise ``LeaseLost`` (an ``SftpgateError``).
     """
 
     def lease(self, owner: str, lease_seconds: float, per_user: int | None = None) -> Job | None:
@@ -250,11 +258,17 @@ class Scheduler(Protocol):
         error: str | None = None,
         journal: tuple[Op, str | None, str, str | None] | None = None,
     ) -> None:
-        """End a running job in ``state`` (lease dropped); ``journal`` adds its operation row."""
+        """End a running job in ``state`` (lease dropped); ``journal`` adds its operation row.
+
+        Raises ``LeaseLost`` (journaling nothing) when ``owner`` lost the lease.
+        """
         ...
 
     def retry_later(self, job: Job, owner: str, error: str, backoff: float) -> JobState:
-        """Queue again after ``backoff`` s, or ``dead`` when out of attempts; the state set."""
+        """Queue again after ``backoff`` s, or ``dead`` when out of attempts; the state set.
+
+        Raises ``LeaseLost`` when ``owner`` lost the lease.
+        """
         ...
 
     def release(self, job: Job, owner: str) -> None:
