@@ -234,7 +234,9 @@ class ServerConfig:
         "load balancers whose connections start with a PROXY protocol header (v1 or v2): "
         "the header's source address becomes the session's address (journal, xferlog, "
         "defender, door limits). A connection from these must send one; one from anywhere "
-        "else that sends one is refused and scored. Empty: off",
+        "else that sends one is refused and scored. The balancers themselves are safelisted "
+        "(never scored or banned). Empty: off. [deploy](deploy.md#cluster-load-balancer-shared-"
+        "storage-postgresql)",
         Rule(
             "addresses or CIDR networks (`192.0.2.7`, `10.0.0.0/8`, `2001:db8::/32`)",
             lambda value: _networks(value),
