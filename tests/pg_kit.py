@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,3 +189,27 @@ def shared_server() -> Iterator[PgServer]:
         if _users == 0:
             _shared.stop()
             _shared = None
+
+
+_SESSION_KEY = pytest.StashKey[PgServer]()
+
+
+def session_server(config: pytest.Config) -> PgServer:
+    """The test session's one server, stopped when the session ends (for helpers that have a
+    ``request`` but no fixture of their own, like the contract suite's backends)."""
+    if _SESSION_KEY not in config.stash:
+        holder = shared_server()
+        config.stash[_SESSION_KEY] = holder.__enter__()
+        config.add_cleanup(lambda: holder.__exit__(None, None, None))
+    return config.stash[_SESSION_KEY]
+
+
+def contract_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A PostgreSQL backend on a new, empty database, dropped after the test (for
+    tests/contract_kit.py's BACKENDS)."""
+    from sftpgate.storage.postgres.backend import PostgresBackend
+
+    database = session_server(request.config).database()
+    url = database.__enter__()
+    request.addfinalizer(lambda: database.__exit__(None, None, None))
+    return PostgresBackend(url, size=4)

@@ -235,8 +235,7 @@ _SELECT = (
     "SELECT "
     + ", ".join(f"o.{name}" for name in OPERATION_COLUMNS)
     + ", "
-    + ", ".join(f"s.{name}" for name in SESSION_COLUMNS)
-    + ", s.node"
+    + ", ".join(f"s.{name}" for name in dict.fromkeys((*SESSION_COLUMNS, "node")))
 )
 _FROM = " FROM operations AS o LEFT JOIN sessions AS s ON s.id = o.session_id"
 _TRANSFER_JOIN = " LEFT JOIN uploads AS u ON u.operation_id = o.id"
@@ -292,6 +291,9 @@ def _build(flt: JournalFilter, *, transfers: bool, after: int) -> tuple[str, dic
     if flt.session is not None:
         clauses.append("o.session_id = %(session)s")
         params["session"] = flt.session
+    if flt.node is not None:
+        clauses.append("s.node = %(node)s")
+        params["node"] = flt.node
     if flt.failed_only:
         clauses.append("o.status != %(ok)s")
         params["ok"] = STATUS_OK
@@ -353,6 +355,9 @@ class PgJournalPruner:
 
     def __init__(self, pool: ConnectionPool[Conn]) -> None:
         self._pool = pool
+
+    def close(self) -> None:
+        """The pool belongs to the backend."""
 
     def prune(self, before: float, *, batch: int = 5000) -> PruneReport:
         # (table, statement deleting at most %(batch)s rows); order matters: jobs first, so
