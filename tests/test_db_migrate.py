@@ -54,8 +54,9 @@ def test_a_journal_behind_is_refused_until_migrated(
     cfg = str(_config(tmp_path, user_keys))
     _version_4(_journal(tmp_path))
     # Reading, writing, serving: each refuses and names the command.
-    assert main(["journal", "-c", cfg]) == 2
-    assert "sftpgate db migrate" in capsys.readouterr().err
+    for argv in (["journal", "-c", cfg], ["jobs", "-c", cfg, "list"], ["bans", "list", "-c", cfg]):
+        assert main(argv) == 2
+        assert "run `sftpgate db migrate -c <config>`" in capsys.readouterr().err
     with pytest.raises(SchemaBehind, match="sftpgate db migrate"):
         JournalWriter(_journal(tmp_path)).start()
     gateway = Gateway(load_config(cfg))
