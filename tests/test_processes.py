@@ -144,3 +144,33 @@ def test_processes_key_takes_a_count_or_auto(
     config = load_config(write_config(tmp_path, user_keys, {"server": {"processes": value}}))
     expected = max(1, os.cpu_count() or 1) if value == "auto" else value
     assert config.server.processes == expected
+
+
+def test_sighup_reaches_every_process_and_sigterm_stops_them_all(
+    tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    config = write_config(tmp_path, user_keys, {"server": {"processes": 2}})
+    port = free_port()
+    serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)})
+    try:
+        wait_for(serve.lines, re.compile(r"sftpgate: listening on .*\(2 processes\)"), 0, 60)
+        children = {
+            m.group(1)
+            for line in serve.lines
+            if (m := re.search(r"gateway process \d \(pid (\d+)\) listening", line))
+        }
+        assert len(children) == 2
+        seen = len(serve.lines)
+        serve.proc.send_signal(signal.SIGHUP)
+        wait_for(serve.lines, re.compile(r"supervisor reloaded"), seen, 10)
+        reloaded = re.compile(r"\[(\d+)\] sftpgate\.gateway: reloaded")
+        deadline = time.monotonic() + 10
+        pids: set[str] = set()
+        while pids != children and time.monotonic() < deadline:
+            pids = {m.group(1) for line in serve.lines[seen:] if (m := reloaded.search(line))}
+            time.sleep(0.05)
+        assert pids == children
+    finally:
+        assert serve.stop() == 0
+    for pid in children:  # the supervisor waited for each: none outlives it
+        assert not Path(f"/proc/{pid}").exists()
