@@ -16,6 +16,16 @@ if TYPE_CHECKING:
 URL_BACKENDS: dict[str, Callable[[Config], Backend]] = {}
 
 
+def _postgresql(config: Config) -> Backend:
+    from .postgres.backend import from_config
+
+    backend: Backend = from_config(config)
+    return backend
+
+
+URL_BACKENDS["postgresql"] = URL_BACKENDS["postgres"] = _postgresql
+
+
 def open_backend(config: Config) -> Backend:
     """The backend ``config`` names; nothing is opened until a port is asked for.
 

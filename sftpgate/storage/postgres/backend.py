@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
 
 from psycopg_pool import ConnectionPool
 
-from ..ports import JobStore
 from . import schema
 from .bans import PgBanStore, PgUsageLedger
+from .jobs import PgJobStore
 from .journal import PgJournalPruner, PgJournalReader, PgJournalStore
-from .pool import Conn, open_pool, unavailable_as_storage
+from .pool import Conn, PoolPort, open_pool, unavailable_as_storage
 
 if TYPE_CHECKING:
     from ...config import Config
+
+P = TypeVar("P", bound=PoolPort)
 
 
 class PostgresBackend:
@@ -27,6 +31,7 @@ class PostgresBackend:
         self._url = url
         self._size = size
         self._opened: ConnectionPool[Conn] | None = None
+        self._users = 0  # ports not yet closed (and calls under way) on the pool
         self._lock = threading.Lock()
         self._checked = False
 
@@ -48,49 +53,66 @@ class PostgresBackend:
             if self._opened is not None:
                 self._opened.close()
                 self._opened = None
+            self._users = 0
+
+    def _acquire(self) -> ConnectionPool[Conn]:
+        with self._lock:
+            if self._opened is None:
+                self._opened = open_pool(self._url, self._size)
+            self._users += 1
+            return self._opened
+
+    def _let_go(self) -> None:
+        """A port closed: the last one closes the pool (a later port opens a new one)."""
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0 and self._opened is not None:
+                self._opened.close()
+                self._opened = None
+
+    @contextmanager
+    def _borrowed(self) -> Iterator[Conn]:
+        pool = self._acquire()
+        try:
+            with unavailable_as_storage(), pool.connection() as conn:
+                yield conn
+        finally:
+            self._let_go()
+
+    def _port(self, cls: type[P]) -> P:
+        if not self._checked:
+            with self._borrowed() as conn:
+                schema.require_current(conn)
+            self._checked = True
+        return cls(self._acquire(), self._let_go)
 
     def schema_version(self) -> int:
-        with unavailable_as_storage(), self._pool.connection() as conn:
+        with self._borrowed() as conn:
             return schema.current_version(conn)
 
     def migrate(self) -> list[int]:
-        with unavailable_as_storage(), self._pool.connection() as conn:
+        with self._borrowed() as conn:
             applied = schema.migrate(conn)
         self._checked = False
         return applied
 
-    def _check(self) -> None:
-        if not self._checked:
-            with unavailable_as_storage(), self._pool.connection() as conn:
-                schema.require_current(conn)
-            self._checked = True
-
     def journal(self) -> PgJournalStore:
-        self._check()
-        return PgJournalStore(self._pool)
+        return self._port(PgJournalStore)
 
     def reader(self) -> PgJournalReader:
-        self._check()
-        return PgJournalReader(self._pool)
+        return self._port(PgJournalReader)
 
     def pruner(self) -> PgJournalPruner:
-        self._check()
-        return PgJournalPruner(self._pool)
+        return self._port(PgJournalPruner)
 
     def bans(self) -> PgBanStore:
-        self._check()
-        return PgBanStore(self._pool)
+        return self._port(PgBanStore)
 
     def usage(self) -> PgUsageLedger:
-        self._check()
-        return PgUsageLedger(self._pool)
+        return self._port(PgUsageLedger)
 
-    def jobs(self) -> JobStore:
-        self._check()
-        from .jobs import PgJobStore
-
-        store: Any = PgJobStore(self._pool)
-        return store  # type: ignore[no-any-return]
+    def jobs(self) -> PgJobStore:
+        return self._port(PgJobStore)
 
 
 def from_config(config: Config) -> PostgresBackend:

@@ -8,12 +8,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from psycopg_pool import ConnectionPool
-
 from ...defender import Ban
 from ...events import Event
 from .journal import PgJournalStore
-from .pool import Conn, unavailable_as_storage
+from .pool import PoolPort, unavailable_as_storage
 
 _UPSERT = """
 INSERT INTO bans (address, until, strikes, reason, created_at, lifted)
@@ -29,14 +27,8 @@ def _ban(row: dict[str, Any]) -> Ban:
     return Ban(row["address"], row["until"], row["strikes"], row["reason"], row["created_at"])
 
 
-class PgBanStore:
+class PgBanStore(PoolPort):
     """:class:`~sftpgate.storage.ports.BanStore` on PostgreSQL."""
-
-    def __init__(self, pool: ConnectionPool[Conn]) -> None:
-        self._pool = pool
-
-    def close(self) -> None:
-        """The pool belongs to the backend."""
 
     def upsert(self, bans: Iterable[Ban]) -> None:
         # One transaction, in address order: two gateways upserting together lock rows
@@ -82,11 +74,8 @@ class PgBanStore:
         PgJournalStore(self._pool).record_batch([event])
 
 
-class PgUsageLedger:
+class PgUsageLedger(PoolPort):
     """:class:`~sftpgate.storage.ports.UsageLedger` on PostgreSQL: sums added in SQL."""
-
-    def __init__(self, pool: ConnectionPool[Conn]) -> None:
-        self._pool = pool
 
     def load(self, login: str) -> tuple[int, int] | None:
         with unavailable_as_storage(), self._pool.connection() as conn:
@@ -119,6 +108,3 @@ class PgUsageLedger:
     def forget(self, login: str) -> None:
         with unavailable_as_storage(), self._pool.connection() as conn:
             conn.execute("DELETE FROM quota_usage WHERE login = %s", (login,))
-
-    def close(self) -> None:
-        """The pool belongs to the backend."""

@@ -16,13 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from psycopg_pool import ConnectionPool
-
 from ...errors import NotFoundError, SftpgateError
 from ...events import Op
 from ...jobs.model import ACTIVE, EmailState, Job, JobState
 from .journal import insert_operations
-from .pool import Conn, unavailable_as_storage
+from .pool import Conn, PoolPort, unavailable_as_storage
 
 _JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 
@@ -52,14 +50,8 @@ _PICK = (
 )
 
 
-class PgJobStore:
+class PgJobStore(PoolPort):
     """:class:`~sftpgate.storage.ports.JobStore` on PostgreSQL. Thread-safe (a pool)."""
-
-    def __init__(self, pool: ConnectionPool[Conn]) -> None:
-        self._pool = pool
-
-    def close(self) -> None:
-        """The pool belongs to the backend."""
 
     @contextmanager
     def _tx(self) -> Iterator[Conn]:

@@ -17,12 +17,11 @@ from dataclasses import replace
 from typing import Any
 
 from psycopg import IsolationLevel
-from psycopg_pool import ConnectionPool
 
 from ...events import STATUS_OK, Event, Op, UploadState
 from ...journal.query import OPERATION_COLUMNS, SESSION_COLUMNS, JournalFilter
 from ..ports import BatchResult, JobRule, JobSpec, JournalCursor, PruneReport
-from .pool import Conn, unavailable_as_storage
+from .pool import Conn, PoolPort, unavailable_as_storage
 
 _SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
 
@@ -152,14 +151,8 @@ def enqueue(conn: Conn, upload_id: int, path: str, event: Event, spec: JobSpec) 
     return int(row["id"])
 
 
-class PgJournalStore:
+class PgJournalStore(PoolPort):
     """:class:`~sftpgate.storage.ports.JournalStore` on PostgreSQL. Thread-safe (a pool)."""
-
-    def __init__(self, pool: ConnectionPool[Conn]) -> None:
-        self._pool = pool
-
-    def close(self) -> None:
-        """The pool belongs to the backend: nothing to let go of here."""
 
     def record_batch(self, events: Sequence[Event], rule: JobRule | None = None) -> BatchResult:
         with unavailable_as_storage(), self._pool.connection() as conn, conn.transaction():
@@ -309,19 +302,13 @@ def _build(flt: JournalFilter, *, transfers: bool, after: int) -> tuple[str, dic
     return f"SELECT * FROM ({inner}) AS last ORDER BY id", params  # noqa: S608
 
 
-class PgJournalReader:
+class PgJournalReader(PoolPort):
     """:class:`~sftpgate.storage.ports.JournalReader` on PostgreSQL.
 
     A scan reads the top id and the rows in one REPEATABLE READ snapshot: ids
     are commit-ordered (see the module), so every row with an id up to the top
     is in the snapshot, and the next scan starts right after it.
     """
-
-    def __init__(self, pool: ConnectionPool[Conn]) -> None:
-        self._pool = pool
-
-    def close(self) -> None:
-        """The pool belongs to the backend."""
 
     def scan(
         self,
@@ -350,14 +337,8 @@ class PgJournalReader:
         return str(max(top, start))
 
 
-class PgJournalPruner:
+class PgJournalPruner(PoolPort):
     """:class:`~sftpgate.storage.ports.JournalPruner` on PostgreSQL."""
-
-    def __init__(self, pool: ConnectionPool[Conn]) -> None:
-        self._pool = pool
-
-    def close(self) -> None:
-        """The pool belongs to the backend."""
 
     def prune(self, before: float, *, batch: int = 5000) -> PruneReport:
         # (table, statement deleting at most %(batch)s rows); order matters: jobs first, so

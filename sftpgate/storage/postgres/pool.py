@@ -3,7 +3,7 @@ run them on threads, so these are psycopg's thread-safe pool and plain connectio
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,3 +46,17 @@ def unavailable_as_storage() -> Iterator[None]:
         yield
     except (psycopg.OperationalError, PoolTimeout) as error:
         raise StorageUnavailable(f"PostgreSQL: {error}") from error
+
+
+class PoolPort:
+    """A port on the backend's shared pool. ``close`` lets go of it once; the backend closes
+    the pool when its last port is closed."""
+
+    def __init__(self, pool: ConnectionPool[Conn], release: Callable[[], None] | None = None):
+        self._pool = pool
+        self._release = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
