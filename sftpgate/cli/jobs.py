@@ -13,7 +13,7 @@ from ..jobs.store import JobStore
 from ..journal.formats import escape
 from .common import add_config_option, add_json_option, config_from
 
-HELP = "List pipeline jobs, show one, retry a failed or dead one, or cancel one."
+HELP = "List pipeline jobs, show one, retry a failed or dead one, cancel one, or list workers."
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         action = sub.add_parser(name, help=text, description=text)
         action.add_argument("id", type=int)
         add_json_option(action)
+    text = "List the registered worker processes (serve and worker) and their heartbeats."
+    workers = sub.add_parser("workers", help=text, description=text)
+    add_json_option(workers)
 
 
 def _age(since: float) -> str:
@@ -74,8 +77,10 @@ def _show(job: Job) -> list[str]:
         f"  progress  {job.progress * 100:.0f}%   step {job.step or '-'}",
         f"  email     {job.email_state.value}",
     ]
-    if job.lease_owner:
+    if job.lease_owner and job.state is JobState.RUNNING:
         lines.append(f"  lease     {job.lease_owner} until {_when(job.lease_expires_at)}")
+    elif job.lease_owner:
+        lines.append(f"  digest    being sent by {job.lease_owner}")
     if job.pid:
         lines.append(f"  ffmpeg    pid {job.pid}")
     if job.last_error:
@@ -104,11 +109,32 @@ def _show(job: Job) -> list[str]:
     return lines
 
 
+def _workers(store: JobStore, lease: float, as_json: bool) -> None:
+    """The registry: a worker silent for longer than a lease is shown as such (not dead:
+    its jobs are only taken over once their leases expire)."""
+    rows = store.workers()
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return
+    print(f"{'NODE':<20} {'PID':>7} {'STARTED':<19} {'HEARTBEAT':>9}  ID")
+    for row in rows:
+        beat = _age(row["heartbeat_at"])
+        silent = time.time() - row["heartbeat_at"] > lease
+        print(
+            f"{escape(row['node']):<20} {row['pid']:>7} {_when(row['started_at']):<19}"
+            f" {beat:>9}  {escape(row['id'])}" + ("  -- silent" if silent else "")
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     store = JobStore(config.journal_path)
     try:
         action = args.jobs_command or "list"
+        if action == "workers":
+            _workers(store, config.jobs.lease_seconds, bool(args.json))
+            return 0
         if action == "list":
             jobs = store.list(
                 states=tuple(getattr(args, "state", []) or ()),

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         pool = await start_workers(config)
         print(
-            f"sftpgate: {config.jobs.workers} workers on {config.journal_path}",
+            f"sftpgate: {config.jobs.workers} workers ({pool.worker_id}) on {config.journal_path}",
             file=sys.stderr,
             flush=True,
         )

@@ -3,8 +3,12 @@
 Each worker leases a job, runs the pipeline while a heartbeat extends the
 lease (and notices a cancel), then records the outcome: succeeded, failed
 (permanent), or requeued with exponential backoff until ``max_attempts``, then
-dead. At start-up every `running` row is an orphan of a crash: it is requeued
-and its ffmpeg, if still alive, killed.
+dead. The pool registers its process in the ``workers`` table and heartbeats
+it (jobs/registry.py). Recovery is by lease expiry only: a job another live
+worker holds is never touched, whoever starts; a job whose lease expired is
+taken over and its leftover ffmpeg killed where it ran (pid and start time
+checked), or, when it ran on another node, fenced: that worker's next commit
+raises ``LeaseLost`` and its next heartbeat stops its ffmpeg.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,8 +29,9 @@ from ..notify.message import build_message
 from ..notify.smtp import send
 from ..notify.templates import render
 from ..pipeline import PermanentJobError, Pipeline, Result
+from . import registry
 from .model import Job, JobState, Outcome
-from .store import JobStore
+from .store import JobStore, LeaseLost
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +68,10 @@ class WorkerPool:
         self.config = config
         self.store = store
         self.pipeline = pipeline or Pipeline(config, store, clock)
-        self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = config.server.node
+        self.worker_id = registry.new_worker_id(self.node)
+        self.owner_prefix = self.worker_id
+        store.node, store.worker_id = self.node, self.worker_id
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[int, str] = {}  # job id -> owner
         self._wake: asyncio.Event | None = None
@@ -75,24 +82,55 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.store.executor, lambda: fn(*args, **kwargs))
 
+    @property
+    def beat(self) -> float:
+        """Seconds between heartbeats (of leases and of the registry row): a third of a lease."""
+        return min(2.0, self.config.jobs.lease_seconds / 3)
+
     async def start(self) -> None:
+        """Register this worker process, recover what dead workers left, start the workers."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        for job in await self._db(self.store.requeue_orphans):
-            log.warning("job %d was running when the gateway stopped; requeued", job.id)
-            if job.pid and job.pid_marker:
-                if await asyncio.to_thread(kill_leftover, job.pid, job.pid_marker):
-                    log.warning("job %d: killed leftover ffmpeg (pid %d)", job.id, job.pid)
-                await self._db(self.store.clear_pid, job.id)
-        for job_id in await self._db(self.store.recover_emails):
+        await self._db(self.store.register_worker, self.worker_id, os.getpid(), self.store.clock())
+        await self._recover()
+        for index in range(self.config.jobs.workers):
+            owner = registry.owner_of(self.worker_id, index)
+            self._tasks.append(asyncio.create_task(self._work(owner)))
+        self._tasks.append(asyncio.create_task(self._digests()))
+        self._tasks.append(asyncio.create_task(self._keepalive()))
+
+    async def _recover(self) -> None:
+        """Expire the leases of workers proven dead here; flag digests dead workers cut off."""
+        lease = self.config.jobs.lease_seconds
+        now = self.store.clock()
+        # A registry row silent for 10 leases (an hour at least) is forgotten.
+        reaped = await self._db(self.store.reap_workers, now, max(3600.0, 10 * lease))
+        for worker_id, job_ids in reaped.items():
+            if job_ids:
+                log.warning(
+                    "worker %s is dead; its jobs %s are taken over",
+                    worker_id,
+                    ", ".join(map(str, job_ids)),
+                )
+        for job_id in await self._db(self.store.recover_emails, now, lease):
             log.warning(
-                "job %d: its digest was being sent when the gateway stopped; "
+                "job %d: its digest was being sent by a worker that died; "
                 "not resent (email state uncertain)",
                 job_id,
             )
-        for index in range(self.config.jobs.workers):
-            self._tasks.append(asyncio.create_task(self._work(f"{self.owner_prefix}/{index}")))
-        self._tasks.append(asyncio.create_task(self._digests()))
+
+    async def _keepalive(self) -> None:
+        """Heartbeat the registry row every ``beat`` seconds, and recover after dead workers."""
+        while not self._stopping:
+            await asyncio.sleep(self.beat)
+            try:
+                now = self.store.clock()
+                if not await self._db(self.store.heartbeat_worker, self.worker_id, now):
+                    log.warning("worker %s was forgotten (stalled?); registering again", self.node)
+                    await self._db(self.store.register_worker, self.worker_id, os.getpid(), now)
+                await self._recover()
+            except Exception:
+                log.exception("jobs: worker heartbeat failed; trying again")
 
     def wake(self) -> None:
         """Thread-safe: a job was committed, start now rather than at the next poll."""
@@ -107,6 +145,10 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        try:
+            await self._db(self.store.unregister_worker, self.worker_id)
+        except Exception:  # the row then goes when its heartbeat is old
+            log.exception("jobs: cannot remove worker %s from the registry", self.worker_id)
 
     async def _work(self, owner: str) -> None:
         cfg = self.config.jobs
@@ -137,8 +179,45 @@ class WorkerPool:
             await asyncio.sleep(self.config.jobs.poll_interval)
 
     async def _run(self, job: Job, owner: str) -> None:
+        try:
+            await self._run_leased(job, owner)
+        except LeaseLost:
+            log.warning("job %d: lease lost (taken over, or cancelled); left to its holder", job.id)
+
+    async def _take_over(self, job: Job) -> None:
+        """Kill the ffmpeg a dead or stalled worker left running for ``job``, where we can."""
+        assert job.pid is not None
+        process = registry.Stamp.decode(str(job.data.get("ffmpeg") or ""))
+        if process is not None and not process.here(self.node):
+            log.warning(
+                "job %d: its ffmpeg (pid %d) ran on %s; that worker is fenced and stops it "
+                "at its next heartbeat",
+                job.id,
+                job.pid,
+                process.node,
+            )
+        elif job.pid_marker:
+            start = process.start if process is not None else None
+            if await asyncio.to_thread(kill_leftover, job.pid, job.pid_marker, start):
+                log.warning("job %d: killed leftover ffmpeg (pid %d)", job.id, job.pid)
+                if process is not None:
+                    await self._gone(process)
+        await self._db(self.store.clear_pid, job.id)
+
+    async def _gone(self, process: registry.Stamp, most: float = 10.0) -> None:
+        """Wait (at most ``most`` seconds) until a killed process is gone: its files are free."""
+        deadline = time.monotonic() + most
+        while await asyncio.to_thread(registry.alive, process):
+            if time.monotonic() > deadline:
+                log.warning("ffmpeg pid %d outlived SIGKILL for %.0f s", process.pid, most)
+                return
+            await asyncio.sleep(0.05)
+
+    async def _run_leased(self, job: Job, owner: str) -> None:
         cfg = self.config.jobs
         log.info("job %d: %s for %s (attempt %d)", job.id, job.path, job.login, job.attempts)
+        if job.pid is not None:
+            await self._take_over(job)
         state: dict[str, Any] = {"progress": job.progress, "step": job.step or "probe"}
 
         def progress(fraction: float, step: str) -> None:
@@ -146,7 +225,7 @@ class WorkerPool:
 
         task = asyncio.create_task(self.pipeline.run(job, owner, progress))
         lost = False
-        interval = min(2.0, cfg.lease_seconds / 3)
+        interval = self.beat
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=interval)

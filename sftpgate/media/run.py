@@ -108,13 +108,15 @@ async def run_ffmpeg(
         raise MediaError(_failure(returncode, tail), transient=returncode < 0)
 
 
-def kill_leftover(pid: int, marker: str) -> bool:
+def kill_leftover(pid: int, marker: str, start: int | None = None) -> bool:
     """Kill the process group of ``pid`` if that process's command line contains ``marker``.
 
-    For start-up after a crash: ``pid`` was recorded by ``on_start`` and
-    ``marker`` is something only that command has (``run_ffmpeg``'s
-    ``marker``, its argv[0]). Checking the command line guards against a
-    recycled pid. Returns True when a
+    For taking over a job whose worker died or stalled: ``pid`` was recorded
+    by ``on_start`` and ``marker`` is something only that command has
+    (``run_ffmpeg``'s ``marker``, its argv[0]). ``start``, when given, is
+    the process's start time (``/proc/<pid>/stat`` field 22, as
+    ``jobs.registry.start_ticks`` read it when it started): a recycled pid
+    never has the same, and the command line guards as well. Returns True when a
     signal was sent, False when there is no such process or it is someone
     else's (or ``marker`` is empty, or ``pid`` is ourselves or init). Linux only.
     """
@@ -122,10 +124,15 @@ def kill_leftover(pid: int, marker: str) -> bool:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
     if os.fsencode(marker) not in cmdline:
         return False
+    if start is not None:
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) < 20 or fields[19] != str(start):
+            return False
     try:
         if os.getpgid(pid) == pid:
             os.killpg(pid, signal.SIGKILL)  # ffmpeg leads its own group
