@@ -353,7 +353,7 @@ def test_worker_started_beside_serve_leaves_serves_transcode_alone(
     tmp_path: Path, user_keys: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     smtp = SmtpServer().start()
-    config = lease_config(tmp_path, user_keys, smtp.port, workers=1, lease=6)
+    config = lease_config(tmp_path, user_keys, smtp.port, workers=1, lease=10)
     port = free_port()
     env = {"SFTPGATE_SERVER__PORT": str(port)}
     journal = tmp_path / "state" / "journal.sqlite3"
