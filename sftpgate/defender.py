@@ -36,6 +36,7 @@ from .events import Event, EventSink, Op, SessionInfo
 
 if TYPE_CHECKING:
     from .passwords import FairHasher
+    from .storage.ports import BanStore as BanStorePort
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +463,10 @@ class BanSync:
         *,
         synchronous: str = "normal",
         clock: Clock = time.time,
+        opener: Callable[[], BanStorePort] | None = None,
     ) -> None:
+        # ``opener``: the ban store of another backend (PostgreSQL); default SQLite at ``path``.
+        self._opener = opener
         self._path = path
         self._interval = interval
         self._deliver = deliver
@@ -494,23 +498,26 @@ class BanSync:
 
     def first_round(self) -> tuple[list[Ban], list[Ban]]:
         """Read the table once, now (before the gateway listens). Blocking."""
-        from .journal.bans import BanStore
-
-        store = BanStore(self._path, synchronous=self._synchronous)
+        store = self._open()
         try:
             return store.load(self._clock(), STRIKE_MEMORY)
         finally:
             store.close()
 
-    def _run(self) -> None:
+    def _open(self) -> BanStorePort:
+        if self._opener is not None:
+            return self._opener()
         from .journal.bans import BanStore
 
-        store: BanStore | None = None
+        return BanStore(self._path, synchronous=self._synchronous)
+
+    def _run(self) -> None:
+        store: BanStorePort | None = None
         while True:
             stopping = self._stop.is_set()
             try:
                 if store is None:
-                    store = BanStore(self._path, synchronous=self._synchronous)
+                    store = self._open()
                 with self._lock:
                     pending, self._pending = self._pending, []
                 try:

@@ -34,6 +34,7 @@ from .journal.writer import JournalWriter, NullSink
 from .passwords import FairHasher
 from .private import private_dir
 from .proxyproto import ProxyListener
+from .storage import open_backend
 from .subsystem.daemon import TapDaemon
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,16 @@ class Gateway:
         if self._sink is None:
             if cfg.journal.enabled:
                 rules = self.rules = Rules(cfg)
+                store = None
+                if cfg.database.url is not None:
+                    if cfg.pipeline.enabled and self.embedded_workers and cfg.jobs.workers > 0:
+                        # Procrastinate's workers (storage/postgres/queue.py) are not wired to
+                        # `serve`/`worker` yet: refuse rather than queue jobs nobody runs.
+                        raise ConfigError(
+                            f"{cfg.path}: database.url: the pipeline does not run on "
+                            "PostgreSQL yet; set pipeline.enabled: false"
+                        )
+                    store = await asyncio.to_thread(open_backend(cfg).journal)
                 self.writer = JournalWriter(
                     cfg.journal_path,
                     synchronous=cfg.journal.synchronous,
@@ -122,6 +133,7 @@ class Gateway:
                     on_upload=rules.on_upload,
                     after_commit=rules.after_commit,
                     durable_timeout=cfg.journal.durable_timeout,
+                    store=store,
                 )
                 await asyncio.to_thread(self.writer.start)
                 self._sink = self.writer
@@ -197,6 +209,7 @@ class Gateway:
                 cfg.defender.reload_interval,
                 deliver,
                 synchronous=cfg.journal.synchronous,
+                opener=open_backend(cfg).bans if cfg.database.url is not None else None,
             )
         defender = Defender(
             defender_config(cfg), self.sink, persist=sync.persist if sync is not None else None
@@ -444,7 +457,9 @@ def door_limits(config: Config, executor: ThreadPoolExecutor) -> DoorLimits:
     """The limits every session shares, from ``server.*``; quota usage kept in the journal."""
     server = config.server
     ledger = None
-    if config.journal.enabled:
+    if config.journal.enabled and config.database.url is not None:
+        ledger = open_backend(config).usage
+    elif config.journal.enabled:
         ledger = functools.partial(
             SQLiteUsageLedger, config.journal_path, synchronous=config.journal.synchronous
         )

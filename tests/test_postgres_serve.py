@@ -1,0 +1,91 @@
+"""`sftpgate serve` on `database.url: postgresql://…` (a real PostgreSQL, a real gateway, paramiko):
+the journal, the quota usage and the ban table live in PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+
+import pg_kit
+from conftest import start_gateway
+from sftpgate.defender import Ban
+from sftpgate.errors import ConfigError
+from sftpgate.journal.query import JournalFilter
+from sftpgate.storage.postgres.backend import PostgresBackend
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[pg_kit.PgServer]:
+    with pg_kit.shared_server() as server:
+        yield server
+
+
+@pytest.fixture
+def backend(pg: pg_kit.PgServer) -> Iterator[tuple[str, PostgresBackend]]:
+    with pg.database() as url:
+        b = PostgresBackend(url, size=2)
+        b.migrate()
+        try:
+            yield url, b
+        finally:
+            b.close()
+
+
+def test_serve_journals_a_session_and_its_upload_in_postgresql(
+    tmp_path: Path, user_keys: dict[str, Path], backend: tuple[str, PostgresBackend]
+) -> None:
+    url, b = backend
+    running = start_gateway(
+        tmp_path, user_keys, extra={"database": {"url": url}, "server": {"quota_bytes": 10**9}}
+    )
+    try:
+        sftp = running.sftp("alice")
+        with sftp.open("/clip.bin", "wb") as f:
+            f.write(b"x" * 5000)
+        assert sftp.stat("/clip.bin").st_size == 5000
+        running.close_clients()
+    finally:
+        running.stop()  # the writer commits what it holds before it stops
+    rows: list[dict[str, Any]] = []
+    b.reader().scan(JournalFilter(user="alice"), rows.append)
+    ops = [r["op"] for r in rows]
+    assert ops[0] == "login" and ops[-1] == "logout"
+    close = next(r for r in rows if r["op"] == "close")
+    assert (close["path"], close["bytes_written"]) == ("/clip.bin", 5000)
+    with b._pool.connection() as conn:
+        upload = conn.execute("SELECT path, bytes, state FROM uploads").fetchall()
+        usage = conn.execute("SELECT bytes FROM quota_usage WHERE login = 'alice'").fetchone()
+    assert upload == [{"path": "/clip.bin", "bytes": 5000, "state": "complete"}]
+    assert usage is not None and usage["bytes"] >= 5000  # quotas count in PostgreSQL
+
+
+def test_a_ban_in_postgresql_keeps_its_address_out_of_a_gateway(
+    tmp_path: Path, user_keys: dict[str, Path], backend: tuple[str, PostgresBackend]
+) -> None:
+    url, b = backend
+    now = time.time()
+    # As another gateway on the same database would have written it.
+    b.bans().upsert([Ban("127.0.0.1", now + 3600, 1, "another gateway's ban", now)])
+    # Loopback is safelisted by default: the test takes it off the list.
+    extra = {"database": {"url": url}, "defender": {"safelist": []}}
+    running = start_gateway(tmp_path, user_keys, extra=extra)
+    try:
+        with pytest.raises((paramiko.SSHException, EOFError, ConnectionError)):
+            running.sftp("alice")
+    finally:
+        running.stop()
+
+
+def test_serve_refuses_the_pipeline_on_postgresql_until_its_workers_are_wired(
+    tmp_path: Path, user_keys: dict[str, Path], backend: tuple[str, PostgresBackend]
+) -> None:
+    url, _ = backend
+    with pytest.raises(ConfigError, match="pipeline does not run on PostgreSQL yet"):
+        start_gateway(
+            tmp_path, user_keys, extra={"database": {"url": url}, "pipeline": {"enabled": True}}
+        )
