@@ -263,3 +263,31 @@ def test_a_batch_of_any_size_goes_in_whole_through_a_few_statements(
     inserts = [s for s in statements if s.lstrip().startswith("INSERT INTO operations")]
     # 64s, then at most three each of 16, 4 and 1
     assert len(inserts) == size // 64 + (size % 64) // 16 + (size % 16) // 4 + size % 4
+
+
+def test_after_commit_runs_only_for_a_commit_that_started_jobs(tmp_path: Path) -> None:
+    # The hook wakes the workers: a commit of plain records must not wake them.
+    woken: list[int] = []
+    writer = JournalWriter(
+        tmp_path / "j.sqlite3",
+        interval=0.01,
+        on_upload=lambda path, event: JobSpec(max_attempts=3) if path.endswith(".mp4") else None,
+        after_commit=lambda: woken.append(writer.batches),
+    )
+    writer.start()
+
+    async def emit() -> None:
+        await writer.emit_durable(Event(Op.MKDIR, SESSION, path="/plain"))
+        await writer.emit_durable(
+            Event(Op.CLOSE, SESSION, path="/a.txt", bytes_written=1, upload=UploadState.COMPLETE)
+        )
+        assert woken == []  # an upload no rule wants starts nothing
+        await writer.emit_durable(
+            Event(Op.CLOSE, SESSION, path="/v.mp4", bytes_written=1, upload=UploadState.COMPLETE)
+        )
+
+    try:
+        asyncio.run(emit())
+    finally:
+        writer.close()
+    assert len(woken) == 1
