@@ -47,9 +47,9 @@ def test_db_status_says_behind_until_db_migrate_runs(
     assert "sftpgate db migrate" in capsys.readouterr().err
     assert main(["db", "migrate", "-c", cfg, "--json"]) == 0
     done = json.loads(capsys.readouterr().out)
-    assert done["backend"] == "postgresql" and done["applied"] == [1, 2]
+    assert done["backend"] == "postgresql" and done["applied"] == [1, 2, 3]
     assert main(["db", "status", "-c", cfg]) == 0
-    assert "postgresql schema version 2, this sftpgate's 2: current" in capsys.readouterr().out
+    assert "postgresql schema version 3, this sftpgate's 3: current" in capsys.readouterr().out
 
 
 def test_journal_reads_filters_and_prunes_on_postgresql(

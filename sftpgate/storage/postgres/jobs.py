@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from psycopg_pool import ConnectionPool
+
 from ...errors import NotFoundError, SftpgateError
 from ...events import Op
+from ...jobs import registry
 from ...jobs.model import ACTIVE, EmailState, Job, JobState
+from ...jobs.store import LeaseLost as SqliteLeaseLost
+from ..ports import LeaseLost as PortLeaseLost
 from .journal import insert_operations
 from .pool import Conn, PoolPort, unavailable_as_storage
 
 _JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 
 
-class LeaseLost(SftpgateError):
+class LeaseLost(PortLeaseLost, SqliteLeaseLost):
     """This worker no longer holds the job: its lease expired and another took it, or an admin
-    cancelled it."""
+    cancelled it. Both the port's class and the one jobs/worker.py catches."""
 
 
 def _job(row: dict[str, Any]) -> Job:
@@ -51,7 +58,30 @@ _PICK = (
 
 
 class PgJobStore(PoolPort):
-    """:class:`~sftpgate.storage.ports.JobStore` on PostgreSQL. Thread-safe (a pool)."""
+    """:class:`~sftpgate.storage.ports.JobStore` on PostgreSQL. Thread-safe (a pool).
+
+    Also what jobs/worker.py's pool and pipeline.py use beyond the port, as SQLite's
+    JobStore offers it: ``executor`` (the threads its calls run on), ``clock``, ``node``,
+    ``worker_id`` and the registry of live workers.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool[Conn],
+        release: Callable[[], None] | None = None,
+        *,
+        node: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(pool, release)
+        self.clock = clock
+        self.node = node or socket.gethostname()
+        self.worker_id: str | None = None
+        self.executor = ThreadPoolExecutor(4, thread_name_prefix="jobs-pg")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        super().close()
 
     @contextmanager
     def _tx(self) -> Iterator[Conn]:
@@ -121,15 +151,31 @@ class PgJobStore(PoolPort):
             return cursor.rowcount == 1
 
     def set_pid(self, job_id: int, owner: str, pid: int | None, marker: str | None) -> None:
+        """Record ffmpeg's pid (or its end: None) and its stamp (node, boot, start time), so
+        whoever takes the job over kills exactly that process, and only where it ran."""
+        stamp = registry.stamp(pid, self.node) if pid is not None else None
         with self._conn() as conn:
             conn.execute(
-                "UPDATE jobs SET pid = %s, pid_marker = %s WHERE id = %s AND lease_owner = %s",
-                (pid, marker, job_id, owner),
+                "UPDATE jobs SET pid = %(pid)s, pid_marker = %(marker)s, data = (CASE"
+                " WHEN %(stamp)s::text IS NULL THEN data::jsonb - 'ffmpeg'"
+                " ELSE jsonb_set(data::jsonb, '{ffmpeg}', to_jsonb(%(stamp)s::text)) END)::text"
+                " WHERE id = %(id)s AND lease_owner = %(owner)s",
+                {
+                    "pid": pid,
+                    "marker": marker,
+                    "stamp": stamp.encode() if stamp is not None else None,
+                    "id": job_id,
+                    "owner": owner,
+                },
             )
 
     def clear_pid(self, job_id: int) -> None:
         with self._conn() as conn:
-            conn.execute("UPDATE jobs SET pid = NULL, pid_marker = NULL WHERE id = %s", (job_id,))
+            conn.execute(
+                "UPDATE jobs SET pid = NULL, pid_marker = NULL,"
+                " data = (data::jsonb - 'ffmpeg')::text WHERE id = %s",
+                (job_id,),
+            )
 
     def finish(
         self,
@@ -419,7 +465,12 @@ class PgJobStore(PoolPort):
                 (login, now, json.dumps(ids)),
             ).fetchone()
             assert log is not None
-            conn.execute("UPDATE jobs SET email_state = 'sending' WHERE id = ANY(%s)", (ids,))
+            # The jobs name their sender while it sends: only its death makes them `uncertain`.
+            sender = registry.owner_of(self.worker_id, "digest") if self.worker_id else None
+            conn.execute(
+                "UPDATE jobs SET email_state = 'sending', lease_owner = %s WHERE id = ANY(%s)",
+                (sender, ids),
+            )
         return int(log["id"]), jobs
 
     def digest_sent(
@@ -431,19 +482,89 @@ class PgJobStore(PoolPort):
                 conn.execute("DELETE FROM email_log WHERE id = %s", (log_id,))
             conn.execute(
                 "UPDATE jobs SET email_state = %s, last_error = COALESCE(%s, last_error),"
-                " updated_at = %s WHERE id = ANY(%s) AND email_state = 'sending'",
+                " updated_at = %s, lease_owner = NULL WHERE id = ANY(%s)"
+                " AND email_state = 'sending'",
                 (state.value, error, time.time(), ids),
             )
 
-    def recover_emails(self) -> list[int]:
-        with self._conn() as conn:
+    def recover_emails(self, now: float | None = None, timeout: float | None = None) -> list[int]:
+        """Finished jobs still ``sending`` (a digest cut off) whose sender is dead: ``uncertain``
+        (never resent). A digest's jobs name their sender (``<worker id>/digest``); it is dead
+        when its ``workers`` row is gone or, with ``timeout``, silent that long."""
+        now = time.time() if now is None else now
+        since = now - timeout if timeout is not None else float("-inf")
+        with self._tx() as conn:
             rows = conn.execute(
-                "UPDATE jobs SET email_state = 'uncertain', updated_at = %s"
-                " WHERE email_state = 'sending' AND state NOT IN ('queued', 'running')"
-                " RETURNING id",
-                (time.time(),),
+                "SELECT id, lease_owner FROM jobs WHERE email_state = 'sending'"
+                " AND state NOT IN ('queued', 'running') FOR UPDATE"
             ).fetchall()
-        return sorted(int(row["id"]) for row in rows)
+            if not rows:
+                return []
+            live = {
+                r["id"]
+                for r in conn.execute("SELECT id, heartbeat_at FROM workers").fetchall()
+                if r["heartbeat_at"] >= since
+            }
+            dead = [
+                int(r["id"])
+                for r in rows
+                if not r["lease_owner"] or registry.worker_of(str(r["lease_owner"])) not in live
+            ]
+            if dead:
+                conn.execute(
+                    "UPDATE jobs SET email_state = 'uncertain', lease_owner = NULL,"
+                    " updated_at = %s WHERE id = ANY(%s)",
+                    (now, dead),
+                )
+        return sorted(dead)
+
+    # -- the registry of live workers (jobs/registry.py) ------------------------------------
+
+    def register_worker(self, worker_id: str, pid: int, now: float) -> None:
+        own = registry.stamp(pid, self.node)
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO workers (id, node, pid, boot_id, pid_start, started_at,"
+                " heartbeat_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                " SET heartbeat_at = excluded.heartbeat_at",
+                (worker_id, self.node, pid, registry.boot_id(), own.start if own else 0, now, now),
+            )
+
+    def heartbeat_worker(self, worker_id: str, now: float) -> bool:
+        with self._conn() as conn:
+            cursor = conn.execute(
+                "UPDATE workers SET heartbeat_at = %s WHERE id = %s", (now, worker_id)
+            )
+            return cursor.rowcount == 1
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM workers WHERE id = %s", (worker_id,))
+
+    def workers(self) -> list[dict[str, Any]]:
+        with self._conn() as conn:
+            return list(conn.execute("SELECT * FROM workers ORDER BY started_at, id").fetchall())
+
+    def reap_workers(self, now: float, forget_after: float) -> dict[str, list[int]]:
+        """Remove workers proven dead (only provable on this node: their process is gone) and
+        expire their jobs' leases; forget other rows silent for ``forget_after`` seconds (their
+        jobs go by lease expiry alone). Returns {worker id: job ids taken back}."""
+        with self._tx() as conn:
+            dead: dict[str, list[int]] = {}
+            for row in conn.execute("SELECT * FROM workers FOR UPDATE").fetchall():
+                process = registry.Stamp(row["node"], row["boot_id"], row["pid"], row["pid_start"])
+                if row["node"] == self.node and not registry.alive(process):
+                    jobs = conn.execute(
+                        "UPDATE jobs SET lease_expires_at = %s WHERE state = 'running'"
+                        " AND left(lease_owner, %s) = %s RETURNING id",
+                        (now - 1, len(row["id"]) + 1, row["id"] + "/"),
+                    ).fetchall()
+                    dead[row["id"]] = [int(j["id"]) for j in jobs]
+                elif row["heartbeat_at"] < now - forget_after:
+                    dead[row["id"]] = []
+            if dead:
+                conn.execute("DELETE FROM workers WHERE id = ANY(%s)", (list(dead),))
+        return dead
 
     def upload_time(self, upload_id: int | None) -> float | None:
         if upload_id is None:

@@ -155,6 +155,21 @@ MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
             "CREATE INDEX jobs_unhanded ON jobs(state, next_run_at) WHERE handed_at IS NULL",
         ),
     ),
+    (
+        3,
+        "the registry of live job workers (jobs/registry.py), as SQLite's schema 5",
+        (
+            """CREATE TABLE workers (
+                id           text PRIMARY KEY,
+                node         text NOT NULL,
+                pid          integer NOT NULL,
+                boot_id      text NOT NULL,
+                pid_start    bigint NOT NULL,
+                started_at   double precision NOT NULL,
+                heartbeat_at double precision NOT NULL
+            )""",
+        ),
+    ),
 )
 
 
