@@ -168,6 +168,28 @@ def test_a_recycled_pid_does_not_keep_a_dead_worker_alive(
     assert store.reap_workers(clock.now, forget_after=HOUR) == {"here:reused:1": []}
 
 
+def test_a_row_of_an_earlier_boot_is_dead_one_of_another_pid_namespace_is_not_judged(
+    db: Path, opened: Callable[..., JobStore], clock: Clock
+) -> None:
+    store = opened()
+    gone = exited_process()
+    boot, _, namespace = gone.boot.partition("/")
+    rows = {
+        # This host before a reboot: nothing of it runs any more.
+        "here:rebooted:1": f"{'0' * len(boot)}/{namespace}",
+        # Another container with this host name but its own pids: /proc here says nothing
+        # about it, even though that pid is gone here.
+        "here:container:2": f"{boot}/pid:[1]",
+    }
+    for worker_id, worker_boot in rows.items():
+        store.conn.execute(
+            "INSERT INTO workers VALUES (?, 'here', ?, ?, ?, ?, ?)",
+            (worker_id, gone.pid, worker_boot, gone.start, clock.now, clock.now),
+        )
+    assert store.reap_workers(clock.now, forget_after=HOUR) == {"here:rebooted:1": []}
+    assert [w["id"] for w in store.workers()] == ["here:container:2"]
+
+
 def test_a_worker_whose_job_was_taken_over_can_commit_nothing(
     db: Path, opened: Callable[..., JobStore], clock: Clock
 ) -> None:

@@ -9,8 +9,9 @@ checks it, so a worker that was stalled (or cut off on another host) while its
 lease expired and someone else took the job can never finish that job.
 
 A process is named by its pid *and* its start time (``/proc/<pid>/stat``
-field 22, in clock ticks since boot) *and* the boot it started in
-(``/proc/sys/kernel/random/boot_id``): a recycled pid never matches. Linux only.
+field 22, in clock ticks since boot) *and* the boot and pid namespace it
+started in (``/proc/sys/kernel/random/boot_id``, ``/proc/self/ns/pid``): a
+recycled pid never matches. Linux only.
 """
 
 from __future__ import annotations
@@ -49,10 +50,17 @@ class Stamp:
 
 
 def boot_id() -> str:
+    """This boot and this pid namespace: only there do /proc's pids name the same processes.
+
+    Two containers with one host name (``--uts=host``) but their own pid
+    namespaces thus never take each other's workers for dead.
+    """
     try:
-        return _BOOT_ID.read_text().strip()
+        boot = _BOOT_ID.read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+    return f"{boot}/{namespace}"
 
 
 def start_ticks(pid: int) -> int | None:
@@ -89,6 +97,18 @@ def alive(process: Stamp) -> bool:
     except OSError:
         return False
     return state[state.rfind(")") + 2 :].split()[:1] != ["Z"]
+
+
+def dead(process: Stamp, node: str) -> bool:
+    """Whether ``process`` is proven gone: of this node and an earlier boot, or of this
+    boot and pid namespace and no longer running. Of another node or pid namespace: False
+    (nothing here can tell)."""
+    if process.node != node:
+        return False
+    here = boot_id()
+    if process.boot == here:
+        return not alive(process)
+    return process.boot.partition("/")[0] != here.partition("/")[0]
 
 
 def new_worker_id(node: str) -> str:

@@ -606,8 +606,9 @@ class JobStore:
     def reap_workers(self, now: float, forget_after: float) -> dict[str, list[int]]:
         """Remove workers proven dead; expire their leases. Returns {worker id: job ids}.
 
-        Proof is only had on this node: the row is of an earlier boot, or its
-        pid is gone or is another process (its start time differs). Such a worker's running
+        Proof is only had on this node (``registry.dead``): the row is of an
+        earlier boot, or of this boot and pid namespace and its pid is gone or
+        is another process (its start time differs). Such a worker's running
         jobs get an expired lease, so any worker takes them over now rather
         than after the lease. A row of another node, or an earlier boot, is
         only forgotten after ``forget_after`` seconds without a heartbeat; its
@@ -618,10 +619,8 @@ class JobStore:
             rows = conn.execute("SELECT * FROM workers").fetchall()
             dead: dict[str, list[int]] = {}
             for row in rows:
-                # A row of this node from an earlier boot is dead too (alive() says so).
-                mine = row["node"] == self.node
                 process = registry.Stamp(row["node"], row["boot_id"], row["pid"], row["pid_start"])
-                if mine and not registry.alive(process):
+                if registry.dead(process, self.node):
                     jobs = conn.execute(
                         "UPDATE jobs SET lease_expires_at = ? WHERE state = 'running'"
                         " AND substr(lease_owner, 1, ?) = ? RETURNING id",

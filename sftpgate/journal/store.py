@@ -152,7 +152,7 @@ CREATE TABLE IF NOT EXISTS workers (
     id           TEXT PRIMARY KEY,            -- node:pid:random, never reused
     node         TEXT NOT NULL,
     pid          INTEGER NOT NULL,
-    boot_id      TEXT NOT NULL,               -- /proc/sys/kernel/random/boot_id
+    boot_id      TEXT NOT NULL,               -- boot_id/pid namespace (registry.boot_id)
     pid_start    INTEGER NOT NULL,            -- /proc/<pid>/stat field 22 (pid reuse)
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL
