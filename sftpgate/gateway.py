@@ -117,13 +117,6 @@ class Gateway:
                 rules = self.rules = Rules(cfg)
                 store = None
                 if cfg.database.url is not None:
-                    if cfg.pipeline.enabled and self.embedded_workers and cfg.jobs.workers > 0:
-                        # Procrastinate's workers (storage/postgres/queue.py) are not wired to
-                        # `serve`/`worker` yet: refuse rather than queue jobs nobody runs.
-                        raise ConfigError(
-                            f"{cfg.path}: database.url: the pipeline does not run on "
-                            "PostgreSQL yet; set pipeline.enabled: false"
-                        )
                     store = await asyncio.to_thread(open_backend(cfg).journal)
                 self.writer = JournalWriter(
                     cfg.journal_path,
@@ -473,7 +466,18 @@ def door_limits(config: Config, executor: ThreadPoolExecutor) -> DoorLimits:
 
 
 async def start_workers(config: Config) -> WorkerPool:
-    """Open the job store and start the embedded workers (requeueing crash orphans)."""
+    """Open the job store and start the embedded workers (requeueing crash orphans).
+
+    On PostgreSQL (``database.url``), Procrastinate runs the jobs (storage/postgres/queue.py).
+    """
+    if config.database.url is not None:
+        from .storage.postgres.backend import from_config
+        from .storage.postgres.queue import QueuedWorkers
+
+        pg = await asyncio.to_thread(from_config(config).jobs)
+        queued = QueuedWorkers(config, config.database.url, pg)
+        await queued.start()
+        return queued  # type: ignore[return-value]  # a WorkerPool to its callers
     store = await asyncio.to_thread(
         JobStore, config.journal_path, synchronous=config.journal.synchronous
     )

@@ -1,5 +1,6 @@
-"""`sftpgate serve` on `database.url: postgresql://…` (a real PostgreSQL, a real gateway, paramiko):
-the journal, the quota usage and the ban table live in PostgreSQL."""
+"""`sftpgate serve` on `database.url: postgresql://…` (a real PostgreSQL, a real gateway, paramiko,
+real ffmpeg and aiosmtpd): the journal, quota usage and bans live in PostgreSQL, and
+Procrastinate runs the pipeline's jobs."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytest
 
 import pg_kit
 from conftest import start_gateway
+from mediakit import make_clip
+from pipeline_kit import SmtpServer, pipeline_settings
+from pipeline_kit import smtp as smtp  # a fixture
 from sftpgate.defender import Ban
-from sftpgate.errors import ConfigError
 from sftpgate.journal.query import JournalFilter
 from sftpgate.storage.postgres.backend import PostgresBackend
 
@@ -81,11 +84,36 @@ def test_a_ban_in_postgresql_keeps_its_address_out_of_a_gateway(
         running.stop()
 
 
-def test_serve_refuses_the_pipeline_on_postgresql_until_its_workers_are_wired(
-    tmp_path: Path, user_keys: dict[str, Path], backend: tuple[str, PostgresBackend]
+def test_an_upload_on_postgresql_is_converted_by_procrastinate_and_emailed_once(
+    tmp_path: Path,
+    user_keys: dict[str, Path],
+    backend: tuple[str, PostgresBackend],
+    smtp: SmtpServer,
 ) -> None:
-    url, _ = backend
-    with pytest.raises(ConfigError, match="pipeline does not run on PostgreSQL yet"):
-        start_gateway(
-            tmp_path, user_keys, extra={"database": {"url": url}, "pipeline": {"enabled": True}}
-        )
+    url, b = backend
+    extra = {**pipeline_settings(smtp.port), "database": {"url": url}}
+    running = start_gateway(tmp_path, user_keys, extra=extra)
+    try:
+        clip = make_clip(tmp_path / "clip.mp4", "mp4", seconds=1)
+        running.sftp("alice").put(str(clip), "/holiday.mp4")
+        # The CLOSE reply came after the upload and its job committed, in PostgreSQL.
+        assert [j.path for j in b.jobs().list()] == ["/holiday.mp4"]
+        deadline = time.monotonic() + 90
+        while (job := b.jobs().list()[0]).state.value in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)  # polling the job's state, bounded by the deadline
+        assert (job.state.value, job.outcome, job.email_state.value) == (
+            "succeeded",
+            "converted",
+            "sent",
+        ), job
+        assert (running.home("alice") / "converted" / "holiday.flv").stat().st_size > 0
+        assert len(smtp.inbox.to("alice@example.org")) == 1
+        with b._pool.connection() as conn:
+            handed = conn.execute(
+                "SELECT status FROM procrastinate_jobs WHERE queueing_lock = %s",
+                (f"sftpgate-job-{job.id}",),
+            ).fetchall()
+        assert handed == [{"status": "succeeded"}]  # Procrastinate ran it, once
+    finally:
+        running.stop()

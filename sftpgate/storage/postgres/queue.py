@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procrastinate import App, JobContext, PsycopgConnector
 from procrastinate import jobs as pjobs
@@ -45,6 +46,9 @@ from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from ...errors import NotFoundError
 from ...jobs.model import ACTIVE, Job, JobState
 from .jobs import PgJobStore
+
+if TYPE_CHECKING:
+    from ...config import Config
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +187,72 @@ class JobQueue:
         """The periodic task: stalled jobs first, then the outbox."""
         await self.retry_stalled()
         await self.hand_over()
+
+
+class QueuedWorkers:
+    """jobs/worker.py's pool on PostgreSQL, with Procrastinate deciding which job runs where.
+
+    The pool keeps its registry row, digests, takeover of leftover ffmpeg and its runner
+    (heartbeats, finish, retry); its own leasing loops are off (``jobs.workers`` of them
+    become Procrastinate's concurrency). A commit that created jobs hands them over at once
+    (``wake``); the periodic sweep catches anything else. Looks like a ``WorkerPool`` to
+    gateway.py: ``start``, ``wake``, ``stop``, ``worker_id``, ``store``.
+    """
+
+    def __init__(self, config: Config, url: str, store: PgJobStore) -> None:
+        from ...jobs.worker import WorkerPool
+
+        jobs = dataclasses.replace(config.jobs, workers=0)
+        # WorkerPool is typed to SQLite's JobStore; PgJobStore offers what it uses.
+        self.pool = WorkerPool(dataclasses.replace(config, jobs=jobs), store)  # type: ignore[arg-type]
+        self.store = store
+        self.worker_id = self.pool.worker_id
+        self.concurrency = config.jobs.workers
+        self.poll = config.jobs.poll_interval
+        self.queue = JobQueue(
+            url,
+            store,
+            self.pool._run,  # the pool's runner for one leased job
+            node=config.server.node,
+            lease_seconds=config.jobs.lease_seconds,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handing: set[asyncio.Task[list[int]]] = set()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.pool.start()
+        await self.queue.open()
+        await self.queue.sweep()
+        self._task = asyncio.create_task(
+            self.queue.run_worker(self.concurrency, fetch_job_polling_interval=self.poll)
+        )
+
+    def wake(self) -> None:
+        """Thread-safe: jobs were committed; hand them over now, not at the next sweep."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        task = asyncio.create_task(self.queue.hand_over())
+        self._handing.add(task)
+        task.add_done_callback(self._handed)
+
+    def _handed(self, task: asyncio.Task[list[int]]) -> None:
+        self._handing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("jobs: hand-over failed (%s); the sweep retries", task.exception())
+
+    async def stop(self) -> None:
+        """Stop Procrastinate's worker (running jobs are released by the pool's runner), then
+        the pool."""
+        for task in [*self._handing, *([self._task] if self._task else [])]:
+            task.cancel()
+        await asyncio.gather(
+            *self._handing, *([self._task] if self._task else []), return_exceptions=True
+        )
+        self._task = None
+        await self.queue.close()
+        await self.pool.stop()
