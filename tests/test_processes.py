@@ -13,6 +13,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from test_leases import WorkerProcess
 from test_serve_process import ServeProcess
 
 from conftest import PASSWORDS, free_port, write_config
@@ -66,6 +67,7 @@ def login_ok(port: int) -> bool:
 def test_two_processes_share_the_port_journal_each_upload_once_and_run_each_job_once(
     tmp_path: Path, user_keys: dict[str, Path], smtp: SmtpServer
 ) -> None:
+    """And a `sftpgate worker` beside them takes jobs too, never one another worker holds."""
     extra = pipeline_settings(smtp.port)
     extra["server"] = {"processes": 2}
     # Each upload its own job, two at once: the point is how often a job runs, not fairness.
@@ -75,8 +77,10 @@ def test_two_processes_share_the_port_journal_each_upload_once_and_run_each_job_
     (tmp_path / "homes" / "alice" / "in").mkdir(parents=True)
     port = free_port()
     serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)})
+    worker: WorkerProcess | None = None
     try:
         wait_for(serve.lines, re.compile(r"sftpgate: listening on .*\(2 processes\)"), 0, 60)
+        worker = WorkerProcess(config)
         with ThreadPoolExecutor(SESSIONS) as pool:
             list(pool.map(lambda i: upload_session(port, i), range(SESSIONS)))
 
@@ -93,6 +97,15 @@ def test_two_processes_share_the_port_journal_each_upload_once_and_run_each_job_
         assert len({r["path"] for r in rows}) == len(rows)
         assert all(r["state"] == "succeeded" and r["outcome"] == "rejected" for r in rows)
         assert all(r["attempts"] == 1 for r in rows), [r for r in rows if r["attempts"] != 1]
+        # Both the supervisor's workers and the one beside them ran jobs, each its own.
+        ran = re.compile(r"job (\d+): ")
+        by_serve = {m.group(1) for line in serve.lines if (m := ran.search(line))}
+        by_worker = {m.group(1) for line in worker.lines if (m := ran.search(line))}
+        assert by_serve and by_worker and not by_serve & by_worker
+        assert len(by_serve | by_worker) == len(rows)
+        # No job was taken from a live worker or had its ffmpeg killed, on either side.
+        for log in ("".join(serve.lines), worker.log()):
+            assert "taken over" not in log and "killed leftover" not in log
 
         # A child killed as a crash would be: the port keeps answering, the child comes back.
         match = wait_for(
@@ -112,6 +125,8 @@ def test_two_processes_share_the_port_journal_each_upload_once_and_run_each_job_
         )
         assert all(login_ok(port) for _ in range(6))
     finally:
+        if worker is not None:
+            assert worker.stop() == 0
         assert serve.stop() == 0
 
     db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
