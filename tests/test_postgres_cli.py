@@ -115,3 +115,24 @@ def test_journal_follow_on_postgresql_prints_every_row_of_two_concurrent_writers
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     ids = [r["id"] for r in rows]
     assert len(ids) == 2 * 60 * 3 and ids == sorted(set(ids))
+
+
+def test_bans_cli_on_postgresql_adds_lists_and_removes(
+    setup: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, url = setup
+    assert main(["db", "migrate", "-c", cfg]) == 0
+    assert main(["bans", "add", "192.0.2.5", "-c", cfg, "--reason", "abuse"]) == 0
+    capsys.readouterr()
+    assert main(["bans", "list", "-c", cfg, "--json"]) == 0
+    (ban,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (ban["address"], ban["reason"], ban["active"]) == ("192.0.2.5", "abuse", True)
+    backend = PostgresBackend(url, size=1)
+    try:
+        assert [b.address for b in backend.bans().list()] == ["192.0.2.5"]  # in PostgreSQL
+    finally:
+        backend.close()
+    assert main(["bans", "remove", "192.0.2.5", "-c", cfg]) == 0
+    capsys.readouterr()
+    assert main(["bans", "list", "-c", cfg, "--json"]) == 0
+    assert capsys.readouterr().out == ""

@@ -4,6 +4,7 @@ Procrastinate runs the pipeline's jobs."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from conftest import start_gateway
 from mediakit import make_clip
 from pipeline_kit import SmtpServer, pipeline_settings
 from pipeline_kit import smtp as smtp  # a fixture
+from sftpgate.cli.main import main
 from sftpgate.defender import Ban
 from sftpgate.journal.query import JournalFilter
 from sftpgate.storage.postgres.backend import PostgresBackend
@@ -117,3 +119,54 @@ def test_an_upload_on_postgresql_is_converted_by_procrastinate_and_emailed_once(
         assert handed == [{"status": "succeeded"}]  # Procrastinate ran it, once
     finally:
         running.stop()
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_jobs_cancel_on_postgresql_stops_the_running_ffmpeg_and_sends_nothing(
+    tmp_path: Path,
+    user_keys: dict[str, Path],
+    backend: tuple[str, PostgresBackend],
+    smtp: SmtpServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, b = backend
+    # -readrate 1: ffmpeg takes as long as the clip plays, so the cancel lands mid-run.
+    extra = {
+        **pipeline_settings(smtp.port, input_args=["-readrate", "1"]),
+        "database": {"url": url},
+    }
+    running = start_gateway(tmp_path, user_keys, extra=extra)
+    try:
+        clip = make_clip(tmp_path / "long.mp4", "mp4", seconds=20)
+        running.sftp("alice").put(str(clip), "/long.mp4")
+        deadline = time.monotonic() + 60
+        while (job := b.jobs().list()[0]).pid is None or not job.pid_marker:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)  # polling for ffmpeg to start, bounded by the deadline
+        marker = job.pid_marker
+        assert _processes_with(marker), "ffmpeg should be running"
+        cfg = str(tmp_path / "config.yaml")
+        assert main(["jobs", "-c", cfg, "cancel", str(job.id)]) == 0
+        assert f"job {job.id}: cancelled" in capsys.readouterr().out
+        deadline = time.monotonic() + 30
+        while _processes_with(marker):
+            assert time.monotonic() < deadline, "ffmpeg outlived the cancel"
+            time.sleep(0.05)  # polling for ffmpeg to go, bounded by the deadline
+        done = b.jobs().get(job.id)
+        assert done.state.value == "cancelled" and done.email_state.value == "none"
+        assert not (running.home("alice") / "converted" / "long.flv").exists()
+    finally:
+        running.stop()
+    assert smtp.inbox.messages == []

@@ -7,10 +7,12 @@ import ipaddress
 import json
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from ..defender import STRIKE_MEMORY, Ban, defender_session, source_of
 from ..errors import NothingThere, UsageError
 from ..events import Event, Op
+from ..storage import open_backend
 from .common import add_config_option, add_json_option, config_from
 
 HELP = "List, add or remove banned addresses (a running gateway takes changes within seconds)."
@@ -55,9 +57,13 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     path = config.journal_path
-    if args.bans_command == "list" and not path.exists():
-        raise NothingThere(f"no journal at {path} yet")
-    store = BanStore(path, synchronous=config.journal.synchronous)
+    store: Any
+    if config.database.url is not None:
+        store = open_backend(config).bans()
+    else:
+        if args.bans_command == "list" and not path.exists():
+            raise NothingThere(f"no journal at {path} yet")
+        store = BanStore(path, synchronous=config.journal.synchronous)
     try:
         now = time.time()
         if args.bans_command == "list":

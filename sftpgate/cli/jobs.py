@@ -11,6 +11,7 @@ from typing import Any
 from ..jobs.model import Job, JobState
 from ..jobs.store import JobStore
 from ..journal.formats import escape
+from ..storage import open_backend
 from .common import add_config_option, add_json_option, config_from
 
 HELP = "List pipeline jobs, show one, retry a failed or dead one, cancel one, or list workers."
@@ -129,7 +130,9 @@ def _workers(store: JobStore, lease: float, as_json: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
-    store = JobStore(config.journal_path)
+    store: Any = (
+        open_backend(config).jobs() if config.database.url else JobStore(config.journal_path)
+    )
     try:
         action = args.jobs_command or "list"
         if action == "workers":
