@@ -326,8 +326,8 @@ class DatabaseConfig:
     url: str | None = key(
         None,
         "`postgresql://user:password@host:port/dbname` (libpq's URL or its `sslmode=...` "
-        "parameters) to keep the journal, jobs and bans in PostgreSQL; unset: SQLite "
-        "(`journal.path`)",
+        "parameters) to keep the journal, jobs, bans and quota usage in PostgreSQL, and run "
+        "the jobs with Procrastinate; unset: SQLite (`journal.path`)",
         matching(r"^postgres(ql)?://", "must be a postgresql:// URL", "a `postgresql://` URL"),
         restart=_DATABASE,
     )
