@@ -78,6 +78,7 @@ class Gateway:
         self.users = Users(config.users)
         self.writer: JournalWriter | None = None
         self.workers: WorkerPool | None = None
+        self.handover: Any = None  # PostgreSQL without workers here: storage/postgres/queue.py
         self.tap_daemon: TapDaemon | None = None
         self.rules: Rules | None = None
         self._sink = sink
@@ -133,6 +134,9 @@ class Gateway:
                 if self.embedded_workers and cfg.pipeline.enabled and cfg.jobs.workers > 0:
                     self.workers = await start_workers(cfg)
                     rules.wake = self.workers.wake
+                elif cfg.database.url is not None and cfg.pipeline.enabled:
+                    self.handover = await start_handover(cfg)
+                    rules.wake = self.handover.wake
             else:
                 self._sink = NullSink()
         if cfg.subsystem.enabled and self.serve_tap:
@@ -396,6 +400,9 @@ class Gateway:
             await self.workers.stop()
             await asyncio.to_thread(self.workers.store.close)
             self.workers = None
+        if self.handover is not None:
+            await self.handover.stop()
+            self.handover = None
         if self._previous_handler:
             asyncio.get_running_loop().set_exception_handler(self._previous_handler[0])
             self._previous_handler = ()
@@ -463,6 +470,18 @@ def door_limits(config: Config, executor: ThreadPoolExecutor) -> DoorLimits:
         quota_files=server.quota_files,
         quotas=Quotas(ledger, executor),
     )
+
+
+async def start_handover(config: Config) -> Any:
+    """On PostgreSQL, in a gateway without workers: hand committed jobs to Procrastinate."""
+    from .storage.postgres.backend import from_config
+    from .storage.postgres.queue import HandOver
+
+    assert config.database.url is not None
+    pg = await asyncio.to_thread(from_config(config).jobs)
+    handover = HandOver(config.database.url, pg, config.server.node)
+    await handover.start()
+    return handover
 
 
 async def start_workers(config: Config) -> WorkerPool:

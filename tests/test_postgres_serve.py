@@ -5,6 +5,9 @@ Procrastinate runs the pipeline's jobs."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 
 import paramiko
 import pytest
+import yaml
 
 import pg_kit
 from conftest import start_gateway
@@ -117,8 +121,66 @@ def test_an_upload_on_postgresql_is_converted_by_procrastinate_and_emailed_once(
                 (f"sftpgate-job-{job.id}",),
             ).fetchall()
         assert handed == [{"status": "succeeded"}]  # Procrastinate ran it, once
+        # A reload (SIGHUP) reaches the Procrastinate-driven pool and its pipeline.
+        running.gateway.reload(running.config)
+        assert running.gateway.workers is not None
+        assert running.gateway.workers.pipeline.config is running.config
     finally:
         running.stop()
+
+
+def test_a_gateway_without_workers_hands_jobs_over_at_once_and_sftpgate_worker_runs_them(
+    tmp_path: Path,
+    user_keys: dict[str, Path],
+    backend: tuple[str, PostgresBackend],
+    smtp: SmtpServer,
+) -> None:
+    url, b = backend
+    settings = pipeline_settings(smtp.port)
+    extra = {**settings, "database": {"url": url}, "jobs": {**settings["jobs"], "workers": 0}}
+    running = start_gateway(tmp_path, user_keys, extra=extra)
+    worker = None
+    try:
+        clip = make_clip(tmp_path / "clip.mp4", "mp4", seconds=1)
+        running.sftp("alice").put(str(clip), "/a.mp4")
+        (job,) = b.jobs().list()
+        # No worker runs anywhere yet: the gateway itself handed the job to Procrastinate.
+        deadline = time.monotonic() + 10
+        while not _procrastinate_rows(b, job.id):
+            assert time.monotonic() < deadline, "the gateway never handed its job over"
+            time.sleep(0.05)  # polling for the hand-over, bounded by the deadline
+        assert _procrastinate_rows(b, job.id) == [{"status": "todo"}]
+        # A worker host: `sftpgate worker` with the same config (workers on).
+        cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+        cfg["jobs"]["workers"] = 1
+        (tmp_path / "worker.yaml").write_text(yaml.safe_dump(cfg))
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "sftpgate", "worker", "-c", str(tmp_path / "worker.yaml")],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 90
+        while (job := b.jobs().get(job.id)).state.value in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            assert worker.poll() is None, "sftpgate worker exited"
+            time.sleep(0.1)  # polling the job's state, bounded by the deadline
+        assert (job.state.value, job.email_state.value) == ("succeeded", "sent"), job
+        assert _procrastinate_rows(b, job.id) == [{"status": "succeeded"}]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait(30)
+        running.stop()
+    assert len(smtp.inbox.to("alice@example.org")) == 1
+
+
+def _procrastinate_rows(b: PostgresBackend, job_id: int) -> list[dict[str, Any]]:
+    with b._pool.connection() as conn:
+        return conn.execute(
+            "SELECT status FROM procrastinate_jobs WHERE queueing_lock = %s",
+            (f"sftpgate-job-{job_id}",),
+        ).fetchall()
 
 
 def _processes_with(marker: str) -> list[int]:

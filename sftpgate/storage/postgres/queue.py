@@ -220,6 +220,19 @@ class QueuedWorkers:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handing: set[asyncio.Task[list[int]]] = set()
 
+    # A reload (SIGHUP) sets these as on a WorkerPool; they reach the pool and its pipeline.
+    @property
+    def config(self) -> Config:
+        return self.pool.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.pool.config = config
+
+    @property
+    def pipeline(self) -> Any:
+        return self.pool.pipeline
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.pool.start()
@@ -256,3 +269,43 @@ class QueuedWorkers:
         self._task = None
         await self.queue.close()
         await self.pool.stop()
+
+
+class HandOver:
+    """A gateway that runs no workers (``jobs.workers: 0``, the cluster's gateways) hands the
+    jobs its commits made to Procrastinate at once, rather than leaving them to the next
+    sweep of a worker host. Runs no task itself."""
+
+    def __init__(self, url: str, store: PgJobStore, node: str) -> None:
+        async def never(job: Job, owner: str) -> None:  # this process runs no worker
+            raise AssertionError("a hand-over process ran a job")
+
+        self.store = store
+        self.queue = JobQueue(url, store, never, node=node, lease_seconds=60)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handing: set[asyncio.Task[list[int]]] = set()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.queue.open()
+
+    def wake(self) -> None:
+        """Thread-safe (the journal writer's thread): hand over what was committed."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        task = asyncio.create_task(self.queue.hand_over())
+        self._handing.add(task)
+        task.add_done_callback(self._handed)
+
+    def _handed(self, task: asyncio.Task[list[int]]) -> None:
+        self._handing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("jobs: hand-over failed (%s); a worker's sweep retries", task.exception())
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self._handing, return_exceptions=True)
+        await self.queue.close()
+        await asyncio.to_thread(self.store.close)
