@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         pool = await start_workers(config)
+        # Never the URL: it may hold a password.
+        database = "PostgreSQL (Procrastinate)" if config.database.url else config.journal_path
         print(
-            f"sftpgate: {config.jobs.workers} workers ({pool.worker_id}) on {config.journal_path}",
+            f"sftpgate: {config.jobs.workers} workers ({pool.worker_id}) on {database}",
             file=sys.stderr,
             flush=True,
         )
