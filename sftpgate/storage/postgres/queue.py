@@ -44,6 +44,7 @@ from procrastinate import jobs as pjobs
 from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 
 from ...errors import NotFoundError
+from ...jobs import registry
 from ...jobs.model import ACTIVE, Job, JobState
 from .jobs import PgJobStore
 
@@ -78,7 +79,11 @@ class JobQueue:
         lease_seconds: float,
         stalled_after: float = 30.0,
         sweep_cron: str = "* * * * * */5",
+        worker_id: str | None = None,
     ) -> None:
+        # Lease owners are `<worker id>/<slot>` (jobs/registry.py), so the registry can tell
+        # whose jobs a dead worker held.
+        self.worker_id = worker_id or registry.new_worker_id(node)
         self.store = store
         self.runner = runner
         self.node = node
@@ -130,7 +135,7 @@ class JobQueue:
 
     async def _run(self, context: JobContext, job_id: int) -> None:
         pjob = context.job.id
-        owner = f"{self.node}/{os.getpid()}/pq{pjob}"
+        owner = registry.owner_of(self.worker_id, f"pq{pjob}")
         job = await asyncio.to_thread(self.store.lease_job, job_id, owner, self.lease_seconds)
         if job is None:
             try:
@@ -215,6 +220,9 @@ class QueuedWorkers:
             self.pool._run,  # the pool's runner for one leased job
             node=config.server.node,
             lease_seconds=config.jobs.lease_seconds,
+            # A job is only retried once our lease has expired too: no need to wait longer.
+            stalled_after=config.jobs.lease_seconds,
+            worker_id=self.pool.worker_id,
         )
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,8 +246,14 @@ class QueuedWorkers:
         await self.pool.start()
         await self.queue.open()
         await self.queue.sweep()
+        lease = self.pool.config.jobs.lease_seconds
         self._task = asyncio.create_task(
-            self.queue.run_worker(self.concurrency, fetch_job_polling_interval=self.poll)
+            self.queue.run_worker(
+                self.concurrency,
+                fetch_job_polling_interval=self.poll,
+                update_heartbeat_interval=min(10.0, lease / 3),
+                stalled_worker_timeout=lease,
+            )
         )
 
     def wake(self) -> None:
