@@ -218,3 +218,38 @@ def test_a_sigkilled_workers_job_is_retried_only_after_our_lease_expires(
     done = store.get(job_id)
     assert done.attempts == 2  # the killed attempt, then this one
     assert [status for _, status in procrastinate_jobs(url, job_id)] == ["succeeded"]
+
+
+def test_users_take_turns_in_procrastinate_and_a_user_at_the_cap_waits(
+    db: tuple[str, PostgresBackend],
+) -> None:
+    url, backend = db
+    store: Any = backend.jobs()
+    alice = [upload(backend, f"/a{n}.mp4") for n in range(3)]
+    s = SessionInfo(id="s2", remote_addr="192.0.2.2", remote_port=1, login="bob")
+    event = Event(Op.CLOSE, s, path="/b.mp4", bytes_written=1, upload=UploadState.COMPLETE)
+    (bob,) = backend.journal().record_batch([event], lambda p, e: JobSpec(max_attempts=3)).jobs
+
+    async def scenario() -> None:
+        queue = JobQueue(url, store, finishing_runner(store, []), node="n1", lease_seconds=30)
+        await queue.open()
+        try:
+            await queue.hand_over()
+        finally:
+            await queue.close()
+
+    asyncio.run(scenario())
+    with psycopg.connect(url) as conn:
+        order = conn.execute(
+            "SELECT (args->>'job_id')::int FROM procrastinate_jobs"
+            " ORDER BY priority DESC, id"  # the order Procrastinate fetches in
+        ).fetchall()
+    assert [row[0] for row in order] == [alice[0], bob, alice[1], alice[2]]
+    # Alice's first job runs; her second, fetched meanwhile, is not leased (cap 1) and goes
+    # back to the outbox; bob's is.
+    first = store.lease_job(alice[0], "w/1", 30, per_user=1)
+    assert first is not None
+    assert store.lease_job(alice[1], "w/2", 30, per_user=1) is None
+    assert store.lease_job(bob, "w/3", 30, per_user=1) is not None
+    store.finish(first, "w/1", JobState.SUCCEEDED)
+    assert store.lease_job(alice[1], "w/2", 30, per_user=1) is not None

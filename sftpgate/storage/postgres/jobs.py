@@ -242,23 +242,48 @@ class PgJobStore(PoolPort):
 
     # -- Procrastinate's side (queue.py) ------------------------------------------------
 
-    def lease_job(self, job_id: int, owner: str, lease_seconds: float) -> Job | None:
+    def lease_job(
+        self, job_id: int, owner: str, lease_seconds: float, per_user: int | None = None
+    ) -> Job | None:
         """Lease job ``job_id`` itself for ``owner`` (a Procrastinate task runs that job), or
-        None: it is not due, held by a live lease, finished or cancelled. A leftover ffmpeg's
-        pid stays on the job, for its new holder to kill."""
+        None: it is not due, held by a live lease, finished or cancelled, or its user already
+        has ``per_user`` jobs running (counted under the user's turn row lock, as ``lease``
+        does). A leftover ffmpeg's pid stays on the job, for its new holder to kill."""
         now = time.time()
-        with self._conn() as conn:
+        with self._tx() as conn:
+            pick = conn.execute(
+                f"SELECT j.id, j.login FROM jobs AS j WHERE j.id = %(id)s AND {_DUE}"  # noqa: S608
+                " FOR UPDATE",
+                {"id": job_id, "now": now},
+            ).fetchone()
+            if pick is None:
+                return None
+            conn.execute(
+                "INSERT INTO job_turns (login, last_turn) VALUES (%s, %s)"
+                " ON CONFLICT (login) DO UPDATE SET last_turn = excluded.last_turn",
+                (pick["login"], now),
+            )
+            if per_user is not None:
+                running = conn.execute(
+                    "SELECT count(*) AS n FROM jobs WHERE login = %s AND state = 'running'"
+                    " AND lease_expires_at >= %s AND id != %s",
+                    (pick["login"], now, job_id),
+                ).fetchone()
+                if running is not None and running["n"] >= per_user:
+                    return None
             row = conn.execute(
-                "UPDATE jobs AS j SET state = 'running', lease_owner = %(owner)s,"  # noqa: S608
+                "UPDATE jobs SET state = 'running', lease_owner = %(owner)s,"
                 " lease_expires_at = %(until)s, attempts = attempts + 1,"
                 " started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s"
-                f" WHERE id = %(id)s AND {_DUE} RETURNING *",
+                " WHERE id = %(id)s RETURNING *",
                 {"owner": owner, "until": now + lease_seconds, "now": now, "id": job_id},
             ).fetchone()
         return _job(row) if row else None
 
-    def to_hand_over(self, now: float, most: int = 500) -> list[tuple[int, float]]:
-        """(job id, when it is due) of queued jobs not yet handed to Procrastinate, oldest first.
+    def to_hand_over(self, now: float, most: int = 500) -> list[tuple[int, float, int]]:
+        """(job id, when it is due, its turn) of jobs not yet handed to Procrastinate, oldest
+        first. The turn is how many of its user's active jobs come before it: handed over as
+        Procrastinate's priority (negated), users' first jobs run before anyone's second.
 
         A running job whose lease expired and that no Procrastinate job waits for or runs
         (its worker and Procrastinate's record of it are gone) is queued again here first.
@@ -272,23 +297,26 @@ class PgJobStore(PoolPort):
                 (now,),
             )
             rows = conn.execute(
-                "SELECT id, next_run_at FROM jobs WHERE handed_at IS NULL"
-                " AND state IN ('queued', 'running') ORDER BY id LIMIT %s",
+                "SELECT j.id, j.next_run_at, (SELECT count(*) FROM jobs AS e"
+                "  WHERE e.login = j.login AND e.id < j.id"
+                "  AND e.state IN ('queued', 'running')) AS turn"
+                " FROM jobs AS j WHERE j.handed_at IS NULL"
+                " AND j.state IN ('queued', 'running') ORDER BY j.id LIMIT %s",
                 (most,),
             ).fetchall()
-        return [(int(r["id"]), float(r["next_run_at"])) for r in rows]
+        return [(int(r["id"]), float(r["next_run_at"]), int(r["turn"])) for r in rows]
+
+    def unhand(self, job_id: int) -> None:
+        """Hand the job over again (its Procrastinate job came before the job could run)."""
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE jobs SET handed_at = NULL WHERE id = %s AND state = 'queued'", (job_id,)
+            )
 
     def mark_handed(self, job_id: int) -> None:
         """The job's current attempt is in Procrastinate's queue."""
         with self._conn() as conn:
             conn.execute("UPDATE jobs SET handed_at = %s WHERE id = %s", (time.time(), job_id))
-
-    def unhand(self, job_id: int) -> None:
-        """Hand the job over again (its Procrastinate job ran before the job was due)."""
-        with self._conn() as conn:
-            conn.execute(
-                "UPDATE jobs SET handed_at = NULL WHERE id = %s AND state = 'queued'", (job_id,)
-            )
 
     # -- the ledger -------------------------------------------------------------------
 

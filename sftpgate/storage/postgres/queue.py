@@ -80,7 +80,9 @@ class JobQueue:
         stalled_after: float = 30.0,
         sweep_cron: str = "* * * * * */5",
         worker_id: str | None = None,
+        per_user: int | None = None,
     ) -> None:
+        self.per_user = per_user  # jobs.per_user_running
         # Lease owners are `<worker id>/<slot>` (jobs/registry.py), so the registry can tell
         # whose jobs a dead worker held.
         self.worker_id = worker_id or registry.new_worker_id(node)
@@ -119,10 +121,11 @@ class JobQueue:
     async def hand_over(self) -> list[int]:
         """Hand every job not yet handed to Procrastinate; the ids handed (or found there)."""
         handed = []
-        for job_id, due in await asyncio.to_thread(self.store.to_hand_over, time.time()):
+        for job_id, due, turn in await asyncio.to_thread(self.store.to_hand_over, time.time()):
             deferrer = self.run_task.configure(
                 queueing_lock=queueing_lock(job_id),
                 schedule_at=datetime.datetime.fromtimestamp(due, datetime.UTC),
+                priority=-turn,  # users take turns: everyone's first job, then second ...
             )
             # AlreadyEnqueued: handed before a crash, not yet marked; it waits there once.
             with contextlib.suppress(AlreadyEnqueued):
@@ -136,14 +139,13 @@ class JobQueue:
     async def _run(self, context: JobContext, job_id: int) -> None:
         pjob = context.job.id
         owner = registry.owner_of(self.worker_id, f"pq{pjob}")
-        job = await asyncio.to_thread(self.store.lease_job, job_id, owner, self.lease_seconds)
+        job = await asyncio.to_thread(
+            self.store.lease_job, job_id, owner, self.lease_seconds, self.per_user
+        )
         if job is None:
-            try:
-                current = await asyncio.to_thread(self.store.get, job_id)
-            except NotFoundError:
-                return
-            if current.state is JobState.QUEUED and current.next_run_at > time.time():
-                await asyncio.to_thread(self.store.unhand, job_id)  # early: hand it over again
+            # Not due yet, or its user is at their cap: hand it over again at the next sweep.
+            # (Held by a live lease, finished or cancelled: nothing to do; unhand skips it.)
+            await asyncio.to_thread(self.store.unhand, job_id)
             return
         await self.runner(job, owner)
 
@@ -223,6 +225,7 @@ class QueuedWorkers:
             # A job is only retried once our lease has expired too: no need to wait longer.
             stalled_after=config.jobs.lease_seconds,
             worker_id=self.pool.worker_id,
+            per_user=config.jobs.per_user_running,
         )
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
