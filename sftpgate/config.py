@@ -332,7 +332,11 @@ class DatabaseConfig:
         restart=_DATABASE,
     )
     pool_size: int = key(
-        10, "most PostgreSQL connections one process holds", POSITIVE, restart=_DATABASE
+        10,
+        "most PostgreSQL connections one process holds for sftpgate (Procrastinate's workers "
+        "hold up to 4 more)",
+        POSITIVE,
+        restart=_DATABASE,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,7 +116,20 @@ class PostgresBackend:
         return self._port(PgJobStore)
 
 
+_SHARED: dict[tuple[int, str, int], PostgresBackend] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 def from_config(config: Config) -> PostgresBackend:
-    """The backend of ``database.url`` (a ``postgresql://`` URL) and ``database.pool_size``."""
-    assert config.database.url is not None
-    return PostgresBackend(config.database.url, config.database.pool_size)
+    """The backend of ``database.url`` (a ``postgresql://`` URL) and ``database.pool_size``:
+    one per process, so the journal writer, workers, bans and quotas share one pool of at
+    most ``pool_size`` connections (keyed by pid too: a forked child never uses its parent's
+    connections)."""
+    url = config.database.url
+    assert url is not None
+    key = (os.getpid(), url, config.database.pool_size)
+    with _SHARED_LOCK:
+        backend = _SHARED.get(key)
+        if backend is None:
+            backend = _SHARED[key] = PostgresBackend(url, config.database.pool_size)
+        return backend
