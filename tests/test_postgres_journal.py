@@ -321,3 +321,14 @@ def test_usage_adds_up_across_connections_and_never_goes_below_zero(
         list(pool.map(lambda _: backend.usage().add("alice", 10, 1), range(20)))
     assert usage.load("alice") == (300, 22)
     assert usage.add("alice", -10_000, -100) == (0, 0)
+
+
+def test_names_with_nul_or_no_utf8_are_journaled_escaped_never_lost(
+    backend: PostgresBackend,
+) -> None:
+    """PostgreSQL text holds no NUL, and a name that is not UTF-8 arrives as lone surrogates:
+    both are stored escaped, as the journal's table shows them, so no record is lost."""
+    bad = "/a\x00b\udcff.mp4"
+    backend.journal().record_batch([ev(Op.OPEN, bad, status="no_such_file", message="x\x00")])
+    (row,) = all_rows(backend)
+    assert (row["path"], row["message"]) == ("/a\\x00b\\udcff.mp4", "x\\x00")

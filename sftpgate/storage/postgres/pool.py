@@ -8,12 +8,34 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.abc import Buffer
 from psycopg.rows import dict_row
+from psycopg.types.string import StrDumperUnknown
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..ports import StorageUnavailable
 
 Conn = psycopg.Connection[dict[str, Any]]
+
+
+class JournalText(StrDumperUnknown):
+    """Strings as PostgreSQL text, whatever a client put in a name: a NUL (which PostgreSQL
+    text cannot hold) is stored as the four characters ``\\x00``, and a lone surrogate (a
+    name that is not UTF-8) as ``\\udcXX``, as the journal's table output shows them (SQLite
+    keeps a NUL and sets a lone surrogate's record aside). Nothing a client sends makes a
+    record unwritable here."""
+
+    def dump(self, obj: str) -> Buffer | None:
+        if "\x00" in obj:
+            obj = obj.replace("\x00", "\\x00")
+        try:
+            return obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return obj.encode("utf-8", "backslashreplace")
+
+
+def _configure(conn: Conn) -> None:
+    conn.adapters.register_dumper(str, JournalText)
 
 
 def open_pool(url: str, size: int = 10) -> ConnectionPool[Conn]:
@@ -26,7 +48,8 @@ def open_pool(url: str, size: int = 10) -> ConnectionPool[Conn]:
         url,
         min_size=1,
         max_size=size,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={"autocommit": True, "row_factory": dict_row, "client_encoding": "utf-8"},
+        configure=_configure,
         open=False,
         name="sftpgate",
     )
