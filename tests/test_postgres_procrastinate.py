@@ -73,7 +73,7 @@ def finishing_runner(store: PgJobStore, calls: list[int]) -> Callable[[Job, str]
     return run
 
 
-def test_a_crash_between_hand_over_and_its_mark_hands_the_job_over_once(
+def test_a_hand_over_cut_off_after_its_claim_is_handed_over_again_once(
     db: tuple[str, PostgresBackend],
 ) -> None:
     url, backend = db
@@ -81,21 +81,55 @@ def test_a_crash_between_hand_over_and_its_mark_hands_the_job_over_once(
     job_id = upload(backend)
 
     async def scenario() -> None:
-        queue = JobQueue(url, store, finishing_runner(store, []), node="n1", lease_seconds=30)
+        queue = JobQueue(
+            url,
+            store,
+            finishing_runner(store, []),
+            node="n1",
+            lease_seconds=30,
+            hand_over_grace=0,
+        )
         await queue.open()
         try:
-            # What hand_over does before it marks the row, then a crash (the mark never
-            # comes): the first half of the real code path, run on its own.
-            await queue.run_task.configure(queueing_lock=queueing_lock(job_id)).defer_async(
-                job_id=job_id
-            )
-            assert await queue.hand_over() == [job_id]  # handed again after the "restart"
-            assert await queue.hand_over() == []  # marked now
+            # A hand-over claims the row, then its process dies before Procrastinate has the
+            # job: the first half of the real code path, run on its own.
+            assert [row[0] for row in store.to_hand_over(time.time())] == [job_id]
+            assert procrastinate_jobs(url, job_id) == []
+            # The next hand-over (a sweep) finds the claim stale, with nothing in
+            # Procrastinate for it, and hands it over.
+            assert await queue.hand_over() == [job_id]
+            assert await queue.hand_over() == []  # it waits in Procrastinate now: done
         finally:
             await queue.close()
 
     asyncio.run(scenario())
     assert [status for _, status in procrastinate_jobs(url, job_id)] == ["todo"]
+
+
+def test_gateways_handing_over_at_once_hand_each_job_over_once(
+    db: tuple[str, PostgresBackend],
+) -> None:
+    url, backend = db
+    store: Any = backend.jobs()
+    ids = [upload(backend, f"/{n}.mp4") for n in range(20)]
+
+    async def scenario() -> list[int]:
+        queues = [
+            JobQueue(url, store, finishing_runner(store, []), node=f"g{n}", lease_seconds=30)
+            for n in range(4)
+        ]
+        for queue in queues:
+            await queue.open()
+        try:
+            handed = await asyncio.gather(*(q.hand_over() for q in queues))
+        finally:
+            for queue in queues:
+                await queue.close()
+        return [job for batch in handed for job in batch]
+
+    assert sorted(asyncio.run(scenario())) == ids
+    for job_id in ids:
+        assert [status for _, status in procrastinate_jobs(url, job_id)] == ["todo"]
 
 
 def test_a_procrastinate_worker_runs_the_job_once_even_when_handed_twice(

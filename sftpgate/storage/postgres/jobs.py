@@ -280,45 +280,49 @@ class PgJobStore(PoolPort):
             ).fetchone()
         return _job(row) if row else None
 
-    def to_hand_over(self, now: float, most: int = 500) -> list[tuple[int, float, int]]:
-        """(job id, when it is due, its turn) of jobs not yet handed to Procrastinate, oldest
-        first. The turn is how many of its user's active jobs come before it: handed over as
-        Procrastinate's priority (negated), users' first jobs run before anyone's second.
+    def to_hand_over(
+        self, now: float, most: int = 500, grace: float = 30.0
+    ) -> list[tuple[int, float, int]]:
+        """Claim jobs not yet handed to Procrastinate (``handed_at`` set now), oldest first:
+        (job id, when it is due, its turn). The turn is how many of its user's active jobs
+        come before it: handed over as Procrastinate's priority (negated), so users' first
+        jobs run before anyone's second. Rows are claimed with SKIP LOCKED, so two processes
+        handing over at once never both take one.
 
-        A running job whose lease expired and that no Procrastinate job waits for or runs
-        (its worker and Procrastinate's record of it are gone) is queued again here first.
+        A claim that never reached Procrastinate (its process died between the two), and a
+        running job whose lease expired with its worker and Procrastinate's record of it
+        gone, are claimable again once no Procrastinate job waits for or runs them and the
+        claim is ``grace`` seconds old.
         """
         with self._tx() as conn:
             conn.execute(
-                "UPDATE jobs AS j SET handed_at = NULL WHERE j.state = 'running'"
-                " AND j.lease_expires_at < %s AND j.handed_at IS NOT NULL AND NOT EXISTS"
-                " (SELECT 1 FROM procrastinate_jobs AS p WHERE p.status IN ('todo', 'doing')"
+                "UPDATE jobs AS j SET handed_at = NULL WHERE j.handed_at < %(stale)s"
+                " AND (j.state = 'queued' OR (j.state = 'running'"
+                "      AND j.lease_expires_at < %(now)s))"
+                " AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs AS p"
+                "  WHERE p.status IN ('todo', 'doing')"
                 "  AND p.queueing_lock = 'sftpgate-job-' || j.id)",
-                (now,),
+                {"now": now, "stale": now - grace},
             )
             rows = conn.execute(
-                "SELECT j.id, j.next_run_at, (SELECT count(*) FROM jobs AS e"
-                "  WHERE e.login = j.login AND e.id < j.id"
-                "  AND e.state IN ('queued', 'running')) AS turn"
-                " FROM jobs AS j WHERE j.handed_at IS NULL"
-                " AND j.state IN ('queued', 'running') ORDER BY j.id LIMIT %s",
-                (most,),
+                "UPDATE jobs AS j SET handed_at = %(now)s FROM ("
+                "  SELECT c.id, (SELECT count(*) FROM jobs AS e WHERE e.login = c.login"
+                "   AND e.id < c.id AND e.state IN ('queued', 'running')) AS turn"
+                "  FROM jobs AS c WHERE c.handed_at IS NULL"
+                "  AND c.state IN ('queued', 'running') ORDER BY c.id LIMIT %(most)s"
+                "  FOR UPDATE OF c SKIP LOCKED) AS pick"
+                " WHERE j.id = pick.id RETURNING j.id, j.next_run_at, pick.turn",
+                {"now": now, "most": most},
             ).fetchall()
+        rows.sort(key=lambda r: r["id"])
         return [(int(r["id"]), float(r["next_run_at"]), int(r["turn"])) for r in rows]
 
     def unhand(self, job_id: int) -> None:
-        """Hand the job over again (its Procrastinate job came before the job could run)."""
+        """Hand the job over again (its hand-over failed)."""
         with self._conn() as conn:
             conn.execute(
                 "UPDATE jobs SET handed_at = NULL WHERE id = %s AND state = 'queued'", (job_id,)
             )
-
-    def mark_handed(self, job_id: int) -> None:
-        """The job's current attempt is in Procrastinate's queue."""
-        with self._conn() as conn:
-            conn.execute("UPDATE jobs SET handed_at = %s WHERE id = %s", (time.time(), job_id))
-
-    # -- the ledger -------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job:
         with self._conn() as conn:

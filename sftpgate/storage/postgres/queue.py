@@ -3,12 +3,14 @@
 Our ``jobs`` table stays the truth (state, lease, steps, email state); Procrastinate
 is how a job reaches a worker on any host. Three things make that safe:
 
-- **An outbox.** The job row commits with its upload (journal.py). A sweep hands every
-  job not yet handed (``handed_at IS NULL``) to Procrastinate with the queueing lock
-  ``sftpgate-job-<id>``, then marks it handed. A crash between the two hands it again:
-  Procrastinate refuses a second waiting job with that lock (``AlreadyEnqueued``), and a
-  second job that slips in after the first started finds our row leased and does
-  nothing. Never lost, never run twice at once.
+- **An outbox.** The job row commits with its upload. A hand-over claims rows not yet
+  handed (``handed_at``, with SKIP LOCKED: concurrent hand-overs never take one row
+  twice) and defers each to Procrastinate with the queueing lock ``sftpgate-job-<id>``.
+  A hand-over cut off between claim and defer is found by a later sweep (a stale claim
+  with nothing in Procrastinate) and handed over again; one that did reach Procrastinate
+  meets the queueing lock (``AlreadyEnqueued``), and a second Procrastinate job that
+  slips in after the first started finds our row leased or finished and does nothing.
+  Never lost, never run twice at once.
 - **Our own per-job heartbeat.** A task leases our row (``lease_job``) and the runner
   heartbeats that lease while ffmpeg runs, for an hour if need be. Procrastinate's
   stalled-job API only says a *worker* went quiet (issue #702: liveness of a long job
@@ -39,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
 from procrastinate import jobs as pjobs
 from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 
@@ -62,6 +64,10 @@ SWEEP_TASK = "sftpgate.sweep"
 Runner = Callable[[Job, str], Awaitable[None]]
 
 
+class _Later(Exception):
+    """The job cannot run yet; Procrastinate retries this task a second later."""
+
+
 def queueing_lock(job_id: int) -> str:
     return f"sftpgate-job-{job_id}"
 
@@ -81,7 +87,9 @@ class JobQueue:
         sweep_cron: str = "* * * * * */5",
         worker_id: str | None = None,
         per_user: int | None = None,
+        hand_over_grace: float = 30.0,
     ) -> None:
+        self.hand_over_grace = hand_over_grace
         self.per_user = per_user  # jobs.per_user_running
         # Lease owners are `<worker id>/<slot>` (jobs/registry.py), so the registry can tell
         # whose jobs a dead worker held.
@@ -92,7 +100,14 @@ class JobQueue:
         self.lease_seconds = lease_seconds
         self.stalled_after = stalled_after
         self.app = App(connector=PsycopgConnector(conninfo=url, min_size=1, max_size=4))
-        self.run_task = self.app.task(name=RUN_TASK, queue=QUEUE, pass_context=True)(self._run)
+        # A job not yet due, or whose user is at jobs.per_user_running, raises _Later: the same
+        # Procrastinate job is retried a second later (no new one, nothing handed twice).
+        self.run_task = self.app.task(
+            name=RUN_TASK,
+            queue=QUEUE,
+            pass_context=True,
+            retry=RetryStrategy(wait=1, retry_exceptions={_Later}),
+        )(self._run)
 
         async def sweep(timestamp: int) -> None:
             await self.sweep()
@@ -121,16 +136,23 @@ class JobQueue:
     async def hand_over(self) -> list[int]:
         """Hand every job not yet handed to Procrastinate; the ids handed (or found there)."""
         handed = []
-        for job_id, due, turn in await asyncio.to_thread(self.store.to_hand_over, time.time()):
+        claimed = await asyncio.to_thread(
+            self.store.to_hand_over, time.time(), grace=self.hand_over_grace
+        )
+        for n, (job_id, due, turn) in enumerate(claimed):
             deferrer = self.run_task.configure(
                 queueing_lock=queueing_lock(job_id),
                 schedule_at=datetime.datetime.fromtimestamp(due, datetime.UTC),
                 priority=-turn,  # users take turns: everyone's first job, then second ...
             )
-            # AlreadyEnqueued: handed before a crash, not yet marked; it waits there once.
-            with contextlib.suppress(AlreadyEnqueued):
-                await deferrer.defer_async(job_id=job_id)
-            await asyncio.to_thread(self.store.mark_handed, job_id)
+            try:
+                # AlreadyEnqueued: a hand-over cut off before; it waits there once.
+                with contextlib.suppress(AlreadyEnqueued):
+                    await deferrer.defer_async(job_id=job_id)
+            except BaseException:
+                for left, _, _ in claimed[n:]:  # not handed: claimable again at once
+                    await asyncio.shield(asyncio.to_thread(self.store.unhand, left))
+                raise
             handed.append(job_id)
         return handed
 
@@ -143,10 +165,10 @@ class JobQueue:
             self.store.lease_job, job_id, owner, self.lease_seconds, self.per_user
         )
         if job is None:
-            # Not due yet, or its user is at their cap: hand it over again at the next sweep.
-            # (Held by a live lease, finished or cancelled: nothing to do; unhand skips it.)
-            await asyncio.to_thread(self.store.unhand, job_id)
-            return
+            ours = await self._ours(job_id)
+            if ours is not None and ours.state is JobState.QUEUED:
+                raise _Later(f"job {job_id}: not due, or its user is at their cap")
+            return  # held by a live lease, finished or cancelled: nothing to do
         await self.runner(job, owner)
 
     # -- stalled jobs -----------------------------------------------------------------
