@@ -172,7 +172,7 @@ class Gateway:
             cfg.server.listen,
             self.port,
             len(cfg.users),
-            cfg.journal_path if cfg.journal.enabled else "off",
+            _journal_named(cfg),
             "on" if self.fast_paths else "off",
         )
 
@@ -485,7 +485,7 @@ async def start_handover(config: Config) -> Any:
 
 
 async def start_workers(config: Config) -> WorkerPool:
-    """Open the job store and start the embedded workers (requeueing crash orphans).
+    """Open the job store and start the embedded workers (a dead worker's jobs: by lease).
 
     On PostgreSQL (``database.url``), Procrastinate runs the jobs (storage/postgres/queue.py).
     """
@@ -511,3 +511,12 @@ def _has_account(login: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _journal_named(cfg: Config) -> str:
+    """The journal as the start line names it: never a database URL (it may hold a password)."""
+    if not cfg.journal.enabled:
+        return "off"
+    if cfg.database.url:
+        return "on PostgreSQL"
+    return str(cfg.journal_path)

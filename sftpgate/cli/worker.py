@@ -20,7 +20,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
-    setup_logging(config.log.level, config.log.json)
+    setup_logging(config.log.level, config.log.json, node=config.server.node)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

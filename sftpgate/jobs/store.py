@@ -24,12 +24,12 @@ from typing import Any
 from ..errors import NotFoundError, SftpgateError
 from ..events import Event, Op
 from ..journal.store import connect
+from ..storage.ports import LeaseLost as PortLeaseLost
 from . import registry
 from .model import ACTIVE, EmailState, Job, JobState, Outcome
 
-
-class LeaseLost(SftpgateError):
-    """This worker no longer holds the job: its lease expired and another took it, or cancelled."""
+# The scheduling port's one class (every backend raises it): imported here for the worker.
+LeaseLost = PortLeaseLost
 
 
 def enqueue(

@@ -24,7 +24,6 @@ from ...errors import NotFoundError, SftpgateError
 from ...events import Op
 from ...jobs import registry
 from ...jobs.model import ACTIVE, EmailState, Job, JobState
-from ...jobs.store import LeaseLost as SqliteLeaseLost
 from ..ports import LeaseLost as PortLeaseLost
 from .journal import insert_operations
 from .pool import Conn, PoolPort, unavailable_as_storage
@@ -32,9 +31,7 @@ from .pool import Conn, PoolPort, unavailable_as_storage
 _JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 
 
-class LeaseLost(PortLeaseLost, SqliteLeaseLost):
-    """This worker no longer holds the job: its lease expired and another took it, or an admin
-    cancelled it. Both the port's class and the one jobs/worker.py catches."""
+LeaseLost = PortLeaseLost  # the port's one class, which jobs/worker.py catches
 
 
 def _job(row: dict[str, Any]) -> Job:
