@@ -32,10 +32,10 @@ import paramiko
 import pytest
 import yaml
 from aiosmtpd.controller import Controller
-from netns_kit import HostProcess, Lab, start_postgres
 
 from conftest import PASSWORDS, free_port, need_tool, write_config
 from mediakit import make_clip
+from netns_kit import HostProcess, Lab, start_postgres
 from pipeline_kit import Inbox, pipeline_settings
 from sftpgate.jobs.model import Job
 from sftpgate.storage.postgres.backend import PostgresBackend

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from contract_kit import BACKENDS, collect, fresh_backend, opened, session
 
+from contract_kit import BACKENDS, collect, fresh_backend, opened, session
 from sftpgate.defender import Ban
 from sftpgate.events import Event, Op
 from sftpgate.journal.query import JournalFilter

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from contract_kit import BACKENDS, collect, fresh_backend, opened, session, upload
 
+from contract_kit import BACKENDS, collect, fresh_backend, opened, session, upload
 from sftpgate.events import Event, Op, UploadState
 from sftpgate.jobs.model import JobState
 from sftpgate.journal.query import JournalFilter
