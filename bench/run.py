@@ -32,6 +32,7 @@ SCENARIOS: dict[str, tuple[int, ...]] = {
     "durability": (13,),
     "requests": (14, 15),
     "overload": (16,),
+    "postgres": (18, 19),
 }
 
 

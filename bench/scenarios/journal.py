@@ -105,10 +105,10 @@ def _events(count: int) -> list[Event]:
     return events
 
 
-def measure_writes(path: Path, count: int) -> tuple[float, int, int]:
-    """Return (seconds, rows in the operations table, batches) for ``count`` events."""
+def drive(writer: JournalWriter, count: int) -> tuple[float, int]:
+    """Start ``writer``, emit ``count`` events (built first) back to back, wait until the last
+    is committed, close it; return (seconds from the first emit to that commit, batches)."""
     events = _events(count)
-    writer = JournalWriter(path, synchronous="full")
     writer.start()
     try:
         start = time.perf_counter()
@@ -121,10 +121,14 @@ def measure_writes(path: Path, count: int) -> tuple[float, int, int]:
                     f"journal writer committed {writer.committed} of {count} in {WRITE_TIMEOUT} s"
                 )
             time.sleep(0.0005)
-        seconds = time.perf_counter() - start
-        batches = writer.batches
+        return time.perf_counter() - start, writer.batches
     finally:
         writer.close(WRITE_TIMEOUT)
+
+
+def measure_writes(path: Path, count: int) -> tuple[float, int, int]:
+    """Return (seconds, rows in the operations table, batches) for ``count`` events."""
+    seconds, batches = drive(JournalWriter(path, synchronous="full"), count)
     conn = connect(path, readonly=True)
     try:
         rows = int(conn.execute("SELECT count(*) FROM operations").fetchone()[0])
