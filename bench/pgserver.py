@@ -1,10 +1,10 @@
-"""A throwaway PostgreSQL for the benchmarks: Debian's ``initdb`` + ``pg_ctl`` on a temp dir.
+"""A throwaway PostgreSQL: Debian's ``initdb`` + ``pg_ctl`` on a temp dir and a free port.
 
-The same approach as the test suite's tests/pg_kit.py (which needs pytest), with one
-difference that matters for figures: the server is **durable by default** (``fsync``,
+Used by the benchmarks and by the test suite (tests/pg_kit.py wraps it with pytest's
+fixtures). For figures the server is **durable** (``durable=True``: ``fsync``,
 ``synchronous_commit`` and ``full_page_writes`` on, PostgreSQL's defaults), so a commit
-waits for its WAL flush as SQLite's ``synchronous=full`` waits for its fsync. The test
-kit turns all three off (it checks what is committed, not the disk).
+waits for its WAL flush as SQLite's ``synchronous=full`` waits for its fsync; the tests
+turn all three off (they check what is committed, not the disk).
 
 PostgreSQL refuses to run as root: as root (the bench needs root anyway) the server runs
 as Debian's ``postgres`` account through ``runuser``. It listens on 127.0.0.1 only, its
@@ -89,7 +89,9 @@ class BenchPostgres:
         return {n: str(row[0]) if row else "?" for n, row in rows.items()}
 
 
-def _start(durable: bool) -> BenchPostgres:
+def start(durable: bool) -> BenchPostgres:
+    """initdb + pg_ctl start on a fresh temp dir and free port (see the module); raises
+    :class:`PostgresMissing` naming the install step, RuntimeError if it did not start."""
     for tool in ("initdb", "pg_ctl"):
         if not (BIN / tool).is_file():
             raise PostgresMissing(f"PostgreSQL's {tool} is not in {BIN}: run `{INSTALL}`")
@@ -119,7 +121,7 @@ def _start(durable: bool) -> BenchPostgres:
     except subprocess.CalledProcessError as error:
         log = root / "log"
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        _stop(server)
+        stop(server)
         raise RuntimeError(f"PostgreSQL did not start: {error.stderr!r} {tail}") from None
     deadline = time.monotonic() + 30
     while True:  # pg_ctl -w waited for the postmaster; this waits for a login to succeed
@@ -128,14 +130,16 @@ def _start(durable: bool) -> BenchPostgres:
                 return server
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
-                _stop(server)
+                stop(server)
                 raise
             time.sleep(0.1)
 
 
-def _stop(server: BenchPostgres) -> None:
+def stop(server: BenchPostgres) -> None:
+    """Stop the server and remove its folder (a throwaway test server: at once)."""
+    mode = "fast" if server.durable else "immediate"
     subprocess.run(
-        _as_server([str(BIN / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast", "stop"]),
+        _as_server([str(BIN / "pg_ctl"), "-D", str(server.root / "data"), "-m", mode, "stop"]),
         capture_output=True,
         check=False,
         timeout=60,
@@ -146,8 +150,8 @@ def _stop(server: BenchPostgres) -> None:
 @contextlib.contextmanager
 def running_postgres(*, durable: bool = True) -> Iterator[BenchPostgres]:
     """A PostgreSQL of its own for the length of the block (see the module)."""
-    server = _start(durable)
+    server = start(durable)
     try:
         yield server
     finally:
-        _stop(server)
+        stop(server)
