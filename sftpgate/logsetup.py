@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -16,6 +17,28 @@ class NodeFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.node = current_node()
         return True
+
+
+# C0 and C1 controls, DEL, and Unicode's own line and paragraph separators.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as ``\\xNN`` (``\\uNNNN``): one line."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class PlainFormatter(logging.Formatter):
+    """One line a record: the message's control characters escaped.
+
+    Messages carry what users send (logins, paths, client versions): a login of
+    ``"eve\\nINFO … login root"`` must not write a second, forged line. A
+    traceback keeps its own lines (it is ours, after the message).
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,7 +66,7 @@ def setup_logging(level: str = "info", as_json: bool = False, node: str | None =
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(levelname)s %(node)s[%(process)d] %(name)s: %(message)s")
+            PlainFormatter("%(levelname)s %(node)s[%(process)d] %(name)s: %(message)s")
         )
     handler.addFilter(NodeFilter())
     root = logging.getLogger()
