@@ -19,6 +19,7 @@ HELP = "List, add or remove banned addresses (a running gateway takes changes wi
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    add_json_option(parser)
     sub = parser.add_subparsers(dest="bans_command", required=True, metavar="ACTION")
     ls = sub.add_parser("list", help="List bans still in force.", description="List bans.")
     ls.add_argument("--all", action="store_true", help="also bans that ended within a day")
@@ -31,9 +32,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     add.add_argument("--reason", default="banned by an administrator")
     add_config_option(add)
+    add_json_option(add)
     rm = sub.add_parser("remove", help="Lift a ban.", description="Lift the ban of an address.")
     rm.add_argument("address")
     add_config_option(rm)
+    add_json_option(rm)
 
 
 def _source(text: str) -> str:
@@ -93,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
                     attrs={"until": ban.until, "strikes": strikes},
                 )
             )
-            print(f"banned {address} until {_when(ban.until)}")
+            if args.json:
+                print(json.dumps(ban.as_dict()))
+            else:
+                print(f"banned {address} until {_when(ban.until)}")
             return 0
         removed = store.remove(address)
         if removed is None:
@@ -101,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
         store.journal(
             Event(Op.UNBAN, defender_session(address), message="ban lifted by sftpgate bans remove")
         )
-        print(f"lifted the ban of {address}")
+        if args.json:
+            print(json.dumps({"address": address, "lifted": True}))
+        else:
+            print(f"lifted the ban of {address}")
         return 0
     finally:
         store.close()

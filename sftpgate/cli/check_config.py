@@ -8,13 +8,12 @@ from pathlib import Path
 from ..config import check_homes, reference_markdown
 from ..configschema import splice
 from ..errors import ConfigError, UsageError
-from .common import add_config_option, config_from
+from .common import config_from
 
 HELP = "Validate config.yaml and say what is wrong, naming the file and the key."
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument(
         "--docs",
         nargs="?",

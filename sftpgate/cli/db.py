@@ -6,13 +6,12 @@ import argparse
 import json
 
 from ..storage import open_backend
-from .common import add_config_option, add_json_option, config_from
+from .common import add_json_option, config_from
 
 HELP = "Create or upgrade the database schema (migrate), or show its version (status)."
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     add_json_option(parser)
     parser.add_argument(
         "action",

@@ -18,7 +18,7 @@ HELP = "List pipeline jobs, show one, retry a failed or dead one, cancel one, or
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
+    add_json_option(parser)  # `sftpgate jobs --json`: the list
     sub = parser.add_subparsers(dest="jobs_command", metavar="ACTION")
     ls = sub.add_parser("list", help="List jobs (the default).", description="List jobs.")
     ls.add_argument(
@@ -30,6 +30,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     ls.add_argument("--user", metavar="LOGIN", help="only this user's jobs")
     ls.add_argument("--limit", type=int, default=100, help="the newest N jobs (default 100)")
+    add_config_option(ls)
     add_json_option(ls)
     for name, text in (
         ("show", "Show one job with every step, its times and errors."),
@@ -38,9 +39,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     ):
         action = sub.add_parser(name, help=text, description=text)
         action.add_argument("id", type=int)
+        add_config_option(action)
         add_json_option(action)
     text = "List the registered worker processes (serve and worker) and their heartbeats."
     workers = sub.add_parser("workers", help=text, description=text)
+    add_config_option(workers)
     add_json_option(workers)
 
 
@@ -136,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         action = args.jobs_command or "list"
         if action == "workers":
-            _workers(store, config.jobs.lease_seconds, bool(args.json))
+            _workers(store, config.jobs.lease_seconds, args.json)
             return 0
         if action == "list":
             jobs = store.list(
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 login=getattr(args, "user", None),
                 limit=getattr(args, "limit", 100),
             )
-            if getattr(args, "json", False):
+            if args.json:
                 for job in jobs:
                     print(json.dumps(job.to_dict(), sort_keys=True))
             else:

@@ -17,7 +17,7 @@ from ..journal import formats
 from ..journal.query import JournalFilter, parse_time
 from ..storage import open_backend
 from ..storage.ports import JournalCursor, JournalReader, StorageUnavailable
-from .common import add_config_option, config_from
+from .common import add_json_option, config_from
 
 HELP = (
     "Search the audit journal by user, time, operation or path; show or follow it; "
@@ -32,7 +32,6 @@ class _Usage(Exception):
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument(
         "action",
         nargs="?",
@@ -78,7 +77,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="only the last N matching rows (default: all; --follow then adds new ones)",
     )
     output = parser.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="one JSON object a line, for scripts")
+    add_json_option(output)
     output.add_argument(
         "--xferlog",
         action="store_true",

@@ -13,7 +13,7 @@ from ..config import check_homes, load_config
 from ..errors import ConfigError, SftpgateError
 from ..gateway import Gateway
 from ..logsetup import setup_logging
-from .common import add_config_option, config_from
+from .common import config_from
 
 HELP = "Run the SFTP gateway (SSH server offering SFTP only) and journal what users do."
 
@@ -21,7 +21,6 @@ log = logging.getLogger("sftpgate")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     # Set by the supervisor (server.processes > 1) on the gateway processes it starts:
     # which one this is, and the pipe to say "listening" on. Not for people.
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

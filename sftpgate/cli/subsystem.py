@@ -7,13 +7,11 @@ import os
 
 from ..config import DEFAULT_TEMP_PATTERNS, SubsystemConfig, load_config
 from ..errors import ConfigError
-from .common import add_config_option
 
 HELP = "Relay an OpenSSH session to sftp-server and journal it (sshd's Subsystem sftp)."
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
     parser.add_argument(
         "server_args",
         nargs=argparse.REMAINDER,

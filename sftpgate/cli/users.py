@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sys
 
 from ..errors import SftpgateError
@@ -14,6 +15,7 @@ HELP = "Manage users: hash a password to paste into config.yaml, list configured
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    add_json_option(parser)
     sub = parser.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     hp = sub.add_parser(
         "hash-password",
@@ -23,6 +25,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     hp.add_argument(
         "--stdin", action="store_true", help="read the password from standard input (one line)"
     )
+    add_config_option(hp)  # read by no one; accepted so that every action takes it
+    add_json_option(hp)
     ls = sub.add_parser("list", help="List the users in config.yaml.", description="List users.")
     add_config_option(ls)
     add_json_option(ls)
@@ -38,11 +42,10 @@ def run(args: argparse.Namespace) -> int:
                 raise SftpgateError("passwords differ")
         if not password:
             raise SftpgateError("empty password")
-        print(hash_password(password))
+        hashed = hash_password(password)
+        print(json.dumps({"password_hash": hashed}) if args.json else hashed)
         return 0
     config = config_from(args)
-    import json
-
     for user in config.users:
         row = {
             "login": user.login,

@@ -9,13 +9,13 @@ import sys
 
 from ..gateway import start_workers
 from ..logsetup import setup_logging
-from .common import add_config_option, config_from
+from .common import config_from
 
 HELP = "Run only the pipeline workers (no SSH server) on the journal's job rows."
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    add_config_option(parser)
+    """Nothing but --config, which main adds to every command."""
 
 
 def run(args: argparse.Namespace) -> int:
