@@ -10,6 +10,7 @@ DEBIAN_PACKAGES=(python3 python3-venv python3-pip openssh-client openssh-server 
     postgresql  # initdb + pg_ctl for the PostgreSQL tests (tests/pg_kit.py)
     haproxy)  # a real load balancer sending the PROXY protocol (tests/test_proxy_protocol.py)
 DEBIAN_PACKAGES+=(iproute2)  # ip netns: the cluster test's hosts (tests/netns_kit.py)
+DEBIAN_PACKAGES+=(systemd)  # systemd-analyze verify on the units (tests/test_packaging.py)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
