@@ -7,7 +7,7 @@
 # Run as root from a checkout or an unpacked release: bash scripts/install.sh
 # Environment:
 #   SFTPGATE_INSTALL_PREFIX  the virtualenv (default /opt/sftpgate; units point at its bin/sftpgate)
-#   SFTPGATE_INSTALL_ROOT    prepended to /etc paths (default empty: the real /etc), for staging
+#   SFTPGATE_INSTALL_ROOT    prepended to /etc and /var paths (default empty: the real ones), for staging
 #   PYTHON                   the interpreter (default Debian's /usr/bin/python3, 3.11 or newer)
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -91,6 +91,10 @@ if [[ ! -e $root/etc/default/sftpgate ]]; then
 else
     echo "install: kept $root/etc/default/sftpgate"
 fi
+
+# OpenSSH mode's spool (subsystem.spool_dir's default): the unit makes /var
+# read-only, so the daemon, which sets the mode at start, cannot create it.
+install -d -m 1733 "$root/var/spool/sftpgate"
 
 if [[ -z $root && -d /run/systemd/system ]]; then
     systemctl daemon-reload

@@ -179,6 +179,10 @@ def test_install_script(tmp_path: Path) -> None:
             assert Path(doc.removeprefix("file://")).is_file(), doc
     assert verify(*(units / name for name in UNIT_NAMES)) == ""
 
+    spool = root / "var" / "spool" / "sftpgate"  # ReadWritePaths= of serve's unit
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o1733
+    assert f"ReadWritePaths=-/{spool.relative_to(root)}" in (UNITS / "sftpgate.service").read_text()
+
     config = root / "etc" / "sftpgate" / "config.yaml"
     default = root / "etc" / "default" / "sftpgate"
     for private in (config, default):
