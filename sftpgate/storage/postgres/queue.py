@@ -218,7 +218,32 @@ class JobQueue:
         await self.hand_over()
 
 
-class QueuedWorkers:
+class _Waker:
+    """Hands committed jobs to Procrastinate when woken (from the journal writer's thread),
+    not at the next sweep. A hand-over that fails is left to a sweep."""
+
+    queue: JobQueue
+    _loop: asyncio.AbstractEventLoop | None
+    _handing: set[asyncio.Task[list[int]]]
+
+    def wake(self) -> None:
+        """Thread-safe: jobs were committed; hand them over now."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        task = asyncio.create_task(self.queue.hand_over())
+        self._handing.add(task)
+        task.add_done_callback(self._handed)
+
+    def _handed(self, task: asyncio.Task[list[int]]) -> None:
+        self._handing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("jobs: hand-over failed (%s); a sweep retries", task.exception())
+
+
+class QueuedWorkers(_Waker):
     """jobs/worker.py's pool on PostgreSQL, with Procrastinate deciding which job runs where.
 
     The pool keeps its registry row, digests, takeover of leftover ffmpeg and its runner
@@ -281,22 +306,6 @@ class QueuedWorkers:
             )
         )
 
-    def wake(self) -> None:
-        """Thread-safe: jobs were committed; hand them over now, not at the next sweep."""
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._hand_over)
-
-    def _hand_over(self) -> None:
-        task = asyncio.create_task(self.queue.hand_over())
-        self._handing.add(task)
-        task.add_done_callback(self._handed)
-
-    def _handed(self, task: asyncio.Task[list[int]]) -> None:
-        self._handing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("jobs: hand-over failed (%s); the sweep retries", task.exception())
-
     async def stop(self) -> None:
         """Stop Procrastinate's worker (running jobs are released by the pool's runner), then
         the pool."""
@@ -310,7 +319,7 @@ class QueuedWorkers:
         await self.pool.stop()
 
 
-class HandOver:
+class HandOver(_Waker):
     """A gateway that runs no workers (``jobs.workers: 0``, the cluster's gateways) hands the
     jobs its commits made to Procrastinate at once, rather than leaving them to the next
     sweep of a worker host. Runs no task itself."""
@@ -327,22 +336,6 @@ class HandOver:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.queue.open()
-
-    def wake(self) -> None:
-        """Thread-safe (the journal writer's thread): hand over what was committed."""
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._hand_over)
-
-    def _hand_over(self) -> None:
-        task = asyncio.create_task(self.queue.hand_over())
-        self._handing.add(task)
-        task.add_done_callback(self._handed)
-
-    def _handed(self, task: asyncio.Task[list[int]]) -> None:
-        self._handing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("jobs: hand-over failed (%s); a worker's sweep retries", task.exception())
 
     async def stop(self) -> None:
         await asyncio.gather(*self._handing, return_exceptions=True)
