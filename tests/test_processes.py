@@ -101,8 +101,29 @@ def test_two_processes_share_the_port_journal_each_upload_once_and_run_each_job_
         ran = re.compile(r"job (\d+): ")
         by_serve = {m.group(1) for line in serve.lines if (m := ran.search(line))}
         by_worker = {m.group(1) for line in worker.lines if (m := ran.search(line))}
-        assert by_serve and by_worker and not by_serve & by_worker
+        assert not by_serve & by_worker
         assert len(by_serve | by_worker) == len(rows)
+        # Which side won each job above is the scheduler's choice; that each side takes jobs
+        # is shown with the other one frozen (SIGSTOP, while idle: it holds no lease).
+        for frozen, index in ((worker.proc.pid, SESSIONS), (serve.proc.pid, SESSIONS + 1)):
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                upload_session(port, index)
+                rows = wait_jobs(
+                    tmp_path / "state" / "journal.sqlite3",
+                    lambda rows, n=index + 1: settled(rows, n * UPLOADS_PER_SESSION),
+                    timeout=120,
+                )
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+        assert all(r["attempts"] == 1 for r in rows), [r for r in rows if r["attempts"] != 1]
+        last = [str(i) for i in sorted(r["id"] for r in rows)]
+        fresh_serve = set(last[-2 * UPLOADS_PER_SESSION : -UPLOADS_PER_SESSION])
+        fresh_worker = set(last[-UPLOADS_PER_SESSION:])
+        by_serve = {m.group(1) for line in serve.lines if (m := ran.search(line))}
+        by_worker = {m.group(1) for line in worker.lines if (m := ran.search(line))}
+        assert fresh_serve <= by_serve and fresh_worker <= by_worker
+        assert not by_serve & by_worker
         # No job was taken from a live worker or had its ffmpeg killed, on either side.
         for log in ("".join(serve.lines), worker.log()):
             assert "taken over" not in log and "killed leftover" not in log
@@ -134,13 +155,13 @@ def test_two_processes_share_the_port_journal_each_upload_once_and_run_each_job_
         uploads = db.execute(
             "SELECT path, COUNT(*) FROM uploads WHERE state = 'complete' GROUP BY path"
         ).fetchall()
-        assert len(uploads) == SESSIONS * UPLOADS_PER_SESSION
+        assert len(uploads) == (SESSIONS + 2) * UPLOADS_PER_SESSION
         assert all(count == 1 for _, count in uploads)
         closes = db.execute(
             "SELECT COUNT(*), COUNT(DISTINCT path) FROM operations "
             "WHERE op = 'close' AND path LIKE '%/in/s%'"
         ).fetchone()
-        assert closes == (SESSIONS * UPLOADS_PER_SESSION, SESSIONS * UPLOADS_PER_SESSION)
+        assert closes == ((SESSIONS + 2) * UPLOADS_PER_SESSION,) * 2
         # Every session, from either process, journaled once with its logout.
         sessions = db.execute(
             "SELECT COUNT(*) FROM sessions WHERE login = 'alice' AND ended_at IS NOT NULL"
