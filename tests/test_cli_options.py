@@ -251,8 +251,8 @@ def test_exit_codes_are_in_the_help_and_the_docs() -> None:
         for value in vars(module).values():
             if isinstance(value, type) and issubclass(value, sftpgate.errors.SftpgateError):
                 assert value.exit_code in codes, value
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Exit codes")[1].split("\n#")[0]
+    page = (ROOT / "docs" / "cli.md").read_text()
+    section = page.split("## Exit codes")[1].split("\n#")[0]
     assert {int(c) for c in re.findall(r"^\| `(\d+)` \|", section, re.M)} == codes
 
 
