@@ -265,7 +265,7 @@ class JournalConfig:
         "`full`: every commit is fsync'd, and an upload that starts a job is fsync'd before the "
         "commit its OK reply waits for; `normal`: nothing is fsync'd, the last commits (and "
         "uploads) may be lost on power loss. Exactly what an OK reply guarantees: "
-        "[README](../README.md#what-an-ok-reply-to-close-guarantees)",
+        "[journal](journal.md#what-an-ok-reply-to-close-guarantees)",
         one_of("full", "normal"),
         restart=_JOURNAL,
     )
