@@ -860,6 +860,110 @@ class AlgorithmsConfig:
     )
 
 
+# -- api (sftpgate/api/) ---------------------------------------------------------------------
+
+_API = "the admin API's listening socket is opened once"
+API_ROLES = ("read", "admin")
+# sha256:<64 hex>: the hash `sftpgate api token` prints (of a 256-bit random token).
+_TOKEN_HASH = r"^sha256:[0-9a-f]{64}$"  # noqa: S105 - a pattern, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """One entry of `api.tokens`: who may call the admin API, as what."""
+
+    name: str
+    hash: str
+    role: str
+
+
+def _api_tokens(value: list[Any]) -> tuple[ApiToken, ...]:
+    import re
+
+    tokens: list[ApiToken] = []
+    names: set[str] = set()
+    hashes: set[str] = set()
+    for index, item in enumerate(value):
+        at = f"[{index}]"
+        if not isinstance(item, Mapping):
+            raise Invalid("must be a mapping with name, hash and role", at=at)
+        unknown = sorted(set(map(str, item)) - {"name", "hash", "role"})
+        if unknown:
+            raise Invalid(f"unknown key {unknown[0]!r}", at=at)
+        name, hashed, role = item.get("name"), item.get("hash"), item.get("role")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+            raise Invalid("must be 1-64 letters, digits, `_ . @ -`", at=f"{at}.name")
+        if name in names:
+            raise Invalid(f"duplicate name {name!r}", at=f"{at}.name")
+        if not isinstance(hashed, str) or not re.fullmatch(_TOKEN_HASH, hashed):
+            raise Invalid(
+                "must be sha256:<64 hex digits>, as `sftpgate api token` prints (never the "
+                "token itself)",
+                at=f"{at}.hash",
+            )
+        if hashed in hashes:
+            raise Invalid("the same hash twice", at=f"{at}.hash")
+        if role not in API_ROLES:
+            raise Invalid(f"must be one of {', '.join(API_ROLES)}", at=f"{at}.role")
+        names.add(name)
+        hashes.add(hashed)
+        tokens.append(ApiToken(name, hashed, role))
+    return tuple(tokens)
+
+
+API_TOKENS = Rule(
+    "a list of `{name, hash, role}`: `hash` as `sftpgate api token` prints it, `role` "
+    "`read` or `admin`",
+    _api_tokens,
+    accepts=(list,),
+)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise Invalid(f"must be host:port (127.0.0.1:8022, [::1]:8022), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The admin HTTP API (docs/api.md): the journal, sessions, jobs, uploads, users and bans
+    over HTTP with bearer tokens, and its OpenAPI document at `/openapi.json`. Off unless
+    `listen` is set. It runs in `sftpgate serve` (the supervisor with `server.processes` > 1),
+    never in `sftpgate worker`."""
+
+    listen: str | None = key(
+        None,
+        "`host:port` to serve the API on (plain HTTP: keep it on loopback or behind a TLS "
+        "proxy); unset: no API",
+        Rule("`host:port`", _host_port),
+        restart=_API,
+    )
+    tokens: tuple[ApiToken, ...] = key(
+        (),
+        "who may call it: a read token reads, an admin token also acts (disconnect, retry, "
+        "cancel, replay, reload, ban); the config holds only each token's hash. Taken by a "
+        "reload",
+        API_TOKENS,
+    )
+    max_body: int = key(
+        65536,
+        "largest request body accepted (larger: 413)",
+        POSITIVE,
+        unit="bytes",
+        restart=_API,
+    )
+    disconnect_poll: float = key(
+        2.0,
+        "how often each gateway process looks for sessions an admin asked to disconnect "
+        "(in the journal database, so any process on any node acts on it)",
+        POSITIVE,
+        unit="seconds",
+        restart=_API,
+    )
+
+
 def _password_hash(value: str) -> str:
     # Imported here: importing passwords computes its dummy hash (scrypt, ~0.1 s).
     from .passwords import check_hash_format
@@ -958,6 +1062,7 @@ class Config:
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     door: DoorConfig = field(default_factory=DoorConfig)
     algorithms: AlgorithmsConfig = field(default_factory=AlgorithmsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     users: tuple[User, ...] = field(default_factory=tuple)
 
     @property

@@ -45,6 +45,9 @@ class Op(str, Enum):
     BAN = "ban"
     UNBAN = "unban"
     REFUSED = "refused"
+    # The admin API (sftpgate/api/): one row per request; a session ended at an admin's request.
+    ADMIN = "admin"
+    DISCONNECT = "disconnect"
 
 
 class UploadState(str, Enum):

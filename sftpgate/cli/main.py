@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "db": "db",
     "worker": "worker",
     "subsystem": "subsystem",
+    "api": "api",
 }
 
 

@@ -158,6 +158,15 @@ CREATE TABLE IF NOT EXISTS workers (
     heartbeat_at REAL NOT NULL
 ) WITHOUT ROWID"""
 
+# The admin API's disconnect requests (api/, journal/admin.py): a row per session asked to end.
+DISCONNECT_REQUESTS_TABLE = """
+CREATE TABLE IF NOT EXISTS disconnect_requests (
+    session_id   TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL,
+    requested_by TEXT NOT NULL,              -- the API token's name
+    done_at      REAL                        -- when a gateway ended the session
+) WITHOUT ROWID"""
+
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_login_state ON jobs(login, state)",
     "CREATE INDEX IF NOT EXISTS jobs_login_created ON jobs(login, created_at)",
@@ -203,6 +212,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS jobs_upload ON jobs(upload_id)",
         "CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id)",
         "CREATE INDEX IF NOT EXISTS email_log_sent ON email_log(sent_at)",
+    ),
+    (
+        # 6 (issue 19): an admin's request to end a session (sftpgate/api/); every gateway
+        # process polls it and ends the session it holds.
+        DISCONNECT_REQUESTS_TABLE,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -443,6 +443,79 @@ class UsageLedger(Protocol):
         ...
 
 
+# -- the admin API ----------------------------------------------------------------
+
+
+class Conflict(SftpgateError):
+    """What an admin asked clashes with the records as they are now (HTTP 409)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayFile:
+    """The upload's file as the admin API found it on disk, for :meth:`AdminStore.replay`."""
+
+    device: int
+    inode: int
+
+
+@runtime_checkable
+class AdminStore(Protocol):
+    """What the admin API (``sftpgate/api/``) reads and writes beyond the other ports:
+    its own journal rows, live sessions, disconnect requests and upload replays.
+
+    Disconnect requests are rows, not messages: every gateway process (of every
+    node on the database) polls :meth:`disconnects` and ends the sessions it
+    holds, so a request reaches the one process that has the session.
+    """
+
+    def journal(self, events: Sequence[Event]) -> None:
+        """Journal ``events`` (admin actions, API requests) in ONE transaction."""
+        ...
+
+    def sessions(
+        self, *, node: str | None = None, login: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Sessions logged in and not ended, oldest first: the session row's columns, plus
+        ``disconnect_requested_at`` (None unless an admin asked)."""
+        ...
+
+    def request_disconnect(self, session_id: str, by: str, now: float) -> dict[str, Any]:
+        """Ask every gateway to end live session ``session_id``; the session (as
+        :meth:`sessions` gives it). Raises ``NotFoundError`` when no such session is
+        live. Asking twice keeps the first request."""
+        ...
+
+    def disconnects(self, now: float, expire: float) -> list[str]:
+        """Session ids with a request not yet acted on; requests older than ``expire`` s
+        (their session is on no gateway any more) are dropped."""
+        ...
+
+    def disconnected(self, session_id: str, now: float) -> str | None:
+        """Mark the request of ``session_id`` done; who asked, or None when another
+        process did first (so exactly one journals it)."""
+        ...
+
+    def upload(self, upload_id: int) -> dict[str, Any] | None:
+        """The uploads row (plus ``device``/``inode`` of its newest job's data, None
+        without), or None."""
+        ...
+
+    def replay(self, upload_id: int, found: ReplayFile, max_attempts: int) -> int:
+        """Queue a new job for complete upload ``upload_id`` on the file ``found``; its id.
+
+        In one transaction: raises ``NotFoundError`` for no such upload,
+        :class:`Conflict` when it is not complete or a job of it is queued or
+        running. The job is inserted as the journal inserts an upload's job
+        (on PostgreSQL, handed to Procrastinate by the outbox), with
+        ``data["replay"] = True``.
+        """
+        ...
+
+    def close(self) -> None:
+        """Let go of the database."""
+        ...
+
+
 # -- the database as a whole -----------------------------------------------------
 
 
@@ -487,3 +560,5 @@ class Backend(Protocol):
     def bans(self) -> BanStore: ...
 
     def usage(self) -> UsageLedger: ...
+
+    def admin(self) -> AdminStore: ...

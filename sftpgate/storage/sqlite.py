@@ -13,7 +13,15 @@ from ..journal.prune import SQLitePruner
 from ..journal.query import SQLiteReader
 from ..journal.store import SQLiteJournal
 from ..journal.usage import SQLiteUsageLedger
-from .ports import BanStore, JobStore, JournalPruner, JournalReader, JournalStore, UsageLedger
+from .ports import (
+    AdminStore,
+    BanStore,
+    JobStore,
+    JournalPruner,
+    JournalReader,
+    JournalStore,
+    UsageLedger,
+)
 
 
 class SQLiteBackend:
@@ -64,3 +72,8 @@ class SQLiteBackend:
 
     def usage(self) -> UsageLedger:
         return SQLiteUsageLedger(self.path, synchronous=self.synchronous)
+
+    def admin(self) -> AdminStore:
+        from ..journal.admin import SQLiteAdminStore
+
+        return SQLiteAdminStore(self.path, synchronous=self.synchronous)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 from psycopg_pool import ConnectionPool
 
 from . import schema
+from .admin import PgAdminStore
 from .bans import PgBanStore, PgUsageLedger
 from .jobs import PgJobStore
 from .journal import PgJournalPruner, PgJournalReader, PgJournalStore
@@ -114,6 +115,9 @@ class PostgresBackend:
 
     def jobs(self) -> PgJobStore:
         return self._port(PgJobStore)
+
+    def admin(self) -> PgAdminStore:
+        return self._port(PgAdminStore)
 
 
 _SHARED: dict[tuple[int, str, int], PostgresBackend] = {}

@@ -170,6 +170,18 @@ MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
             )""",
         ),
     ),
+    (
+        4,
+        "the admin API's disconnect requests (sftpgate/api/), as SQLite's schema 6",
+        (
+            """CREATE TABLE disconnect_requests (
+                session_id   text PRIMARY KEY,
+                requested_at double precision NOT NULL,
+                requested_by text NOT NULL,
+                done_at      double precision
+            )""",
+        ),
+    ),
 )
 
 
