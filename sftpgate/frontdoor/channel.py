@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, cast
 
 import asyncssh
 
+from ..logsetup import current_session, in_session
 from . import asyncssh_fast
 from .bytequeue import ByteQueue
 from .handler import GatewaySFTPHandler
@@ -62,6 +63,10 @@ class SFTPSession(asyncssh.SSHServerSession[bytes]):
         # (None at the client's EOF, else the exception).
         self.open = True
         self.ended: Exception | None = None
+        # The session this channel belongs to (made in its connection's context), for
+        # the callbacks another session or the gateway may make (a budget drained by
+        # someone else's writes, a connection closed by the admin API).
+        self._tag = current_session()
 
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
         self._chan = cast(asyncssh.SSHServerChannel[bytes], chan)
@@ -102,9 +107,10 @@ class SFTPSession(asyncssh.SSHServerSession[bytes]):
         self._apply()
 
     def budget_drained(self) -> None:
-        """The budget has room again (called by WriteBudget)."""
+        """The budget has room again (called by WriteBudget, from any session)."""
         self._over_budget = False
-        self._apply()
+        with in_session(self._tag):  # resuming runs our requests: on our behalf
+            self._apply()
 
     def _head_whole(self) -> bool:
         """Whether the buffer starts with a whole request (the handler can take it)."""
@@ -137,10 +143,15 @@ class SFTPSession(asyncssh.SSHServerSession[bytes]):
             chan.resume_reading()  # delivers what asyncssh held: may call data_received
 
     def eof_received(self) -> bool:
-        self._end(None)
+        with in_session(self._tag):
+            self._end(None)
         return True  # the handler closes the channel once its last reply is out
 
     def connection_lost(self, exc: Exception | None) -> None:
+        with in_session(self._tag):
+            self._connection_lost(exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
         # Nothing more will be read: the budget no longer counts this buffer.
         self._gone = True
         self._recharge()

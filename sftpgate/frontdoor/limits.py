@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import User
+from ..logsetup import outside_sessions
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ class Quotas:
         usage.unsaved_files += files
         if self._open_ledger is not None and self._flush is None:
             loop = asyncio.get_running_loop()
-            self._flush = loop.call_later(FLUSH_EVERY, self._start_save)
+            # Saves every user's usage: not the line of the session that changed first.
+            self._flush = loop.call_later(FLUSH_EVERY, self._start_save, context=outside_sessions())
 
     def untracked(self, login: str) -> None:
         """A session of ``login`` without a quota began: its changes will not be counted."""

@@ -26,6 +26,7 @@ from ..beneath import Home
 from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..events import Event, EventSink, Op, SessionInfo, UploadState
 from ..identity import Identity, call_as
+from ..logsetup import current_session, enter_session, leave_session
 from ..sftp import policy
 from ..sftp.attrs import summarize
 from ..sftp.checks import MAX_OFFSET, range_problem, size_problem
@@ -145,6 +146,8 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
         self.uploads = policy.Uploads(ctx.temp_patterns)
         self._identity: Identity | None = None
         self._identity_known = False
+        # Made in the session's context; the pool's threads inherit none (see _as_user).
+        self._tag = current_session()
         # Calls running in the pool: the home's descriptor is closed only once
         # none is (a closed number could be reused by another session's file).
         self._in_flight = 0
@@ -172,14 +175,20 @@ class GatewaySFTPServer(asyncssh.SFTPServer):
                 await queue.drain()
 
     def _as_user(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` in this thread with the user's credentials."""
-        if not self._identity_known:
-            self._identity = self.ctx.identity()  # blocking (NSS): only ever in the pool
-            # The home itself is opened as the gateway: the admin named it, and
-            # its parents need not be searchable by the user; below it, the user.
-            self.fs.home.fd  # noqa: B018 - opens it
-            self._identity_known = True
-        return call_as(self._identity, fn, *args)
+        """Run ``fn`` in this thread with the user's credentials, on behalf of this session."""
+        # A pool thread runs in its own context, not the caller's: what it logs
+        # (identity.py's lines) names this session only if it is set here.
+        token = enter_session(self._tag)
+        try:
+            if not self._identity_known:
+                self._identity = self.ctx.identity()  # blocking (NSS): only ever in the pool
+                # The home itself is opened as the gateway: the admin named it, and
+                # its parents need not be searchable by the user; below it, the user.
+                self.fs.home.fd  # noqa: B018 - opens it
+                self._identity_known = True
+            return call_as(self._identity, fn, *args)
+        finally:
+            leave_session(token)
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

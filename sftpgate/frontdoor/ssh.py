@@ -22,6 +22,7 @@ from ..config import DEFAULT_TEMP_PATTERNS, User
 from ..defender import Guard, Offence, source_of
 from ..events import Event, EventSink, Op, SessionInfo
 from ..identity import Identity, identity_for
+from ..logsetup import SessionTag, enter_session, in_session, peer_name, tagged
 from ..passwords import DUMMY_HASH, HashQueueFull, verify_password
 from ..private import private_dir, private_file, write_private
 from . import asyncssh_fast
@@ -195,6 +196,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._max_auth_attempts = max_auth_attempts
         self._conn: asyncssh.SSHServerConnection | None = None
         self.info = SessionInfo(id=secrets.token_hex(8), remote_addr="?", remote_port=0)
+        # Every log line about this connection carries it (logsetup): the journal's session id.
+        self.tag = SessionTag(self.info.id)
+        # asyncssh makes its owner (us) in the connection's own context (asyncio runs each
+        # transport callback in a copy of its own), just before it logs the connection
+        # and starts its login timer: from here on that context is this session's.
+        enter_session(self.tag)
         self._login: str | None = None
         self._user: User | None = None
         self._method: str | None = None
@@ -214,6 +221,18 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.info = SessionInfo(id=self.info.id, remote_addr=str(peer[0]), remote_port=int(peer[1]))
+        self.tag.peer = peer_name(self.info.remote_addr, self.info.remote_port)
+        with in_session(self.tag):
+            self._connection_made(conn)
+        # A connection's callbacks run in contexts asyncio copied before this one
+        # (each transport callback has its own), so the session is set at each
+        # entry: every read, the EOF and the end run on behalf of this session,
+        # and so do the tasks and timers asyncssh and the SFTP handler start from
+        # them. Installed after the fast paths' wrapper: ours is the outermost.
+        for name in ("data_received", "eof_received", "connection_lost"):
+            setattr(conn, name, tagged(self.tag, getattr(conn, name)))
+
+    def _connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         if self._guard is not None and not self._admit(conn):
             return
         if self._fast_paths:
@@ -245,6 +264,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def refuse(self, why: str, offence: Offence | None) -> None:
         """Close this connection before it is a session (a PROXY header from an address not
         trusted to send one): journaled and scored here, once, not again when it is lost."""
+        with in_session(self.tag):
+            self._refuse(why, offence)
+
+    def _refuse(self, why: str, offence: Offence | None) -> None:
         self._refused = True
         self._leave_door()
         if self._guard is not None:
@@ -283,6 +306,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._counted = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Also called by asyncssh from whoever closed the connection (the admin API,
+        # a drain): still this session's lines.
+        with in_session(self.tag):
+            self._connection_lost(exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
         self._leave_door()
         if self._registry is not None:
             self._registry.discard(self)
@@ -347,7 +376,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 asyncio.gather(*(cleaned.wait() for cleaned in waiting)), LOGOUT_WAIT
             )
         except TimeoutError:
-            log.warning("session %s: handles still closing; logout journaled", self.info.id)
+            log.warning("handles still closing after %g s; logout journaled", LOGOUT_WAIT)
         finally:
             self._sink.emit(logout)
 
@@ -360,6 +389,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self._login = username
+        self.tag.login = username  # the login the client names (authenticated or not)
         self._user = self._users.get(username)
         assert self._conn is not None
         version = self._conn.get_extra_info("client_version")

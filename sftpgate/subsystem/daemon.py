@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ..config import Config, User
 from ..events import Event, EventSink, Op, SessionInfo
+from ..logsetup import session_extra
 from .wire import MAX_LINE, SchemaError, ack_line, decode_line
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,15 @@ class TapDaemon:
         more = self._suppressed.pop(uid, 0)
         if more:
             why = f"{why[:MAX_WHY]} (and {more} more refusals not journaled one by one)"
-        log.warning("tap uid %d: %s", uid, why[: MAX_WHY + 80])
-        self.sink.emit(refusal(event, uid, user, why))
+        refused = refusal(event, uid, user, why)
+        info = refused.session  # the line names the session its journal row has
+        log.warning(
+            "tap uid %d: %s",
+            uid,
+            why[: MAX_WHY + 80],
+            extra=session_extra(info.id, info.login, info.remote_addr, info.remote_port),
+        )
+        self.sink.emit(refused)
 
     async def _serve_tap(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from ..events import Event, Op, SessionInfo
+from ..logsetup import NodeFilter, PlainFormatter, SessionTag, enter_session, peer_name
 from ..sftp.reader import PacketReader
 from .sender import EventSender
 from .tracker import Tracker
@@ -212,17 +213,20 @@ class Relay:
                 self.server.stdin.close()
 
 
-def quiet_logging() -> None:
-    """Log to syslog (like sftp-server), never to stderr: sshd sends that to the client."""
+def quiet_logging(address: str = "/dev/log") -> None:
+    """Log to syslog (like sftp-server), never to stderr: sshd sends that to the client.
+
+    Each line names the session as ``serve``'s do (``session=… login=… peer=…``,
+    see :func:`run_tap`), control characters escaped.
+    """
     root = logging.getLogger()
     root.handlers[:] = []
-    if os.path.exists("/dev/log"):
+    if os.path.exists(address):
         from logging.handlers import SysLogHandler
 
-        handler: logging.Handler = SysLogHandler(
-            address="/dev/log", facility=SysLogHandler.LOG_AUTH
-        )
-        handler.setFormatter(logging.Formatter("sftpgate-subsystem: %(message)s"))
+        handler: logging.Handler = SysLogHandler(address=address, facility=SysLogHandler.LOG_AUTH)
+        handler.setFormatter(PlainFormatter("sftpgate-subsystem: %(message)s"))
+        handler.addFilter(NodeFilter())
     else:
         handler = logging.NullHandler()
     root.addHandler(handler)
@@ -255,6 +259,9 @@ def run_tap(
 ) -> int:
     """Relay stdin/stdout to ``sftp_server`` until either side ends; return its exit code."""
     info = session_info()
+    # One session a process, one thread: every line from here on is this session's,
+    # under the id its journal rows have.
+    enter_session(SessionTag(info.id, peer_name(info.remote_addr, info.remote_port), info.login))
     home = pwd.getpwuid(os.getuid()).pw_dir
     sender = EventSender(socket_path, spool_dir, info.id, ack_timeout)
     parser = Parser(Tracker(info, home, temp_patterns), sender)
