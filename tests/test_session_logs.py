@@ -342,3 +342,40 @@ def test_the_subsystem_relays_lines_name_its_session(tmp_path: Path) -> None:
     for message in messages:
         assert f"sftpgate-subsystem: session={session} login={me} peer=10.1.2.3:50000 " in message
     assert any("spooling events" in m for m in messages), messages
+
+
+def test_the_tap_daemons_refusal_names_the_session_of_its_journal_row(
+    tmp_path: Path,
+    user_keys: dict[str, Path],
+    restore_logging: None,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """serve's end of the relay: a line it refuses is logged under the session id the
+    refusal is journaled with (the uid's, from the socket's credentials)."""
+    sock = tmp_path / "run" / "events.sock"
+    gateway = start_gateway(
+        tmp_path,
+        user_keys,
+        extra={
+            "subsystem": {
+                "enabled": True,
+                "socket": str(sock),
+                "spool_dir": str(tmp_path / "spool"),
+                "replay_interval": 600,
+            }
+        },
+    )
+    try:
+        setup_logging("info", node="gw1")
+        capfd.readouterr()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as tap:
+            tap.connect(str(sock))
+            tap.sendall(b'{"not": "an event"}\n')
+            rows = gateway.wait_rows(lambda rs: any(r["status"] == "refused" for r in rs))
+        (row,) = [r for r in rows if r["status"] == "refused"]
+        err = capfd.readouterr().err
+    finally:
+        gateway.stop()
+    (line,) = [parse_plain(line) for line in err.splitlines() if "tap uid" in line]
+    assert (line["session"], line["login"]) == (row["session_id"], row["login"])
+    assert line["session"] == f"ssh-{os.getuid()}-unknown" and line["peer"] == "local:0"
