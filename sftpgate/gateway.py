@@ -96,6 +96,8 @@ class Gateway:
         self.fast_paths = config.server.fast_paths == "auto" and asyncssh_fast.available()
         self.guard: Guard | None = None
         self.ban_sync: BanSync | None = None
+        self.api: Any = None  # the admin API (api/), in a gateway that is not a child
+        self.disconnect_watch: Any = None  # sessions an admin asked to end (api/disconnects.py)
         self._emfile_logged = 0.0
         self._previous_handler: tuple[Any, ...] = ()  # the loop's handler before ours
 
@@ -165,6 +167,7 @@ class Gateway:
                 options=options,
                 reuse_port=self.reuse_port or None,
             )
+        await self._start_api()
         log.info(
             # A child of the supervisor does not say "listening": the supervisor does, once.
             "%s %s:%d (%d users, journal %s, fast paths %s)",
@@ -175,6 +178,35 @@ class Gateway:
             _journal_named(cfg),
             "on" if self.fast_paths else "off",
         )
+
+    async def _start_api(self) -> None:
+        """The admin API (not in a child of the supervisor: it serves the API itself) and the
+        poll that ends sessions an admin asked to disconnect (every process that may hold one:
+        with the API here, or on PostgreSQL, where another node may serve it)."""
+        cfg = self.config
+        if cfg.journal.enabled and (cfg.api.listen is not None or cfg.database.url is not None):
+            from .api.disconnects import DisconnectWatch
+
+            watch = DisconnectWatch(
+                open_backend(cfg).admin,
+                lambda: self.connections,
+                self.sink,
+                cfg.api.disconnect_poll,
+            )
+            watch.start()
+            self.disconnect_watch = watch
+        if cfg.api.listen is not None and not self.reuse_port:
+            from .api import start_api
+
+            async def reload(config: Config) -> None:
+                self.reload(config)
+
+            self.api = await start_api(lambda: self.config, reload)
+
+    async def _stop_api(self) -> None:
+        if self.api is not None:
+            api, self.api = self.api, None
+            await api.stop()  # its follows end cleanly
 
     def _proxy_refused(self, address: str, port: int, why: str, score: bool) -> None:
         """A listed balancer's connection without a valid PROXY header: journaled; scored
@@ -387,6 +419,10 @@ class Gateway:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
+        await self._stop_api()
+        if self.disconnect_watch is not None:
+            await self.disconnect_watch.stop()
+            self.disconnect_watch = None
         if self._listener is not None:
             self._listener.close()
             await self._listener.wait_closed()

@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 from .config import Config, load_config, restart_keys_changed
 from .errors import ConfigError, SftpgateError
@@ -66,6 +67,7 @@ class Supervisor:
         self._port_hold: socket.socket | None = None
         self._port = config.server.port
         self._tasks: set[asyncio.Task[None]] = set()
+        self.api: Any = None  # the admin API (api/): here, never in the children
 
     async def run(self) -> int:
         cfg = self.config
@@ -80,6 +82,10 @@ class Supervisor:
             if cfg.journal.enabled and cfg.pipeline.enabled and cfg.jobs.workers > 0:
                 # Before the children: the journal exists (and is in WAL mode) when they open it.
                 self.workers = await start_workers(cfg)
+            if cfg.api.listen is not None:
+                from .api import start_api
+
+                self.api = await start_api(lambda: self.config, self._api_reload)
             ready = [asyncio.Event() for _ in range(self.count)]
             watchers = [
                 asyncio.create_task(self._keep(index, ready[index])) for index in range(self.count)
@@ -100,8 +106,10 @@ class Supervisor:
             log.info("supervising %d gateway processes (pid %d)", self.count, os.getpid())
             await self._stopping.wait()
             log.info("stopping %d gateway processes", len(self.children))
+            await self._stop_api()  # its follows end as the drain starts
             await asyncio.gather(*watchers, return_exceptions=True)
         finally:
+            await self._stop_api()
             if self.workers is not None:
                 await self.workers.stop()
                 await asyncio.to_thread(self.workers.store.close)
@@ -197,6 +205,18 @@ class Supervisor:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         await proc.wait()
+
+    async def _stop_api(self) -> None:
+        if self.api is not None:
+            api, self.api = self.api, None
+            await api.stop()
+
+    async def _api_reload(self, config: Config) -> None:
+        """``POST /v1/users/reload``: refuse what SIGHUP would refuse, else reload as it does."""
+        changed = restart_keys_changed(self.config, config)
+        if changed:
+            raise ConfigError(f"{', '.join(changed)}: changed; restart sftpgate to apply it")
+        self._reload()
 
     def _reload(self) -> None:
         """SIGHUP: every child re-reads the file; the workers here take the new config."""

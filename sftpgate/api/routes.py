@@ -30,6 +30,7 @@ class Param:
     minimum: int | None = None
     maximum: int | None = None
     max_length: int = 256
+    pattern: str | None = None  # a string must match it whole
 
     def schema(self) -> dict[str, Any]:
         one: dict[str, Any] = {"type": self.type}
@@ -43,6 +44,8 @@ class Param:
             one["maxLength"] = self.max_length
             if self.where == "path":
                 one["minLength"] = 1
+            if self.pattern is not None:
+                one["pattern"] = f"^{self.pattern}$"
         return {"type": "array", "items": one} if self.many else one
 
 
@@ -83,6 +86,7 @@ JOURNAL_FILTERS = (
         "cursor",
         "where the previous page (or follow) ended: the `cursor` it returned (opaque)",
         max_length=20,
+        pattern="[0-9]{1,19}",
     ),
 )
 

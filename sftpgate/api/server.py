@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -510,6 +511,8 @@ def _convert(param: Param, text: str) -> Any:
         return value
     if len(text) > param.max_length or "\x00" in text:
         raise ApiError(400, f"{param.name}: too long, or holds a NUL")
+    if param.pattern is not None and not re.fullmatch(param.pattern, text):
+        raise ApiError(400, f"{param.name}: not a value this API gave out")
     if param.enum and text not in param.enum:
         raise ApiError(400, f"{param.name}: {text!r} is not one of {', '.join(param.enum)}")
     return text
