@@ -145,6 +145,17 @@ class ServerConfig:
     max_auth_attempts: int = key(
         6, "failed authentications before the connection is dropped", POSITIVE
     )
+    drain_timeout: float = key(
+        60.0,
+        "on the first SIGTERM (or SIGINT) the listener closes at once and open sessions may "
+        "go on this long (an upload in flight completes; new requests in them still work); "
+        "those left are then disconnected, their open uploads journaled `incomplete`. Running "
+        "jobs are released at once (ffmpeg stopped, no attempt counted) whatever this is. A "
+        "second signal ends the drain at once. Keep the unit's `TimeoutStopSec=` above it. "
+        "Reloadable: the value in force when the signal comes counts. 0: disconnect at once",
+        NONNEGATIVE,
+        unit="seconds",
+    )
     umask: int = key(
         0o022,
         "masked off the modes clients ask for when users create files and folders (as "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -19,7 +20,7 @@ from .algorithms import listen_options
 from .config import Config, DefenderConfig, check_homes, restart_keys_changed
 from .defender import Ban, BanSync, Defender, Door, Guard, Offence
 from .errors import ConfigError
-from .events import EventSink, set_node
+from .events import Event, EventSink, Op, set_node
 from .frontdoor import asyncssh_fast
 from .frontdoor.inline import InlineGuard
 from .frontdoor.limits import DoorLimits, Quotas
@@ -53,6 +54,8 @@ MAX_PACKET = 127 * 1024
 # Out of descriptors, asyncio reports each failed accept with a traceback (hundreds a
 # second under a flood); we log one line per this many seconds instead.
 EMFILE_LOG_INTERVAL = 10.0
+# How often a drain looks whether sessions are left.
+DRAIN_POLL = 0.1
 
 
 class Gateway:
@@ -401,41 +404,93 @@ class Gateway:
             self.workers.pipeline.config = config
         log.info("reloaded %s: %d users", config.path, len(config.users))
 
-    async def close_connections(self, timeout: float = 5.0) -> None:
-        """Disconnect every client and wait until their sessions are journaled."""
+    @property
+    def sessions(self) -> int:
+        """Connections open now (logged in or still logging in)."""
+        return len(self.connections)
+
+    @property
+    def jobs_running(self) -> int:
+        """Jobs the embedded workers of this process hold now."""
+        return self.workers.running if self.workers is not None else 0
+
+    async def stop_accepting(self) -> None:
+        """Close the listener: new connections are refused; open sessions go on."""
+        await self._stop_api()
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+            self._listener = None
+
+    async def stop_workers(self) -> None:
+        """Release the jobs running here (ffmpeg stopped, lease given back, the attempt not
+        counted) and stop the embedded workers; jobs committed after wait for a worker."""
+        if self.workers is not None:
+            workers, self.workers = self.workers, None
+            if self.rules is not None:
+                self.rules.wake = None
+            await workers.stop()
+            await asyncio.to_thread(workers.store.close)
+
+    async def drain(self, timeout: float, interrupt: asyncio.Event | None = None) -> bool:
+        """Wait until every session has ended, at most ``timeout`` seconds or until
+        ``interrupt`` is set; True when none is left. Sessions keep working meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            if interrupt is not None and interrupt.is_set():
+                break
+            await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - loop.time())))
+        return not self.connections
+
+    async def close_connections(self, timeout: float = 5.0, why: str = "") -> None:
+        """Disconnect every client and wait (at most ``timeout``) until their sessions are
+        journaled: a handle left open is an ``incomplete`` upload, as any cut session."""
         servers = list(self.connections)
         for server in servers:
             if server.conn is not None:
-                server.conn.close()
+                if why:
+                    log.warning(
+                        "disconnecting %s from %s (%s)",
+                        server.info.login or "a client not logged in",
+                        server.info.remote_addr,
+                        why,
+                    )
+                    if server.info.login is not None:
+                        # Journaled as such, before its LOGOUT (and any incomplete upload).
+                        self.sink.emit(
+                            Event(Op.DISCONNECT, server.info, message=f"server stopping: {why}")
+                        )
+                server.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why or "server stopping")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for server in servers:
             if server.conn is not None:
-                await asyncio.wait_for(server.conn.wait_closed(), max(0.1, deadline - loop.time()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        server.conn.wait_closed(), max(0.05, deadline - loop.time())
+                    )
         # asyncssh closes left-open handles in the SFTP session's own task.
         while loop.time() < deadline and any(
             ctx.open_files for server in servers for ctx in server.contexts
         ):
             await asyncio.sleep(0.02)
 
-    async def stop(self) -> None:
+    async def stop(self, close_timeout: float = 5.0, why: str = "") -> None:
+        """Close everything: the listener, the sessions left (``close_timeout`` to journal
+        them; ``why`` is logged for each), the workers (jobs released), the tap, bans and
+        the journal (flushed)."""
         await self._stop_api()
         if self.disconnect_watch is not None:
             await self.disconnect_watch.stop()
             self.disconnect_watch = None
-        if self._listener is not None:
-            self._listener.close()
-            await self._listener.wait_closed()
-            self._listener = None
-        await self.close_connections()
+        await self.stop_accepting()
+        await self.close_connections(close_timeout, why)
         await self.limits.quotas.aclose()  # the last usage changes, to the journal database
         if self.tap_daemon is not None:
             await self.tap_daemon.stop()
             self.tap_daemon = None
-        if self.workers is not None:
-            await self.workers.stop()
-            await asyncio.to_thread(self.workers.store.close)
-            self.workers = None
+        await self.stop_workers()
         if self.handover is not None:
             await self.handover.stop()
             self.handover = None

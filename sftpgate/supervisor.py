@@ -20,7 +20,14 @@ The supervisor:
 - restarts a child that dies, after 1, 2, 4 … 30 s (back to 1 s once a child
   has run a minute);
 - forwards SIGHUP (each child reloads; the workers here take the new config)
-  and SIGTERM/SIGINT (each child drains; then the workers stop).
+  and SIGTERM/SIGINT (each child drains; the workers here release their jobs at
+  once); a second SIGTERM/SIGINT is forwarded too (each child stops at once);
+- alone talks to systemd (``sdnotify.py``; the children never see
+  ``NOTIFY_SOCKET``): ``READY=1`` once every child listens, ``RELOADING=1`` then
+  ``READY=1`` once every child has reloaded, ``STOPPING=1``, and ``WATCHDOG=1``
+  from its own event loop while every child is running or being restarted. Each
+  child says ``alive`` on its pipe every second from its own loop; with a watchdog
+  (``WatchdogSec=``) a child silent that long is hung: it is killed and restarted.
 
 Child 0 alone serves the OpenSSH tap's socket (``subsystem.enabled``); while it
 restarts, taps spool and replay.
@@ -43,6 +50,8 @@ from .errors import ConfigError, SftpgateError
 from .events import set_node
 from .gateway import prepare_state, start_workers
 from .jobs.worker import WorkerPool
+from .lifecycle import Lifecycle, keep_status, plural
+from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -51,33 +60,42 @@ BACKOFF_MAX = 30.0
 # A child that ran this long before dying starts again after BACKOFF_FIRST.
 STABLE_AFTER = 60.0
 READY_TIMEOUT = 120.0
+# How long a SIGHUP waits for every child to say "reloaded" before READY=1 all the same.
+RELOAD_TIMEOUT = 30.0
+# A forced stop: the children end within their own limit (cli/serve.py), this one after.
+FORCE_LIMIT = 1.6
 
 
 class Supervisor:
     """Starts, watches and stops the gateway processes. ``run()`` returns the exit code."""
 
-    def __init__(self, config_file: str, config: Config) -> None:
+    def __init__(self, config_file: str, config: Config, notifier: Notifier | None = None) -> None:
         self.config_file = config_file
         self.config = config
         self.count = config.server.processes
+        self.notifier = notifier or Notifier()
         self.workers: WorkerPool | None = None
         self.children: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
-        self._stopping = asyncio.Event()
+        self.life = Lifecycle(self.notifier, force_limit=FORCE_LIMIT)
+        self._stopping = self.life.stop
         self._port_hold: socket.socket | None = None
         self._port = config.server.port
         self._tasks: set[asyncio.Task[None]] = set()
         self.api: Any = None  # the admin API (api/): here, never in the children
+        self._watchers: list[asyncio.Task[None]] = []
+        self._beats: dict[int, float] = {}  # child pid -> when it last said anything
+        self._reloads: dict[int, int] = {}  # child index -> "reloaded" lines seen
+        self._said = asyncio.Event()  # set at each "reloaded"
 
     async def run(self) -> int:
         cfg = self.config
         set_node(cfg.server.node)
         await asyncio.to_thread(prepare_state, cfg)
         self._hold_port()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        self.life.on_force = self._forward_force
+        self.life.install(self._reload)
+        background: list[asyncio.Task[None]] = []
         try:
             if cfg.journal.enabled and cfg.pipeline.enabled and cfg.jobs.workers > 0:
                 # Before the children: the journal exists (and is in WAL mode) when they open it.
@@ -87,7 +105,7 @@ class Supervisor:
 
                 self.api = await start_api(lambda: self.config, self._api_reload)
             ready = [asyncio.Event() for _ in range(self.count)]
-            watchers = [
+            watchers = self._watchers = [
                 asyncio.create_task(self._keep(index, ready[index])) for index in range(self.count)
             ]
             try:
@@ -104,19 +122,76 @@ class Supervisor:
                 flush=True,
             )
             log.info("supervising %d gateway processes (pid %d)", self.count, os.getpid())
+            self.notifier.ready(self._serving())
+            background.append(asyncio.create_task(self.notifier.watchdog(self._healthy)))
+            background.append(asyncio.create_task(keep_status(self.notifier, self._status)))
             await self._stopping.wait()
-            log.info("stopping %d gateway processes", len(self.children))
+            log.info(
+                "stopping %d gateway processes (each drains for at most %g s)",
+                len(self.children),
+                self.config.server.drain_timeout,
+            )
+            self.notifier.stopping(self._status())
             await self._stop_api()  # its follows end as the drain starts
+            if self.workers is not None:
+                await self._stop_workers()
             await asyncio.gather(*watchers, return_exceptions=True)
         finally:
-            await self._stop_api()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             if self.workers is not None:
-                await self.workers.stop()
-                await asyncio.to_thread(self.workers.store.close)
-                self.workers = None
+                await self._stop_workers()
+            await self._stop_api()
             if self._port_hold is not None:
                 self._port_hold.close()
-        return 0
+            self.life.done()
+        return self.life.exit_code
+
+    async def _stop_workers(self) -> None:
+        """Release the jobs running here at once (ffmpeg stopped, no attempt counted)."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            await workers.stop()
+            await asyncio.to_thread(workers.store.close)
+
+    def _serving(self) -> str:
+        jobs = self.workers.running if self.workers is not None else 0
+        return f"serving: {len(self.children)} gateway processes, {plural(jobs, 'job')} running"
+
+    def _status(self) -> str:
+        if self._stopping.is_set():
+            return f"draining: {len(self.children)} gateway processes left"
+        return self._serving()
+
+    def _healthy(self) -> bool:
+        """Every child is running or being restarted (its watcher alive); a child silent
+        for the watchdog's time is hung: killed here, so its watcher restarts it."""
+        if not self._stopping.is_set() and any(task.done() for task in self._watchers):
+            return False
+        usec = self.notifier.watchdog_usec
+        if usec is not None and not self._stopping.is_set():
+            now = time.monotonic()
+            for index, proc in list(self.children.items()):
+                seen = self._beats.get(proc.pid)
+                if proc.returncode is None and seen is not None and now - seen > usec / 1e6:
+                    log.error(
+                        "gateway process %d (pid %d) silent for %.0f s: hung; killing it",
+                        index,
+                        proc.pid,
+                        now - seen,
+                    )
+                    self._beats.pop(proc.pid, None)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+        return True
+
+    def _forward_force(self) -> None:
+        """A second SIGTERM/SIGINT: every child stops at once too."""
+        for proc in list(self.children.values()):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
 
     def _hold_port(self) -> None:
         """Bind (not listen on) the port with SO_REUSEPORT; pick one if the config says 0."""
@@ -186,24 +261,37 @@ class Supervisor:
             )
         finally:
             os.close(write_fd)
-        task = asyncio.create_task(self._await_ready(read_fd, index, proc.pid, ready))
+        task = asyncio.create_task(self._listen(read_fd, index, proc.pid, ready))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return proc
 
-    async def _await_ready(self, fd: int, index: int, pid: int, ready: asyncio.Event) -> None:
-        """The child writes a line once listening (or closes the pipe when it dies first)."""
+    async def _listen(self, fd: int, index: int, pid: int, ready: asyncio.Event) -> None:
+        """The child's lines (cli/serve.py ``ChildPipe``): ``ready`` once listening, then
+        ``alive`` every second and ``reloaded`` after each SIGHUP; EOF when it ends."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
         try:
-            line = await asyncio.to_thread(os.read, fd, 64)
+            while line := await reader.readline():
+                self._beats[pid] = time.monotonic()
+                if line.startswith(b"ready"):
+                    log.info("gateway process %d (pid %d) listening", index, pid)
+                    ready.set()
+                elif line.startswith(b"reloaded"):
+                    self._reloads[index] = self._reloads.get(index, 0) + 1
+                    self._said.set()
         finally:
-            os.close(fd)
-        if line.startswith(b"ready"):
-            log.info("gateway process %d (pid %d) listening", index, pid)
-            ready.set()
+            transport.close()
+            self._beats.pop(pid, None)
 
     async def _stop_child(self, proc: asyncio.subprocess.Process) -> None:
         if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
         await proc.wait()
 
     async def _stop_api(self) -> None:
@@ -219,10 +307,17 @@ class Supervisor:
         self._reload()
 
     def _reload(self) -> None:
-        """SIGHUP: every child re-reads the file; the workers here take the new config."""
+        """SIGHUP: every child re-reads the file; the workers here take the new config.
+        systemd hears RELOADING=1 now and READY=1 once every child has reloaded."""
+        self.notifier.reloading()
+        before = dict(self._reloads)
+        waiting = {i for i, proc in self.children.items() if proc.returncode is None}
         for proc in list(self.children.values()):
             if proc.returncode is None:
                 proc.send_signal(signal.SIGHUP)
+        task = asyncio.create_task(self._reloaded(waiting, before))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             config = load_config(self.config_file)
             changed = restart_keys_changed(self.config, config)
@@ -236,3 +331,27 @@ class Supervisor:
             self.workers.config = config
             self.workers.pipeline.config = config
         log.info("supervisor reloaded %s", config.path)
+
+    async def _reloaded(self, waiting: set[int], before: dict[int, int]) -> None:
+        """READY=1 once each child in ``waiting`` said "reloaded" (or ended), at most
+        RELOAD_TIMEOUT seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELOAD_TIMEOUT
+
+        def left() -> set[int]:
+            return {
+                i
+                for i in waiting
+                if self._reloads.get(i, 0) <= before.get(i, 0)
+                and i in self.children
+                and self.children[i].returncode is None
+            }
+
+        while left() and loop.time() < deadline:
+            self._said.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._said.wait(), min(0.5, deadline - loop.time()))
+        if left():
+            log.warning("gateway processes %s did not confirm the reload", sorted(left()))
+        if not self._stopping.is_set():
+            self.notifier.ready(self._serving())

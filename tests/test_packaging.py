@@ -91,7 +91,12 @@ def test_units_are_hardened(name: str) -> None:
     assert unit["NoNewPrivileges"] == ["yes"]
     assert unit["UMask"] == ["0077"]
     assert unit["EnvironmentFile"] == ["-/etc/default/sftpgate"]
-    assert unit["Type"] == ["exec"], "no sd_notify in sftpgate yet"
+    # sd_notify (test_sdnotify.py): only the main process speaks; SIGTERM to it alone.
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["main"]
+    assert unit["WatchdogSec"] == ["30s"]
+    assert unit["KillMode"] == ["mixed"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["ExecStart"][0].startswith(INSTALLED_PREFIX + "bin/sftpgate ")
     for doc in unit["Documentation"]:
         assert doc.startswith("file://" + INSTALLED_PREFIX + "share/doc/sftpgate/")
@@ -99,6 +104,15 @@ def test_units_are_hardened(name: str) -> None:
         assert (
             REPO / doc.removeprefix("file://" + INSTALLED_PREFIX + "share/doc/sftpgate/")
         ).is_file()
+
+
+def test_serve_unit_waits_longer_than_the_drain() -> None:
+    """systemd's SIGKILL must not cut a drain short: TimeoutStopSec above drain_timeout."""
+    unit = directives(UNITS / "sftpgate.service")
+    (stop,) = unit["TimeoutStopSec"]
+    example = REPO / "packaging" / "config.example.yaml"
+    drain = load_config(example, environ={}).server.drain_timeout
+    assert int(stop) >= drain + 20
 
 
 @pytest.mark.parametrize("name", UNIT_NAMES)

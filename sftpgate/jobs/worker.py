@@ -83,6 +83,11 @@ class WorkerPool:
         return await loop.run_in_executor(self.store.executor, lambda: fn(*args, **kwargs))
 
     @property
+    def running(self) -> int:
+        """Jobs this pool runs now."""
+        return len(self._running)
+
+    @property
     def beat(self) -> float:
         """Seconds between heartbeats (of leases and of the registry row): a third of a lease."""
         return min(2.0, self.config.jobs.lease_seconds / 3)
@@ -139,7 +144,9 @@ class WorkerPool:
                 self._loop.call_soon_threadsafe(self._wake.set)
 
     async def stop(self) -> None:
-        """Stop taking jobs; running ones are cancelled and requeued (their steps resume)."""
+        """Stop taking jobs; running ones are released at once: their ffmpeg killed (its
+        process group), the lease given back and the attempt not counted (``store.release``),
+        so the next worker resumes them after their last finished step."""
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -179,10 +186,13 @@ class WorkerPool:
             await asyncio.sleep(self.config.jobs.poll_interval)
 
     async def _run(self, job: Job, owner: str) -> None:
+        self._running[job.id] = owner
         try:
             await self._run_leased(job, owner)
         except LeaseLost:
             log.warning("job %d: lease lost (taken over, or cancelled); left to its holder", job.id)
+        finally:
+            self._running.pop(job.id, None)
 
     async def _take_over(self, job: Job) -> None:
         """Kill the ffmpeg a dead or stalled worker left running for ``job``, where we can."""
@@ -247,11 +257,13 @@ class WorkerPool:
         except asyncio.CancelledError:
             if lost:
                 return
-            # Shutdown: give the job back so the next start resumes it.
+            # Shutdown: ffmpeg killed (media/run.py kills its group when cancelled), then the
+            # job given back, this attempt not counted, for the next start or worker.
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
             await asyncio.shield(self._db(self.store.release, job, owner))
+            log.info("job %d: released at shutdown (at %s); resumes later", job.id, state["step"])
             raise
         except PermanentJobError as exc:
             log.error("job %d failed: %s", job.id, exc)

@@ -291,6 +291,10 @@ class QueuedWorkers(_Waker):
     def pipeline(self) -> Any:
         return self.pool.pipeline
 
+    @property
+    def running(self) -> int:
+        return self.pool.running
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.pool.start()
@@ -303,12 +307,18 @@ class QueuedWorkers(_Waker):
                 fetch_job_polling_interval=self.poll,
                 update_heartbeat_interval=min(10.0, lease / 3),
                 stalled_worker_timeout=lease,
+                # Stop means release: Procrastinate cancels our running task at once (its
+                # default waits for it to end, a whole transcode); our runner kills ffmpeg
+                # and gives the row back, the attempt not counted (``PgJobStore.release``
+                # clears handed_at: the outbox hands it over again).
+                shutdown_graceful_timeout=0,
             )
         )
 
     async def stop(self) -> None:
         """Stop Procrastinate's worker (running jobs are released by the pool's runner), then
         the pool."""
+        self._loop = None  # later wakes do nothing; a sweep elsewhere hands their jobs over
         for task in [*self._handing, *([self._task] if self._task else [])]:
             task.cancel()
         await asyncio.gather(
