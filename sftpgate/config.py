@@ -611,6 +611,59 @@ class LogConfig:
     json: bool = key(False, "one JSON object per log line", restart=_LOG)
 
 
+# -- metrics (sftpgate/metrics.py, sftpgate/metrics_http.py) -----------------------------------
+
+_METRICS = "the metrics listener is opened once, at start"
+
+
+def _metrics_address(value: str) -> str:
+    """``host:port`` (``[v6]:port``), or empty for off."""
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise Invalid(f"must be host:port (127.0.0.1:9222, [::1]:9222) or empty, got {value!r}")
+    return value
+
+
+METRICS_ADDRESS = Rule("`host:port`", _metrics_address)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics and health checks over plain HTTP (docs/metrics.md): `/metrics`,
+    `/healthz`, `/readyz`. Off unless a `listen` is set; bind it to localhost or a management
+    network, never the internet."""
+
+    listen: str | None = key(
+        None,
+        "`host:port` where `sftpgate serve` serves `/metrics`, `/healthz` and `/readyz` (with "
+        "`server.processes` > 1 the supervisor serves the numbers of every process on the host; "
+        "port 0: any free port, logged); unset: off",
+        METRICS_ADDRESS,
+        restart=_METRICS,
+    )
+    worker_listen: str | None = key(
+        None,
+        "`host:port` where `sftpgate worker` serves its own `/metrics`, `/healthz` and "
+        "`/readyz` (a key of its own, so a worker and a gateway on one host never compete for "
+        "one port); unset: off",
+        METRICS_ADDRESS,
+        restart=_METRICS,
+    )
+    request_timeout: float = key(
+        10.0,
+        "a connection to the metrics listener that has not sent a whole request this long "
+        "after it opened (or after its last answer) is closed: a slow or idle client holds "
+        "nothing for long",
+        POSITIVE,
+        unit="seconds",
+        restart=_METRICS,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SubsystemConfig:
     """The daemon side of the OpenSSH front door (`sftpgate subsystem`), run inside `serve`."""
@@ -1069,6 +1122,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     subsystem: SubsystemConfig = field(default_factory=SubsystemConfig)
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     door: DoorConfig = field(default_factory=DoorConfig)

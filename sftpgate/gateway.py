@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncssh
 
+from . import metrics
 from .algorithms import listen_options
 from .config import Config, DefenderConfig, check_homes, restart_keys_changed
 from .defender import Ban, BanSync, Defender, Door, Guard, Offence
@@ -32,6 +33,7 @@ from .jobs.store import JobStore
 from .jobs.worker import WorkerPool
 from .journal.usage import SQLiteUsageLedger
 from .journal.writer import JournalWriter, NullSink
+from .metrics_http import MetricsServer, start_listener
 from .passwords import FairHasher
 from .private import private_dir
 from .proxyproto import ProxyListener
@@ -103,6 +105,7 @@ class Gateway:
         self.disconnect_watch: Any = None  # sessions an admin asked to end (api/disconnects.py)
         self._emfile_logged = 0.0
         self._previous_handler: tuple[Any, ...] = ()  # the loop's handler before ours
+        self.metrics_server: MetricsServer | None = None  # metrics.listen, one process only
 
     @property
     def sink(self) -> EventSink:
@@ -117,6 +120,8 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.config
         set_node(cfg.server.node)
+        if not self.reuse_port:  # a supervisor's child counts in the supervisor's folder
+            metrics.configure(None)
         keys = await asyncio.to_thread(prepare_state, cfg)
         if self._sink is None:
             if cfg.journal.enabled:
@@ -149,6 +154,10 @@ class Gateway:
             await self.tap_daemon.start()
         await self._start_guard()
         self._install_emfile_handler()
+        if cfg.metrics.listen and not self.reuse_port:
+            self.metrics_server = await start_listener(
+                cfg, cfg.metrics.listen, "serve", workers=lambda: self.workers
+            )
         options = await asyncio.to_thread(self._ssh_options, keys)
         if cfg.server.proxy_protocol_from:
             # Each connection behind a PROXY-header gate (proxyproto.py), via asyncssh's
@@ -505,6 +514,9 @@ class Gateway:
         if self.writer is not None:
             await self.writer.aclose()
             self.writer = None
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from . import metrics
 from .beneath import Home
 from .config import Config, User
 from .errors import SftpgateError
@@ -208,11 +209,13 @@ class Pipeline:
     ) -> Result:
         if job.outcome == Outcome.REFUSED.value:  # over jobs.per_user_queue
             refused = str(job.data.get("refused") or "too many uploads waiting")
-            warning = await self._email(job, owner, user, refused, files, kind="refused")
+            with metrics.step_timer("email"):
+                warning = await self._email(job, owner, user, refused, files, kind="refused")
             return Result(Outcome.REFUSED, None, refused, warning)
         if not job.done("probe"):
             progress(0.0, "probe")
-            job = await self._probe(job, owner, files)
+            with metrics.step_timer("probe"):
+                job = await self._probe(job, owner, files)
         if "duplicate_of" in job.data:
             await self._db(self.store.set_email_state, job.id, owner, EmailState.SKIPPED)
             first = job.data["duplicate_of"]
@@ -224,12 +227,15 @@ class Pipeline:
         reason = job.data.get("rejected")
         if reason is None:
             if not job.done("transcode"):
-                job = await self._transcode(job, owner, files, progress)
+                with metrics.step_timer("transcode"):
+                    job = await self._transcode(job, owner, files, progress)
             if not job.done("sidecar"):
                 progress(0.95, "sidecar")
-                job = await self._sidecar(job, owner, user, files)
+                with metrics.step_timer("sidecar"):
+                    job = await self._sidecar(job, owner, user, files)
         progress(0.98, "email")
-        warning = await self._email(job, owner, user, reason, files)
+        with metrics.step_timer("email"):
+            warning = await self._email(job, owner, user, reason, files)
         outputs = job.data.get("outputs", {})
         if reason is not None:
             return Result(Outcome.REJECTED, None, reason, warning)

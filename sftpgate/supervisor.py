@@ -45,12 +45,14 @@ import sys
 import time
 from typing import Any
 
+from . import metrics
 from .config import Config, load_config, restart_keys_changed
 from .errors import ConfigError, SftpgateError
 from .events import set_node
 from .gateway import prepare_state, start_workers
 from .jobs.worker import WorkerPool
 from .lifecycle import Lifecycle, keep_status, plural
+from .metrics_http import MetricsServer, start_listener
 from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Supervisor:
         self._port_hold: socket.socket | None = None
         self._port = config.server.port
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics_server: MetricsServer | None = None
         self.api: Any = None  # the admin API (api/): here, never in the children
         self._watchers: list[asyncio.Task[None]] = []
         self._beats: dict[int, float] = {}  # child pid -> when it last said anything
@@ -92,6 +95,10 @@ class Supervisor:
         cfg = self.config
         set_node(cfg.server.node)
         await asyncio.to_thread(prepare_state, cfg)
+        # Before any child starts: they inherit the folder (PROMETHEUS_MULTIPROC_DIR).
+        await asyncio.to_thread(
+            metrics.configure, cfg.server.state_dir / "metrics" if cfg.metrics.listen else None
+        )
         self._hold_port()
         self.life.on_force = self._forward_force
         self.life.install(self._reload)
@@ -100,6 +107,14 @@ class Supervisor:
             if cfg.journal.enabled and cfg.pipeline.enabled and cfg.jobs.workers > 0:
                 # Before the children: the journal exists (and is in WAL mode) when they open it.
                 self.workers = await start_workers(cfg)
+            if cfg.metrics.listen:
+                self.metrics_server = await start_listener(
+                    cfg,
+                    cfg.metrics.listen,
+                    "supervisor",
+                    workers=lambda: self.workers,
+                    children=self._gateway_pids,
+                )
             if cfg.api.listen is not None:
                 from .api import start_api
 
@@ -142,6 +157,8 @@ class Supervisor:
             await asyncio.gather(*background, return_exceptions=True)
             if self.workers is not None:
                 await self._stop_workers()
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             await self._stop_api()
             if self._port_hold is not None:
                 self._port_hold.close()
@@ -193,6 +210,11 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
 
+    def _gateway_pids(self) -> dict[str, int]:
+        """The gateway processes running now, by name (any thread: one atomic copy)."""
+        children = dict(self.children)
+        return {f"gateway-{i}": p.pid for i, p in children.items() if p.returncode is None}
+
     def _hold_port(self) -> None:
         """Bind (not listen on) the port with SO_REUSEPORT; pick one if the config says 0."""
         family = socket.AF_INET6 if ":" in self.config.server.listen else socket.AF_INET
@@ -227,6 +249,7 @@ class Supervisor:
             stop.cancel()
             code = proc.returncode
             self.children.pop(index, None)
+            await asyncio.to_thread(metrics.process_dead, proc.pid)  # its sessions are gone
             if time.monotonic() - started >= STABLE_AFTER:
                 delay = BACKOFF_FIRST
             log.error(

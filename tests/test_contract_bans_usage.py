@@ -71,3 +71,18 @@ def test_usage_is_stored_added_up_and_forgotten(backend: Backend) -> None:
         assert other.load("alice") == (7, 1)
         usage.forget("alice")
         assert other.load("alice") is None
+
+
+def test_active_counts_the_bans_still_on_at_a_time(backend: Backend) -> None:
+    with opened(backend.bans()) as bans:
+        assert bans.active(NOW) == 0
+        bans.upsert(
+            [
+                Ban("192.0.2.1", NOW - 10, 1, "ended", NOW - 70),
+                Ban("192.0.2.2", NOW + 60, 1, "on", NOW),
+                Ban("2001:db8::1", NOW + 600, 2, "on", NOW),
+            ]
+        )
+        assert bans.active(NOW) == 2
+        assert bans.active(NOW + 100) == 1
+        assert bans.active(NOW - 20) == 3

@@ -271,3 +271,23 @@ def test_a_job_records_the_node_of_its_upload(backend: Backend, store: JobStore)
             [upload(session("s", "alice", "gw-7"), "/x.mp4", T0)], lambda p, e: JobSpec(3)
         ).jobs
     assert store.get(job_id).node == "gw-7"
+
+
+def test_queue_stats_count_queued_and_running_and_date_the_oldest_queued(
+    backend: Backend, store: JobStore
+) -> None:
+    empty = store.queue_stats()
+    assert (empty.queued, empty.running, empty.oldest_queued_at) == (0, 0, None)
+    first, second, third = _jobs(backend, "alice", "bob", "carol")
+    stats = store.queue_stats()
+    assert (stats.queued, stats.running) == (3, 0)
+    assert stats.oldest_queued_at == min(store.get(i).created_at for i in (first, second, third))
+    taken = _lease(store, "w1")
+    stats = store.queue_stats()
+    assert (stats.queued, stats.running) == (2, 1)
+    left = [store.get(i) for i in (first, second, third) if i != taken.id]
+    assert stats.oldest_queued_at == min(j.created_at for j in left)
+    store.finish(taken, "w1", JobState.SUCCEEDED, outcome="converted")
+    store.cancel(left[0].id)
+    stats = store.queue_stats()
+    assert (stats.queued, stats.running, stats.oldest_queued_at) == (1, 0, left[1].created_at)

@@ -7,11 +7,13 @@ import asyncio
 import logging
 import sys
 
+from .. import metrics
 from ..config import load_config, restart_keys_changed
 from ..errors import ConfigError
 from ..gateway import start_workers
 from ..lifecycle import Lifecycle, keep_status, plural
 from ..logsetup import setup_logging
+from ..metrics_http import start_listener
 from ..sdnotify import Notifier
 from .common import config_from
 
@@ -34,7 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         life = Lifecycle(notifier)
+        metrics.configure(None)
         pool = await start_workers(config)
+        served = None
+        if config.metrics.worker_listen:  # its own key: a gateway on this host has the other
+            served = await start_listener(
+                config, config.metrics.worker_listen, "worker", workers=lambda: pool
+            )
 
         def status() -> str:
             return f"{plural(config.jobs.workers, 'worker')}, {plural(pool.running, 'job')} running"
@@ -78,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if served is not None:
+                await served.stop()
             life.done()
         return life.exit_code
 

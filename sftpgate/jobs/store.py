@@ -25,6 +25,7 @@ from ..errors import NotFoundError, SftpgateError
 from ..events import Event, Op
 from ..journal.store import connect
 from ..storage.ports import LeaseLost as PortLeaseLost
+from ..storage.ports import QueueStats
 from . import registry
 from .model import ACTIVE, EmailState, Job, JobState, Outcome
 
@@ -659,6 +660,20 @@ class JobStore:
             (*params, limit),
         ).fetchall()
         return [Job.from_row(row) for row in rows]
+
+    def queue_stats(self) -> QueueStats:
+        """Jobs queued and running, and the oldest queued one's creation (for the metrics)."""
+        rows = self.conn.execute(
+            "SELECT state, COUNT(*) AS n, MIN(created_at) AS oldest FROM jobs "
+            "WHERE state IN ('queued', 'running') GROUP BY state"
+        ).fetchall()
+        by_state = {row["state"]: row for row in rows}
+        queued, running = by_state.get("queued"), by_state.get("running")
+        return QueueStats(
+            queued=queued["n"] if queued else 0,
+            running=running["n"] if running else 0,
+            oldest_queued_at=queued["oldest"] if queued else None,
+        )
 
     def retry(self, job_id: int) -> Job:
         """Queue a failed, dead or cancelled job again (finished steps are not redone)."""

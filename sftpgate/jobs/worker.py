@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .. import metrics
 from ..config import Config
 from ..events import Op
 from ..media.run import kill_leftover
@@ -136,6 +137,10 @@ class WorkerPool:
                 await self._recover()
             except Exception:
                 log.exception("jobs: worker heartbeat failed; trying again")
+
+    def alive(self) -> bool:
+        """Whether the pool runs: started, not stopping, and none of its loops has ended."""
+        return bool(self._tasks) and not self._stopping and not any(t.done() for t in self._tasks)
 
     def wake(self) -> None:
         """Thread-safe: a job was committed, start now rather than at the next poll."""
@@ -263,11 +268,13 @@ class WorkerPool:
             with contextlib.suppress(BaseException):
                 await task
             await asyncio.shield(self._db(self.store.release, job, owner))
+            metrics.record_job("released")
             log.info("job %d: released at shutdown (at %s); resumes later", job.id, state["step"])
             raise
         except PermanentJobError as exc:
             log.error("job %d failed: %s", job.id, exc)
             await self._db(self.store.finish, job, owner, JobState.FAILED, error=str(exc))
+            metrics.record_job("failed")
             return
         except Exception as exc:
             await self._retry(job, owner, exc)
@@ -285,6 +292,7 @@ class WorkerPool:
             error=result.warning if state is JobState.SUCCEEDED else result.message,
             journal=(op, result.output, status, result.message),
         )
+        metrics.record_job("succeeded" if state is JobState.SUCCEEDED else "failed")
         log.info(
             "job %d: %s %s%s",
             job.id,
@@ -298,6 +306,7 @@ class WorkerPool:
         error = str(exc) or type(exc).__name__
         wait = backoff(job.attempts, cfg.backoff_base, cfg.backoff_max)
         state = await self._db(self.store.retry_later, job, owner, error, wait)
+        metrics.record_job("dead" if state is JobState.DEAD else "retried")
         if state is JobState.DEAD:
             log.error("job %d is dead after %d attempts: %s", job.id, job.attempts, error)
             await self._tell_admin(job, error)

@@ -63,6 +63,11 @@ class BanStore:
     def list(self) -> list[Ban]:
         return [_ban(r) for r in self._conn.execute("SELECT * FROM bans ORDER BY address")]
 
+    def active(self, now: float) -> int:
+        """How many addresses are banned at ``now``."""
+        row = self._conn.execute("SELECT COUNT(*) FROM bans WHERE until > ?", (now,)).fetchone()
+        return int(row[0])
+
     def remove(self, address: str) -> Ban | None:
         """Delete the ban of ``address``; the ban it was, or None."""
         with self._conn:

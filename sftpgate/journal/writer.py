@@ -21,6 +21,11 @@ when a batch fails for a reason other than the disk or the lock, it is split
 and committed in halves until the bad record stands alone; that one is set
 aside with an error row naming the problem, the rest commit. The thread never
 dies from a record: anything unexpected is logged and the loop goes on.
+
+Every committed batch is counted for the metrics here, on the writer's thread
+(sessions, logins by method, bytes, uploads, operations: ``metrics.record_events``),
+with its size and commit time; a failed commit sets ``sftpgate_journal_writable``
+to 0 until the next one succeeds (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import metrics
 from ..events import Event, Op, SessionInfo
 from ..storage.ports import JobRule, JournalStore, StorageUnavailable
 from .store import SQLiteJournal
@@ -138,6 +144,7 @@ class JournalWriter:
         """
         if self._store is None:
             self._store = SQLiteJournal(self.path, synchronous=self._synchronous)
+        metrics.families().journal_writable.set(1)  # opened: writable until a commit fails
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
 
@@ -294,10 +301,12 @@ class JournalWriter:
         chunks = [items]  # a stack: the first half of a split is tried first
         while chunks:
             chunk = chunks.pop()
+            started = time.perf_counter()
             try:
                 result = self._store.record_batch([item.event for item in chunk], self._on_upload)
             except Exception as exc:
                 if isinstance(exc, StorageUnavailable | MemoryError):
+                    metrics.record_commit_failure()
                     rest = [item for later in reversed(chunks) for item in later]
                     raise _Retry(chunk + rest, exc) from exc
                 if len(chunk) > 1:
@@ -318,11 +327,16 @@ class JournalWriter:
                 _settle(bad, JournalUnavailable(f"not journaled: {why}"))
                 chunks.append([_error_item(bad.event, STATUS_SET_ASIDE, why)])
                 continue
+            metrics.record_commit(len(chunk), time.perf_counter() - started)
             self._committed(chunk, bool(result.jobs))
 
     def _committed(self, chunk: list[_Item], started_jobs: bool) -> None:
         self.committed += len(chunk)
         self.batches += 1
+        try:
+            metrics.record_events(item.event for item in chunk)
+        except Exception:  # counting must never break the journal
+            log.exception("journal: metrics failed")
         if started_jobs and self._after_commit is not None:
             try:
                 self._after_commit()

@@ -20,6 +20,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from .. import metrics
 from ..config import SmtpConfig
 from . import EmailError, PermanentEmailError, TransientEmailError
 
@@ -182,6 +183,18 @@ def send(message: EmailMessage, cfg: SmtpConfig, ssl_context: ssl.SSLContext | N
     5xx reply, a failed login or a missing password. Never raises anything
     else for SMTP or socket failures.
     """
+    try:
+        _deliver(message, cfg, ssl_context)
+    except TransientEmailError:
+        metrics.record_email("transient_failure")
+        raise
+    except PermanentEmailError:
+        metrics.record_email("permanent_failure")
+        raise
+    metrics.record_email("sent")
+
+
+def _deliver(message: EmailMessage, cfg: SmtpConfig, ssl_context: ssl.SSLContext | None) -> None:
     if cfg.security not in _SECURITY:
         raise PermanentEmailError(
             f"smtp.security: {cfg.security!r} is not one of {', '.join(_SECURITY)}"

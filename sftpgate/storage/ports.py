@@ -208,6 +208,20 @@ class JournalPruner(Protocol):
 # -- jobs ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The job queue as :meth:`JobLedger.queue_stats` sees it, cluster-wide.
+
+    ``queued``: jobs waiting (due now or after a retry's backoff); ``running``: jobs
+    leased; ``oldest_queued_at``: ``created_at`` of the oldest queued job, None when
+    none waits.
+    """
+
+    queued: int
+    running: int
+    oldest_queued_at: float | None
+
+
 @runtime_checkable
 class Scheduler(Protocol):
     """Who runs which job: leases with expiry, so a dead worker's job is taken over.
@@ -368,6 +382,11 @@ class JobLedger(Protocol):
         """The last ``limit`` jobs matching, oldest first."""
         ...
 
+    def queue_stats(self) -> QueueStats:
+        """How many jobs wait and run over the whole database (every node), and since when
+        the oldest queued one waits: what the metrics show at each scrape. One cheap query."""
+        ...
+
 
 @runtime_checkable
 class JobStore(Scheduler, JobLedger, Protocol):
@@ -399,6 +418,10 @@ class BanStore(Protocol):
 
     def list(self) -> list[Ban]:
         """Every stored ban, by address."""
+        ...
+
+    def active(self, now: float) -> int:
+        """How many addresses are banned at ``now`` (every gateway's bans): for the metrics."""
         ...
 
     def remove(self, address: str) -> Ban | None:

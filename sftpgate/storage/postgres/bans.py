@@ -63,6 +63,11 @@ class PgBanStore(PoolPort):
         with unavailable_as_storage(), self._pool.connection() as conn:
             return [_ban(r) for r in conn.execute("SELECT * FROM bans ORDER BY address")]
 
+    def active(self, now: float) -> int:
+        with unavailable_as_storage(), self._pool.connection() as conn:
+            row = conn.execute("SELECT count(*) AS n FROM bans WHERE until > %s", (now,)).fetchone()
+        return int(row["n"]) if row else 0
+
     def remove(self, address: str) -> Ban | None:
         with unavailable_as_storage(), self._pool.connection() as conn:
             row = conn.execute(

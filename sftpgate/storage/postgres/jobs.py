@@ -25,6 +25,7 @@ from ...events import Op
 from ...jobs import registry
 from ...jobs.model import ACTIVE, EmailState, Job, JobState
 from ..ports import LeaseLost as PortLeaseLost
+from ..ports import QueueStats
 from .journal import insert_operations
 from .pool import Conn, PoolPort, unavailable_as_storage
 
@@ -643,6 +644,20 @@ class PgJobStore(PoolPort):
         if row is None:
             raise SftpgateError(f"job {job_id} ended meanwhile; nothing to cancel")
         return _job(row)
+
+    def queue_stats(self) -> QueueStats:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT state, count(*) AS n, min(created_at) AS oldest FROM jobs "
+                "WHERE state IN ('queued', 'running') GROUP BY state"
+            ).fetchall()
+        by_state = {row["state"]: row for row in rows}
+        queued, running = by_state.get("queued"), by_state.get("running")
+        return QueueStats(
+            queued=int(queued["n"]) if queued else 0,
+            running=int(running["n"]) if running else 0,
+            oldest_queued_at=float(queued["oldest"]) if queued else None,
+        )
 
     def list(
         self, *, states: tuple[str, ...] = (), login: str | None = None, limit: int = 100

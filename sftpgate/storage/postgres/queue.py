@@ -295,6 +295,10 @@ class QueuedWorkers(_Waker):
     def running(self) -> int:
         return self.pool.running
 
+    def alive(self) -> bool:
+        """Whether the pool and Procrastinate's worker both run (for ``/readyz``)."""
+        return self.pool.alive() and self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.pool.start()
@@ -311,7 +315,7 @@ class QueuedWorkers(_Waker):
                 # default waits for it to end, a whole transcode); our runner kills ffmpeg
                 # and gives the row back, the attempt not counted (``PgJobStore.release``
                 # clears handed_at: the outbox hands it over again).
-                shutdown_graceful_timeout=0,
+                shutdown_graceful_timeout=None,
             )
         )
 
