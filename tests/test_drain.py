@@ -25,9 +25,11 @@ from test_leases import WorkerProcess, lease_config, transcoding
 from test_pipeline_durability import processes_with, upload_with_paramiko
 from test_serve_process import ServeProcess
 
-from conftest import PASSWORDS, free_port, write_config
+import pg_kit
+from conftest import PASSWORDS, free_port, start_gateway, write_config
 from mediakit import make_clip
-from pipeline_kit import SmtpServer, settled, wait_jobs
+from pipeline_kit import SmtpServer, pipeline_settings, settled, wait_jobs
+from sftpgate.storage.postgres.backend import PostgresBackend
 
 MiB = 1024 * 1024
 CHUNK = 32 * 1024
@@ -307,3 +309,71 @@ def test_worker_sigterm_releases_its_job_without_counting_the_attempt(
             worker.kill()
         serve.stop()
         smtp.stop()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[pg_kit.PgServer]:
+    with pg_kit.shared_server() as server:
+        yield server
+
+
+def test_on_postgresql_a_worker_sigterm_releases_its_job_and_another_finishes_it_once(
+    pg: pg_kit.PgServer, tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    """Procrastinate's own stop waits for a running job to end (a whole transcode); ours
+    cancels it at once: ffmpeg killed, the row released with the attempt not counted and
+    handed over again, and the next worker finishes it once."""
+    smtp = SmtpServer().start()
+    with pg.database() as url:
+        backend = PostgresBackend(url, size=2)
+        backend.migrate()
+        settings = pipeline_settings(smtp.port, input_args=["-readrate", "1"])
+        jobs = {**settings["jobs"], "workers": 0, "lease_seconds": 10}
+        running = start_gateway(
+            tmp_path, user_keys, extra={**settings, "database": {"url": url}, "jobs": jobs}
+        )
+        data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+        data["jobs"]["workers"] = 1
+        worker_config = tmp_path / "worker.yaml"
+        worker_config.write_text(yaml.safe_dump(data))
+        first = WorkerProcess(worker_config)
+        second: WorkerProcess | None = None
+        try:
+            clip = make_clip(tmp_path / "long.mp4", "mp4", seconds=20)
+            running.sftp("alice").put(str(clip), "/long.mp4")
+            wait_for(lambda: bool(backend.jobs().list()[0].pid_marker), 60, "ffmpeg")
+            (job,) = backend.jobs().list()
+            marker = job.pid_marker
+            assert marker is not None and processes_with(marker) and job.attempts == 1
+            started = time.monotonic()
+            first.proc.send_signal(signal.SIGTERM)
+            assert first.proc.wait(30) == 0
+            assert time.monotonic() - started < 10, "the stop waited for the transcode"
+            job = backend.jobs().get(job.id)
+            assert (job.state.value, job.attempts, job.lease_owner) == ("queued", 0, None)
+            assert processes_with(marker) == []
+            assert "released at shutdown" in first.log()
+            # The rest at full speed: only what happens to the job matters now.
+            data["pipeline"]["input_args"] = []
+            worker_config.write_text(yaml.safe_dump(data))
+            second = WorkerProcess(worker_config)
+            wait_for(
+                lambda: backend.jobs().get(job.id).state.value not in ("queued", "running"),
+                120,
+                "the job to end",
+            )
+            job = backend.jobs().get(job.id)
+            assert (job.state.value, job.outcome, job.email_state.value, job.attempts) == (
+                "succeeded",
+                "converted",
+                "sent",
+                1,
+            ), job
+        finally:
+            first.kill()
+            if second is not None:
+                second.stop()
+            running.stop()
+            backend.close()
+            smtp.stop()
+    assert len(smtp.inbox.to("alice@example.org")) == 1
