@@ -434,7 +434,7 @@ def test_users_list_and_reload(served: Served) -> None:
 def test_disconnect_ends_a_live_session_in_any_gateway_process_and_follow_ends_at_drain(
     tmp_path: Path, user_keys: dict[str, Path]
 ) -> None:
-    _, proc, port, api = serve_with_api(tmp_path, user_keys, server={"processes": 2})
+    config, proc, port, api = serve_with_api(tmp_path, user_keys, server={"processes": 2})
     http = Client(api)
     try:
         sessions = [sftp_session(port, "alice") for _ in range(4)]  # spread over both processes
@@ -462,6 +462,14 @@ def test_disconnect_ends_a_live_session_in_any_gateway_process_and_follow_ends_a
         wait_for(lambda: http("GET", "/v1/sessions")[2]["sessions"] == [], what="no sessions")
         status, _, body = http("POST", f"/v1/sessions/{rows[0]['id']}/disconnect")
         assert status == 404 and "no live session" in body["error"]
+        # The supervisor's reload: every child re-reads the file; a restart key is refused.
+        status, _, body = http("POST", "/v1/users/reload")
+        assert (status, body) == (200, {"reloaded": True, "users": 3})
+        raw = yaml.safe_load(config.read_text())
+        raw["server"]["io_threads"] = 3
+        config.write_text(yaml.safe_dump(raw))
+        status, _, body = http("POST", "/v1/users/reload")
+        assert status == 422 and "server.io_threads" in body["error"]
         # The drain: the follow ends cleanly (a proper end of the chunked stream), exit 0.
         assert proc.stop() == 0
         assert follow.read() == b""
@@ -469,3 +477,39 @@ def test_disconnect_ends_a_live_session_in_any_gateway_process_and_follow_ends_a
     finally:
         if proc.proc.poll() is None:
             proc.stop()
+
+
+def test_api_token_prints_a_token_whose_hash_the_config_takes(
+    tmp_path: Path, user_keys: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sftpgate.cli.main import main
+    from sftpgate.config import load_config
+
+    assert main(["api", "token", "--name", "ci", "--role", "read"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    token, line = out[1].strip(), out[-1].strip()
+    entry = yaml.safe_load(line)[0]
+    assert entry == {"name": "ci", "hash": token_hash(token), "role": "read"}
+    assert token not in line
+    config = load_config(write_config(tmp_path, user_keys, {"api": {"tokens": [entry]}}))
+    assert config.api.tokens[0].hash == token_hash(token)
+    assert main(["api", "token", "--name", "bad name", "--role", "read"]) == 2
+    assert main(["api", "token", "--name", "ci", "--role", "read", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["hash"] == token_hash(printed["token"]) and printed["role"] == "read"
+
+
+def test_a_token_hash_that_is_not_one_is_a_config_error(
+    tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    from sftpgate.config import load_config
+    from sftpgate.errors import ConfigError
+
+    for tokens, message in (
+        ([{"name": "a", "hash": ADMIN, "role": "admin"}], "api.tokens[0].hash"),
+        ([{"name": "a", "hash": token_hash(ADMIN), "role": "root"}], "api.tokens[0].role"),
+        ([TOKENS[0], {**TOKENS[1], "name": "ops"}], "api.tokens[1].name: duplicate"),
+        ([{**TOKENS[0], "token": ADMIN}], "api.tokens[0]: unknown key"),
+    ):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_config(write_config(tmp_path, user_keys, {"api": {"tokens": tokens}}))
