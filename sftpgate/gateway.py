@@ -156,7 +156,11 @@ class Gateway:
         self._install_emfile_handler()
         if cfg.metrics.listen and not self.reuse_port:
             self.metrics_server = await start_listener(
-                cfg, cfg.metrics.listen, "serve", workers=lambda: self.workers
+                cfg,
+                cfg.metrics.listen,
+                "serve",
+                workers=lambda: self.workers,
+                accepting=lambda: self._listener is not None,
             )
         options = await asyncio.to_thread(self._ssh_options, keys)
         if cfg.server.proxy_protocol_from:

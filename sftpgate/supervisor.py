@@ -114,6 +114,7 @@ class Supervisor:
                     "supervisor",
                     workers=lambda: self.workers,
                     children=self._gateway_pids,
+                    accepting=lambda: not self._stopping.is_set(),
                 )
             if cfg.api.listen is not None:
                 from .api import start_api

@@ -147,6 +147,7 @@ def test_serve_metrics_move_with_sessions_uploads_and_jobs_and_readyz_follows_sm
         assert http_get(metrics_port, "/healthz") == (200, "ok\n")
         status, body = ready(metrics_port)
         assert status == 200 and body.startswith("ready\n"), body
+        assert "accepting: ok" in body and "journal: ok" in body and "smtp: ok" in body, body
         first = scrape(metrics_port)
         assert set(first.families) >= FAMILIES, FAMILIES - set(first.families)
         assert first.value("sftpgate_storage_up") == 1
@@ -242,8 +243,20 @@ def test_serve_metrics_move_with_sessions_uploads_and_jobs_and_readyz_follows_sm
             answer = huge.recv(200)
             assert re.match(rb"HTTP/1\.[01] 400 ", answer), answer
             assert b"Traceback" not in answer
+
+        # SIGTERM with a session open: the drain takes no one new, and /readyz says so
+        # (a balancer asking it sends no one here) while /healthz still answers.
+        t = login(port)
+        serve.proc.send_signal(signal.SIGTERM)
+        status, body = wait_until(
+            lambda: (r := ready(metrics_port))[0] == 503 and r, "not ready while draining"
+        )
+        assert "accepting: FAIL: draining" in body, body
+        assert http_get(metrics_port, "/healthz") == (200, "ok\n")
+        t.close()
+        assert serve.proc.wait(60) == 0, "".join(serve.lines)[-3000:]
     finally:
-        assert serve.stop() == 0, "".join(serve.lines)[-3000:]
+        serve.stop()  # after an exit: only reaps it and closes its pipe
 
 
 def test_two_processes_one_listener_sums_them_and_forgets_a_killed_ones_sessions(
@@ -334,4 +347,83 @@ def test_two_processes_one_listener_sums_them_and_forgets_a_killed_ones_sessions
     finally:
         for t in sessions:
             t.close()
+        assert serve.stop() == 0, "".join(serve.lines)[-3000:]
+
+
+def test_hostile_event_values_never_become_labels() -> None:
+    """A tap's record (a user's process writes it) may hold anything: label values stay in
+    their closed sets, a malformed record is not counted, a byte count must be one."""
+    from sftpgate import metrics
+    from sftpgate.events import Event, Op, SessionInfo
+
+    metrics.configure(None)
+    who = SessionInfo("s", "192.0.2.1", 22, login="alice", auth_method="x" * 300)
+    metrics.record_events(
+        [
+            Event(Op.LOGIN_FAILED, who, status="permission_denied"),
+            Event(Op.CLOSE, who, path="/etc/passwd", status="evil\nlabel", bytes_written=-5),
+            Event(Op.CLOSE, who, bytes_written=2**63, bytes_read=7),
+            Event("rm -rf", who),  # type: ignore[arg-type]  # not an Op: not counted
+            Event(Op.STAT, who, status=["unhashable"]),  # type: ignore[arg-type]
+        ]
+    )
+    text = metrics.Exposition().render().decode()
+    got = Scrape(text)
+    assert got.value("sftpgate_logins_total", method="other", result="failed") == 1
+    assert got.value("sftpgate_operations_total", op="close", status="other") == 1
+    assert got.value("sftpgate_operations_total", op="close", status="ok") == 1
+    assert got.value("sftpgate_operations_total", op="stat", status="other") == 1
+    assert got.value("sftpgate_received_bytes_total") == 0
+    assert got.value("sftpgate_sent_bytes_total") == 7
+    assert "alice" not in text and "passwd" not in text and "evil" not in text
+    assert "rm -rf" not in text and "xxx" not in text
+
+
+def test_a_worker_serves_its_own_numbers_on_worker_listen_beside_a_gateway(
+    tmp_path: Path, user_keys: dict[str, Path], smtp: SmtpServer
+) -> None:
+    """One config, two roles on one host: serve on metrics.listen, worker on worker_listen."""
+    from test_leases import WorkerProcess
+
+    extra = pipeline_settings(smtp.port)
+    serve_port, worker_port = free_port(), free_port()
+    extra["metrics"] = {
+        "listen": f"127.0.0.1:{serve_port}",
+        "worker_listen": f"127.0.0.1:{worker_port}",
+    }
+    config = write_config(tmp_path, user_keys, extra)
+    port = free_port()
+    # The gateway runs no workers here: the worker process takes every job.
+    serve = ServeProcess(
+        config, {"SFTPGATE_SERVER__PORT": str(port), "SFTPGATE_JOBS__WORKERS": "0"}
+    )
+    worker = WorkerProcess(config)
+    try:
+        t = login(port)
+        sftp_of(t).putfo(io.BytesIO(b"not a video\n" * 100), "fake.mp4")
+        t.close()
+        wait_jobs(tmp_path / "state" / "journal.sqlite3", settled)
+        done = wait_until(
+            lambda: (
+                s
+                if (s := scrape(worker_port)).value("sftpgate_emails_total", result="sent") == 1
+                else None
+            ),
+            "the worker's email counted",
+        )
+        assert done.value("sftpgate_job_outcomes_total", outcome="succeeded") == 1
+        assert done.value("sftpgate_pipeline_step_duration_seconds_count", step="probe") == 1
+        assert done.value("sftpgate_jobs_queued") == 0
+        assert done.value("sftpgate_process_cpu_seconds_total", process="worker") > 0
+        assert "sftpgate_bans_active" not in done.families  # a gateway's number, not a worker's
+        status, body = ready(worker_port)
+        assert status == 200 and "workers: ok: running" in body and "journal" not in body, body
+        gateway = scrape(serve_port)
+        assert gateway.value("sftpgate_sessions_total") == 1
+        assert gateway.value("sftpgate_uploads_total", state="complete") == 1
+        assert gateway.value("sftpgate_job_outcomes_total", outcome="succeeded") == 0
+        status, body = ready(serve_port)
+        assert status == 200 and "workers: ok: none run in this process" in body, body
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
         assert serve.stop() == 0, "".join(serve.lines)[-3000:]
