@@ -29,6 +29,11 @@ The supervisor:
   child says ``alive`` on its pipe every second from its own loop; with a watchdog
   (``WatchdogSec=``) a child silent that long is hung: it is killed and restarted.
 
+With ``metrics.listen`` the supervisor alone serves ``/metrics``: every process
+counts into files of a 0700 folder under the state folder, emptied at start
+(prometheus-client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR`` inherited by
+the children), and a scrape sums them (docs/metrics.md).
+
 Child 0 alone serves the OpenSSH tap's socket (``subsystem.enabled``); while it
 restarts, taps spool and replay.
 """
