@@ -169,6 +169,8 @@ class Api:
     # -- journal of admin actions --------------------------------------------------------
 
     def journal(self, event: Event) -> None:
+        if not self.current().journal.enabled:
+            return  # journal.enabled: false journals nothing, the API's rows neither
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
