@@ -40,5 +40,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"token (shown once; send it as `Authorization: Bearer <token>`):\n  {token}")
     print("add to config.yaml under api.tokens:")
-    print(f"  - {{name: {args.name}, hash: \"{entry['hash']}\", role: {args.role}}}")
+    print(f'  - {{name: {args.name}, hash: "{entry["hash"]}", role: {args.role}}}')
     return 0
