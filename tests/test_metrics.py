@@ -154,6 +154,13 @@ def test_serve_metrics_move_with_sessions_uploads_and_jobs_and_readyz_follows_sm
         assert first.value("sftpgate_process_cpu_seconds_total", process="serve") > 0
 
         failed_login(port)
+        # bob offers carol's key: refused, and he leaves: one failed publickey login.
+        wrong_key = paramiko.Ed25519Key.from_private_key_file(str(user_keys["carol"]))
+        with (
+            paramiko.Transport(("127.0.0.1", port)) as refused,
+            pytest.raises(paramiko.AuthenticationException),
+        ):
+            refused.connect(username="bob", pkey=wrong_key)
         t = login(port)
         client = sftp_of(t)
         client.put(str(clip), "holiday-secret.mp4")
@@ -179,11 +186,13 @@ def test_serve_metrics_move_with_sessions_uploads_and_jobs_and_readyz_follows_sm
         assert second.value("sftpgate_sessions_total") == 1
         assert second.value("sftpgate_logins_total", method="password", result="ok") == 1
         assert second.value("sftpgate_logins_total", method="password", result="failed") == 1
+        assert second.value("sftpgate_logins_total", method="publickey", result="failed") == 1
+        assert second.value("sftpgate_logins_total", method="publickey", result="ok") == 0
         assert second.value("sftpgate_received_bytes_total") == size
         assert second.value("sftpgate_sent_bytes_total") == size
         assert second.value("sftpgate_uploads_total", state="complete") == 1
         assert second.value("sftpgate_operations_total", op="close", status="ok") == 2
-        assert second.value("sftpgate_operations_total", op="login_failed") == 1
+        assert second.value("sftpgate_operations_total", op="login_failed") == 2
         assert second.value("sftpgate_journal_batch_records_count") > first.value(
             "sftpgate_journal_batch_records_count"
         )
@@ -427,3 +436,63 @@ def test_a_worker_serves_its_own_numbers_on_worker_listen_beside_a_gateway(
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
         assert serve.stop() == 0, "".join(serve.lines)[-3000:]
+
+
+def test_queue_and_bans_are_read_through_the_postgresql_ports(
+    tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    """On PostgreSQL the scrape reads the queue and the bans there (every node's): a job
+    waiting with no worker anywhere, and a ban another gateway wrote."""
+    import pg_kit
+    from conftest import start_gateway
+    from sftpgate.defender import Ban
+    from sftpgate.storage.postgres.backend import PostgresBackend
+
+    metrics_port = free_port()
+    with pg_kit.shared_server() as pg, pg.database() as url:
+        backend = PostgresBackend(url, size=2)
+        backend.migrate()
+        running = None
+        try:
+            # Jobs are handed over to Procrastinate, and no worker runs anywhere: they wait.
+            running = start_gateway(
+                tmp_path,
+                user_keys,
+                extra={
+                    "database": {"url": url},
+                    "pipeline": {"enabled": True},
+                    "jobs": {"workers": 0},
+                    "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+                },
+            )
+            now = time.time()
+            bans = backend.bans()
+            bans.upsert([Ban("198.51.100.7", now + 3600, 1, "another gateway's", now)])
+            bans.close()
+            sftp = running.sftp("alice")
+            sftp.putfo(io.BytesIO(b"waiting\n" * 100), "waits.mp4")
+            got = wait_until(
+                lambda: s if (s := scrape(metrics_port)).value("sftpgate_jobs_queued") else None,
+                "the queued job seen",
+            )
+            assert got.value("sftpgate_storage_up") == 1
+            assert got.value("sftpgate_jobs_queued") == 1
+            assert got.value("sftpgate_jobs_running") == 0
+            assert got.value("sftpgate_bans_active") == 1
+            waited = wait_until(
+                lambda: (
+                    s
+                    if (s := scrape(metrics_port)).value("sftpgate_jobs_oldest_queued_age_seconds")
+                    >= 1.5
+                    else None
+                ),
+                "the oldest job's age grows",
+            )
+            assert waited.value("sftpgate_jobs_oldest_queued_age_seconds") < 120
+            assert "198.51.100.7" not in waited.text
+            status, body = ready(metrics_port)
+            assert status == 200 and "workers: ok: none run in this process" in body, body
+        finally:
+            if running is not None:
+                running.stop()
+            backend.close()
