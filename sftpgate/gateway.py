@@ -419,8 +419,8 @@ class Gateway:
 
     @property
     def sessions(self) -> int:
-        """Connections open now (logged in or still logging in)."""
-        return len(self.connections)
+        """Connections logged in now (those still logging in are not counted)."""
+        return sum(1 for server in self.connections if server.authenticated)
 
     @property
     def jobs_running(self) -> int:
@@ -447,14 +447,17 @@ class Gateway:
 
     async def drain(self, timeout: float, interrupt: asyncio.Event | None = None) -> bool:
         """Wait until every session has ended, at most ``timeout`` seconds or until
-        ``interrupt`` is set; True when none is left. Sessions keep working meanwhile."""
+        ``interrupt`` is set; True when none is left. Sessions keep working meanwhile.
+        Connections still logging in are not waited for (a client that failed a password
+        and sits there would hold the drain): ``stop()`` cuts them with the rest; one that
+        logs in meanwhile is a session like the others."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.connections and loop.time() < deadline:
+        while self.sessions and loop.time() < deadline:
             if interrupt is not None and interrupt.is_set():
                 break
             await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - loop.time())))
-        return not self.connections
+        return not self.sessions
 
     async def close_connections(self, timeout: float = 5.0, why: str = "") -> None:
         """Disconnect every client and wait (at most ``timeout``) until their sessions are

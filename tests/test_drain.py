@@ -193,6 +193,28 @@ def test_a_session_past_drain_timeout_is_disconnected_and_serve_exits_0(
     assert ops[0]["message"] == "server stopping: server.drain_timeout (1 s) passed"
 
 
+def test_a_connection_still_logging_in_does_not_hold_the_drain(
+    tmp_path: Path, user_keys: dict[str, Path], port: int
+) -> None:
+    """A client that failed a password and sits there is no session: the drain (60 s
+    here) ends at once and the connection is cut with the rest."""
+    config = write_config(tmp_path, user_keys)
+    serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)})
+    t = paramiko.Transport(("127.0.0.1", port))
+    try:
+        with pytest.raises(paramiko.AuthenticationException):
+            t.connect(username="alice", password="wrong")
+        assert t.is_active()
+        started = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(30) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        t.close()
+        serve.stop()
+    assert logged(serve, "every session ended")
+
+
 def test_with_two_processes_every_child_stops_accepting_and_open_sessions_go_on(
     tmp_path: Path, user_keys: dict[str, Path], port: int
 ) -> None:

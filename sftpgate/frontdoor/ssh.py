@@ -217,6 +217,11 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def conn(self) -> asyncssh.SSHServerConnection | None:
         return self._conn
 
+    @property
+    def authenticated(self) -> bool:
+        """Logged in: a session a drain waits for (gateway.py); one still logging in is not."""
+        return self._authenticated
+
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
