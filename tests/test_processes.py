@@ -22,7 +22,9 @@ from pipeline_kit import smtp as smtp
 
 SESSIONS = 20
 UPLOADS_PER_SESSION = 10  # 200 uploads
-LOGIN_LINE = re.compile(r"\[(\d+)\] sftpgate\.frontdoor\.ssh: login alice from")
+LOGIN_LINE = re.compile(
+    r"\[(\d+)\] sftpgate\.frontdoor\.ssh: session=\S+ login=alice .*\blogin alice from"
+)
 
 
 def wait_for(
