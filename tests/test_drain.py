@@ -23,6 +23,7 @@ import pytest
 import yaml
 from test_leases import WorkerProcess, lease_config, transcoding
 from test_pipeline_durability import processes_with, upload_with_paramiko
+from test_sdnotify import gateway_children
 from test_serve_process import ServeProcess
 
 import pg_kit
@@ -241,6 +242,31 @@ def test_with_two_processes_every_child_stops_accepting_and_open_sessions_go_on(
         assert (tmp_path / "homes" / "alice" / f"after-{n}.txt").read_text() == (
             "written during the drain"
         )
+
+
+def test_second_sigterm_to_the_supervisor_stops_it_and_its_children_within_2_s(
+    tmp_path: Path, user_keys: dict[str, Path], port: int
+) -> None:
+    config = write_config(tmp_path, user_keys, {"server": {"processes": 2}})
+    serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)})
+    children = gateway_children(serve.proc.pid)
+    assert len(children) == 2
+    t, client = login(port)
+    try:
+        client.listdir(".")
+        serve.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: sum(logged_n(serve, "no new connections")) >= 2, 15, "both drains")
+        assert serve.proc.poll() is None  # the session holds its process's drain
+        started = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        code = serve.proc.wait(10)
+        elapsed = time.monotonic() - started
+    finally:
+        t.close()
+        serve.stop()
+    assert code == 128 + signal.SIGTERM
+    assert elapsed < 2.0, f"took {elapsed:.2f} s"
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 5, "children")
 
 
 def logged_n(serve: ServeProcess, text: str) -> list[bool]:

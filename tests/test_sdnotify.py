@@ -244,7 +244,7 @@ def test_supervisor_alone_speaks_ready_after_every_child_and_restarts_a_hung_one
         assert ready.fields["STATUS"] == "serving: 2 gateway processes, 0 jobs running"
         notify.wait(has("WATCHDOG"))
 
-        children = _children(pid)
+        children = gateway_children(pid)
         assert len(children) == 2
         mark = len(notify.seen())
         serve.proc.send_signal(signal.SIGHUP)
@@ -262,9 +262,9 @@ def test_supervisor_alone_speaks_ready_after_every_child_and_restarts_a_hung_one
         ):
             time.sleep(0.1)
         assert any(f"(pid {hung}) silent" in line for line in serve.lines), serve.lines
-        while time.monotonic() < deadline and len(_children(pid)) < 2:
+        while time.monotonic() < deadline and len(gateway_children(pid)) < 2:
             time.sleep(0.1)
-        assert hung not in _children(pid) and len(_children(pid)) == 2
+        assert hung not in gateway_children(pid) and len(gateway_children(pid)) == 2
 
         mark = len(notify.seen())
         serve.proc.send_signal(signal.SIGTERM)
@@ -311,7 +311,7 @@ def test_worker_says_ready_reloading_ready_stopping(
         worker.kill()
 
 
-def _children(pid: int) -> list[int]:
+def gateway_children(pid: int) -> list[int]:
     """The gateway processes of supervisor ``pid`` (its direct children running serve)."""
     found = []
     for entry in Path("/proc").iterdir():
