@@ -232,8 +232,8 @@ def test_supervisor_alone_speaks_ready_after_every_child_and_restarts_a_hung_one
     tmp_path: Path, user_keys: dict[str, Path], notify: NotifySocket
 ) -> None:
     config = write_config(tmp_path, user_keys, {"server": {"processes": 2}})
-    # A 2 s watchdog: a child silent that long is hung (each says "alive" every second).
-    env = {"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": "2000000"}
+    # A 3 s watchdog: a child silent that long is hung (each says "alive" every second).
+    env = {"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": "3000000"}
     serve = ServeProcess(config, env)
     pid = serve.proc.pid
     try:
