@@ -315,7 +315,7 @@ class QueuedWorkers(_Waker):
                 # default waits for it to end, a whole transcode); our runner kills ffmpeg
                 # and gives the row back, the attempt not counted (``PgJobStore.release``
                 # clears handed_at: the outbox hands it over again).
-                shutdown_graceful_timeout=None,
+                shutdown_graceful_timeout=0,
             )
         )
 
