@@ -242,7 +242,7 @@ def test_the_command_word_is_found_past_the_top_options() -> None:
 def test_exit_codes_are_in_the_help_and_the_docs() -> None:
     epilog = build_parser().format_help()
     codes = {int(m) for m in re.findall(r"^  (\d+) ", epilog.split("exit codes:")[1], re.M)}
-    assert codes == {0, 1, 2, 130}
+    assert codes == {0, 1, 2, 130, 143}
     # Every code an error class maps to is in the table.
     import sftpgate.errors
     import sftpgate.storage.ports

@@ -21,7 +21,10 @@ exit codes:
   2    bad usage (an unknown option, a bad value) or a bad config (the
        message names the file and the key), or a schema to migrate first
   130  interrupted (Ctrl-C); serve, worker and journal --follow take Ctrl-C
-       (and SIGTERM) as their way to stop, and exit 0
+       (and SIGTERM) as their way to stop, and exit 0 (serve after its drain);
+       a second Ctrl-C during serve's or worker's stop: 130, at once
+  143  a second SIGTERM during serve's or worker's stop: stopped at once,
+       without draining (docs/deploy.md, "Stop, drain and reload")
 
 --config (-c) goes anywhere (sftpgate -c FILE jobs show 1, sftpgate jobs
 show 1 -c FILE); --json anywhere after the command (sftpgate jobs --json,
