@@ -53,6 +53,13 @@ async def _plain_server_header(request: web.Request, response: web.StreamRespons
     response.headers["Server"] = "sftpgate"  # not which aiohttp and Python answer
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: closed as soon as it is made, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class MetricsServer:
     """Serves one :class:`~sftpgate.metrics.Exposition` and readiness ``checks`` on
     ``address``. ``start()`` listens (raising ``OSError`` if it cannot); ``stop()`` closes."""
@@ -103,14 +110,14 @@ class MetricsServer:
         self._reaper = asyncio.create_task(self._reap())
         log.info("metrics: serving http://%s:%d/metrics (and /healthz, /readyz)", host, self.port)
 
-    def _new_connection(self) -> RequestHandler:
+    def _new_connection(self) -> asyncio.BaseProtocol:
+        if len(self._connections) >= MAX_CONNECTIONS:
+            return _Refuse()
         assert self._runner is not None and self._runner.server is not None
         handler = self._runner.server()
-        if len(self._connections) >= MAX_CONNECTIONS:
-            # Over the cap: accepted only to be closed at once (nothing read from it).
-            asyncio.get_running_loop().call_soon(handler.force_close)
-        else:
-            self._connections[handler] = [0, time.monotonic()]
+        # Forgotten by the reaper once closed (within a second): aiohttp's handler has no
+        # hook for its end.
+        self._connections[handler] = [0, time.monotonic()]
         return handler
 
     @web.middleware

@@ -127,6 +127,13 @@ def sftp_of(t: paramiko.Transport) -> paramiko.SFTPClient:
     return client
 
 
+def _answers(port: int) -> bool:
+    try:
+        return http_get(port, "/healthz")[0] == 200
+    except OSError:  # refused: no place yet
+        return False
+
+
 def ready(port: int) -> tuple[int, str]:
     return http_get(port, "/readyz")
 
@@ -496,3 +503,43 @@ def test_queue_and_bans_are_read_through_the_postgresql_ports(
             if running is not None:
                 running.stop()
             backend.close()
+
+
+def test_the_listener_caps_its_connections_and_a_closed_one_frees_a_place() -> None:
+    from conftest import LoopThread
+    from sftpgate import metrics
+    from sftpgate.metrics_http import MAX_CONNECTIONS, MetricsServer
+
+    loop = LoopThread()
+    server = MetricsServer("127.0.0.1:0", metrics.Exposition(), {}, idle_limit=60)
+    loop.run(server.start())
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            held.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        # Each is accepted (and counted) before the next: one request through the last.
+        held[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[-1].recv(100).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as extra:
+            assert extra.recv(100) == b""  # over the cap: closed at once
+        held.pop(0).close()
+        wait_until(lambda: _answers(server.port), "a place freed by a close (within a second)")
+    finally:
+        for sock in held:
+            sock.close()
+        loop.run(server.stop())
+        loop.close()
+
+
+@pytest.mark.parametrize("address", ["9222", "host:", ":9222", "host:99999", "host:port", "a:-1"])
+def test_a_metrics_address_that_is_not_host_port_is_refused_naming_the_key(
+    tmp_path: Path, user_keys: dict[str, Path], address: str
+) -> None:
+    from sftpgate.config import load_config
+    from sftpgate.errors import ConfigError
+
+    config = write_config(tmp_path, user_keys, {"metrics": {"worker_listen": address}})
+    with pytest.raises(
+        ConfigError, match=r"config\.yaml: metrics\.worker_listen: must be host:port"
+    ):
+        load_config(config, environ={})
