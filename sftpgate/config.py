@@ -143,7 +143,10 @@ class ServerConfig:
         60.0, "time a client has to authenticate", POSITIVE, unit="seconds", restart=_SSH
     )
     max_auth_attempts: int = key(
-        6, "failed authentications before the connection is dropped", POSITIVE
+        6,
+        "wrong passwords before the connection is dropped (rejected public keys are not "
+        "counted: `login_timeout` bounds them)",
+        POSITIVE,
     )
     drain_timeout: float = key(
         60.0,
