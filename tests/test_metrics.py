@@ -543,3 +543,40 @@ def test_a_metrics_address_that_is_not_host_port_is_refused_naming_the_key(
         ConfigError, match=r"config\.yaml: metrics\.worker_listen: must be host:port"
     ):
         load_config(config, environ={})
+
+
+def test_readyz_fails_while_the_journal_disk_is_full_and_recovers_when_it_has_room(
+    tmp_path: Path, user_keys: dict[str, Path]
+) -> None:
+    """A real full disk (a small tmpfs) under the journal of a real serve process."""
+    from conftest import fill, small_disk
+
+    metrics_port = free_port()
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        extra = {
+            "journal": {"path": str(disk / "journal.sqlite3"), "synchronous": "normal"},
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        }
+        config = write_config(tmp_path, user_keys, extra)
+        port = free_port()
+        serve = ServeProcess(config, {"SFTPGATE_SERVER__PORT": str(port)})
+        try:
+            assert ready(metrics_port)[0] == 200
+            filler = fill(disk)
+            t = login(port)  # its records cannot be committed now
+            _, body = wait_until(
+                lambda: (r := ready(metrics_port))[0] == 503 and r, "not ready on a full disk"
+            )
+            assert "journal: FAIL: a journal writer's last commit failed" in body, body
+            full = scrape(metrics_port)
+            assert full.value("sftpgate_journal_writable") == 0
+            assert full.value("sftpgate_journal_commit_failures_total") >= 1
+            filler.unlink()  # room again: the writer's next retry commits
+            wait_until(lambda: ready(metrics_port)[0] == 200, "ready once it has room", 60)
+            t.close()
+            wait_until(
+                lambda: scrape(metrics_port).value("sftpgate_sessions_total") == 1,
+                "the held-back login counted once committed",
+            )
+        finally:
+            assert serve.stop() == 0, "".join(serve.lines)[-3000:]
