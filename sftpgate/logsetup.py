@@ -219,3 +219,16 @@ def setup_logging(level: str = "info", as_json: bool = False, node: str | None =
     root.setLevel(level.upper())
     # asyncssh logs every packet at info; keep it to warnings unless debugging.
     logging.getLogger("asyncssh").setLevel("DEBUG" if level == "debug" else "WARNING")
+
+
+def announce(text: str) -> None:
+    """Say ``text`` on stderr whatever ``log.level`` is: a plain line, or with ``log.json`` one
+    JSON object like every other line (so a shipper reading stderr never meets a line that is
+    not JSON). The "listening" and "workers" lines that scripts and people wait for."""
+    handler = next(iter(logging.getLogger().handlers), None)
+    if handler is None or not isinstance(handler.formatter, JsonFormatter):
+        print(text, file=sys.stderr, flush=True)
+        return
+    record = logging.LogRecord("sftpgate", logging.INFO, __file__, 0, text, None, None)
+    handler.handle(record)  # its filters name the node; the level is not consulted
+    handler.flush()

@@ -57,6 +57,7 @@ from .events import set_node
 from .gateway import prepare_state, start_workers
 from .jobs.worker import WorkerPool
 from .lifecycle import Lifecycle, keep_status, plural
+from .logsetup import announce
 from .metrics_http import MetricsServer, start_listener
 from .sdnotify import Notifier
 
@@ -137,10 +138,8 @@ class Supervisor:
                 self._stopping.set()
                 await asyncio.gather(*watchers, return_exceptions=True)
                 raise SftpgateError("the gateway processes did not all start") from None
-            print(
-                f"sftpgate: listening on {cfg.server.listen}:{self._port} ({self.count} processes)",
-                file=sys.stderr,
-                flush=True,
+            announce(
+                f"sftpgate: listening on {cfg.server.listen}:{self._port} ({self.count} processes)"
             )
             log.info("supervising %d gateway processes (pid %d)", self.count, os.getpid())
             self.notifier.ready(self._serving())

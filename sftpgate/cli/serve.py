@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -14,7 +13,7 @@ from ..config import check_homes, load_config
 from ..errors import ConfigError, SftpgateError
 from ..gateway import Gateway
 from ..lifecycle import FORCE_LIMIT, Lifecycle, keep_status, plural
-from ..logsetup import setup_logging
+from ..logsetup import announce, setup_logging
 from ..sdnotify import Notifier
 from .common import config_from
 
@@ -100,11 +99,7 @@ async def _serve(
         pipe.say(b"ready")
         background.append(asyncio.create_task(pipe.beat()))
     else:
-        print(
-            f"sftpgate: listening on {gateway.config.server.listen}:{gateway.port}",
-            file=sys.stderr,
-            flush=True,
-        )
+        announce(f"sftpgate: listening on {gateway.config.server.listen}:{gateway.port}")
         notifier.ready(serving(gateway))
         background.append(asyncio.create_task(notifier.watchdog()))
     # What STATUS= says (under systemd): serving, then the drain's count.

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 
 from .. import metrics
 from ..config import load_config, restart_keys_changed
 from ..errors import ConfigError
 from ..gateway import start_workers
 from ..lifecycle import Lifecycle, keep_status, plural
-from ..logsetup import setup_logging
+from ..logsetup import announce, setup_logging
 from ..metrics_http import start_listener
 from ..sdnotify import Notifier
 from .common import config_from
@@ -65,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
         life.install(reload)
         # Never the URL: it may hold a password.
         database = "PostgreSQL (Procrastinate)" if config.database.url else config.journal_path
-        print(
-            f"sftpgate: {config.jobs.workers} workers ({pool.worker_id}) on {database}",
-            file=sys.stderr,
-            flush=True,
-        )
+        announce(f"sftpgate: {config.jobs.workers} workers ({pool.worker_id}) on {database}")
         notifier.ready(status())
         background = [
             asyncio.create_task(notifier.watchdog()),
