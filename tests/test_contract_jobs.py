@@ -5,7 +5,9 @@ one taken for a negative number of seconds, never a sleep."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -291,3 +293,110 @@ def test_queue_stats_count_queued_and_running_and_date_the_oldest_queued(
     store.cancel(left[0].id)
     stats = store.queue_stats()
     assert (stats.queued, stats.running, stats.oldest_queued_at) == (1, 0, left[1].created_at)
+
+
+# -- a poison job: its worker stops every time (killed, out of memory, its host lost) -------
+
+
+def test_a_job_whose_worker_keeps_stopping_goes_dead_after_its_last_attempt(
+    backend: Backend, store: JobStore
+) -> None:
+    (job_id,) = _jobs(backend, "alice")  # max_attempts 2
+    _lease(store, "host-a:101:aa/0", seconds=-1)  # its worker died: the lease ran out
+    assert store.bury_abandoned() == []  # an attempt left: taken over, as before
+    second = _lease(store, "host-b:202:bb/1", seconds=-1)  # ...and that worker died too
+    assert (second.id, second.attempts) == (job_id, 2)
+    store.mark_step(job_id, "host-b:202:bb/1", "transcode")
+    store.set_pid(job_id, "host-b:202:bb/1", 4242, "ffmpeg:sftpgate-job-x")
+    assert store.lease("w3", 60) is None  # never given to a third worker to kill
+    (dead,) = store.bury_abandoned()
+    assert (dead.id, dead.state, dead.attempts, dead.lease_owner) == (
+        job_id,
+        JobState.DEAD,
+        2,
+        None,
+    )
+    assert dead.last_error is not None
+    assert "stopped without finishing it 2 times" in dead.last_error
+    assert "last on host-b, pid 202, at transcode" in dead.last_error
+    # Its leftover ffmpeg is still known, for the burier to kill.
+    assert (dead.pid, dead.pid_marker) == (4242, "ffmpeg:sftpgate-job-x")
+    assert dead.finished_at is not None
+    assert store.bury_abandoned() == []  # buried once
+    assert store.lease("w3", 60) is None
+    assert store.get(job_id).state is JobState.DEAD
+    # Its last worker, were it only stalled, is fenced: it can change nothing.
+    assert not store.heartbeat(job_id, "host-b:202:bb/1", 60)
+    with pytest.raises(SftpgateError):
+        store.mark_step(job_id, "host-b:202:bb/1", "sidecar")
+    with pytest.raises(SftpgateError):
+        store.finish(second, "host-b:202:bb/1", JobState.SUCCEEDED)
+    # An admin may still retry it: its attempts start again.
+    again = store.retry(job_id)
+    assert (again.state, again.attempts) == (JobState.QUEUED, 0)
+
+
+def test_a_poison_job_is_buried_once_however_many_race(backend: Backend) -> None:
+    ids = _jobs(backend, "alice", "bob", "carol", "dave")
+    with opened(backend.jobs()) as one, opened(backend.jobs()) as other:
+        for n in range(2):
+            for _ in ids:
+                _lease(one if n else other, f"gone:{n}:ff/0", seconds=-1)
+        # Two workers (each its own store, on its own thread) look at the same moment.
+        start = threading.Barrier(2)
+
+        def bury(store: JobStore) -> list[Job]:
+            start.wait(10)
+            return store.bury_abandoned()
+
+        with ThreadPoolExecutor(2) as pool:
+            found = [f.result() for f in [pool.submit(bury, one), pool.submit(bury, other)]]
+    buried = [job.id for jobs in found for job in jobs]
+    assert sorted(buried) == sorted(ids)  # each exactly once, to one caller
+    assert all(job.state is JobState.DEAD for jobs in found for job in jobs)
+
+
+def test_released_attempts_never_count_towards_death(backend: Backend, store: JobStore) -> None:
+    (job_id,) = _jobs(backend, "alice")  # max_attempts 2
+    for n in range(5):  # five clean stops (drains) in a row
+        store.release(_lease(store, f"w{n}"), f"w{n}")
+    assert store.get(job_id).attempts == 0
+    _lease(store, "dies", seconds=-1)  # then one worker dies holding it
+    assert store.bury_abandoned() == []
+    taken = _lease(store, "w9")
+    assert (taken.id, taken.attempts, taken.state) == (job_id, 2, JobState.RUNNING)
+    store.release(taken, "w9")  # a drain on the last attempt: still alive
+    assert store.bury_abandoned() == []
+    assert (store.get(job_id).state, store.get(job_id).attempts) == (JobState.QUEUED, 1)
+
+
+def test_a_job_failing_by_exception_still_follows_its_backoff(
+    backend: Backend, store: JobStore
+) -> None:
+    (job_id,) = _jobs(backend, "alice")  # max_attempts 2
+    _lease(store, "dies", seconds=-1)  # a worker died once
+    taken = _lease(store, "w2")
+    assert taken.attempts == 2
+    assert store.retry_later(taken, "w2", "smtp down", backoff=3600) is JobState.DEAD
+    assert store.bury_abandoned() == []  # dead by its exception, not buried again
+    assert store.get(job_id).last_error == "smtp down"
+    other = _jobs(backend, "bob")[0]
+    first = _lease(store, "w1")
+    assert first.id == other
+    assert store.retry_later(first, "w1", "ffmpeg crashed", backoff=3600) is JobState.QUEUED
+    assert store.bury_abandoned() == []
+    waiting = store.get(other)
+    assert waiting.state is JobState.QUEUED and waiting.next_run_at > waiting.created_at + 3000
+    assert store.lease("w1", 60) is None  # it waits out its backoff
+
+
+def test_a_buried_jobs_error_keeps_an_earlier_failure(backend: Backend, store: JobStore) -> None:
+    (job_id,) = _jobs(backend, "alice")  # max_attempts 2
+    first = _lease(store, "w1")
+    store.retry_later(first, "w1", "smtp down", backoff=0)  # a failure, by exception
+    _lease(store, "odd-owner", seconds=-1)  # then its worker stopped on the last attempt
+    (dead,) = store.bury_abandoned()
+    assert dead.id == job_id and dead.last_error is not None
+    assert dead.last_error.startswith("its worker stopped without finishing it on its last")
+    assert "(2 of 2; last held by odd-owner, at its start)" in dead.last_error
+    assert dead.last_error.endswith("; before: smtp down")

@@ -107,12 +107,46 @@ def _told_of_backlog(conn: sqlite3.Connection, login: str) -> bool:
 
 
 def _due(t: str = "") -> str:
-    """SQL: a job (of table alias ``t``) a worker may take now: due, or its lease expired."""
+    """SQL: a job (of table alias ``t``) a worker may take now: due, or its lease expired
+    with attempts left (one without is :meth:`JobStore.bury_abandoned`'s: never run again)."""
     p = f"{t}." if t else ""
     return (
         f"(({p}state = 'queued' AND {p}next_run_at <= :now)"
-        f" OR ({p}state = 'running' AND {p}lease_expires_at < :now))"
+        f" OR ({p}state = 'running' AND {p}lease_expires_at < :now"
+        f" AND {p}attempts < {p}max_attempts))"
     )
+
+
+# SQL: a running job whose lease expired after its last attempt: its worker stopped (killed,
+# out of memory, its host lost) without finishing it, every time it was given one.
+ABANDONED = "state = 'running' AND lease_expires_at < {now} AND attempts >= max_attempts"
+
+
+def abandoned_error(job: Job) -> str:
+    """``last_error`` of a job buried by ``bury_abandoned`` (``job`` as it was found): how
+    many attempts it had, where the last one ran (node and pid from its lease owner, a
+    ``registry.owner_of`` name) and at which step, and an earlier failure's error, if
+    any (then not every attempt was a stopped worker). Pure."""
+    holder = registry.worker_of(job.lease_owner or "")
+    parts = holder.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        where = f"last on {parts[0]}, pid {parts[1]}"
+    else:
+        where = f"last held by {holder or 'nobody'}"
+    at = f"{where}, at {job.step or 'its start'}"
+    if job.last_error:  # an attempt failed too: not every one was a stopped worker
+        text = (
+            f"its worker stopped without finishing it on its last attempt ({job.attempts} of"
+            f" {job.max_attempts}; {at}); not run again; before: {job.last_error}"
+        )
+    else:
+        text = (
+            f"its worker stopped without finishing it {job.attempts} times, out of"
+            f" {job.max_attempts} attempts ({at}); not run again"
+        )
+    if job.email_state is EmailState.SENDING:
+        text += "; its email may have gone out: not resent"
+    return text
 
 
 class JobStore:
@@ -167,6 +201,9 @@ class JobStore:
         A job whose ``pid`` is set comes from a worker that died or stalled:
         its ffmpeg may still run (``data["ffmpeg"]`` says where, as a
         ``registry.Stamp``). The new holder kills it, then :meth:`clear_pid`.
+
+        A running job whose lease expired after its last attempt is not taken
+        (it would only stop its next worker too): :meth:`bury_abandoned` ends it.
         """
         now = self.clock()
         params: dict[str, Any] = {"now": now, "cap": per_user if per_user is not None else -1}
@@ -538,6 +575,40 @@ class JobStore:
                 )
         return dead
 
+    def bury_abandoned(self, now: float | None = None) -> list[Job]:
+        """Running jobs whose lease expired after their last attempt: ``dead``, returned.
+
+        Their worker stopped without finishing them every time (killed, out of
+        memory, its host lost); taking them over again would only stop the
+        next worker. A released attempt (:meth:`release`) never counts, so
+        clean stops never bring a job here. ``last_error`` says why
+        (:func:`abandoned_error`); the lease owner is cleared, so the worker
+        that held it, if it still runs, is fenced (its next heartbeat stops its
+        ffmpeg); an email found ``sending`` becomes ``uncertain`` (never
+        resent). ``pid`` and the ffmpeg stamp stay for the caller, which kills
+        a leftover ffmpeg here (as a takeover does) and tells the admin. Each
+        job is returned to one caller only, however many call at once.
+        """
+        now = self.clock() if now is None else now
+        buried: list[Job] = []
+        with self._tx() as conn:
+            found = conn.execute(
+                f"SELECT * FROM jobs WHERE {ABANDONED.format(now='?')} ORDER BY id",  # noqa: S608
+                (now,),
+            ).fetchall()
+            for row in found:
+                job = Job.from_row(row)
+                dead = conn.execute(
+                    "UPDATE jobs SET state = 'dead', last_error = ?, finished_at = ?,"
+                    " updated_at = ?, lease_owner = NULL, lease_expires_at = NULL,"
+                    " email_state = CASE WHEN email_state = 'sending' THEN 'uncertain'"
+                    " ELSE email_state END WHERE id = ? AND state = 'running' RETURNING *",
+                    (abandoned_error(job), now, now, job.id),
+                ).fetchone()
+                if dead is not None:
+                    buried.append(Job.from_row(dead))
+        return buried
+
     def release(self, job: Job, owner: str) -> None:
         """Give a job back at shutdown: queued, and this attempt does not count."""
         now = self.clock()
@@ -553,14 +624,16 @@ class JobStore:
         """Running jobs whose lease expired (their worker died or stalled): requeue them.
 
         Only expired leases: a job another live worker holds is never touched.
-        Their ``pid`` stays, so the next holder kills a leftover ffmpeg.
+        Their ``pid`` stays, so the next holder kills a leftover ffmpeg. One
+        out of attempts is left for :meth:`bury_abandoned`.
         """
         now = self.clock() if now is None else now
         with self._tx() as conn:
             rows = conn.execute(
                 "UPDATE jobs SET state = 'queued', next_run_at = ?, updated_at = ?,"
                 " lease_owner = NULL, lease_expires_at = NULL"
-                " WHERE state = 'running' AND lease_expires_at < ? RETURNING *",
+                " WHERE state = 'running' AND lease_expires_at < ?"
+                " AND attempts < max_attempts RETURNING *",
                 (now, now, now),
             ).fetchall()
         return [Job.from_row(row) for row in rows]

@@ -3,8 +3,10 @@
 Each worker leases a job, runs the pipeline while a heartbeat extends the
 lease (and notices a cancel), then records the outcome: succeeded, failed
 (permanent), or requeued with exponential backoff until ``max_attempts``, then
-dead. The pool registers its process in the ``workers`` table and heartbeats
-it (jobs/registry.py). Recovery is by lease expiry only: a job another live
+dead. A job whose lease expired after its last attempt (its worker killed every
+time: a poison job) is not taken over again but made dead by the keepalive
+(``bury_abandoned``). The pool registers its process in the ``workers`` table and
+heartbeats it (jobs/registry.py). Recovery is by lease expiry only: a job another live
 worker holds is never touched, whoever starts; a job whose lease expired is
 taken over and its leftover ffmpeg killed where it ran (pid and start time
 checked), or, when it ran on another node, fenced: that worker's next commit
@@ -78,6 +80,7 @@ class WorkerPool:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._burying: asyncio.Task[list[Job]] | None = None
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -124,6 +127,36 @@ class WorkerPool:
                 "not resent (email state uncertain)",
                 job_id,
             )
+        # Apart, so a leftover ffmpeg's death or a slow SMTP server never holds the heartbeat.
+        if self._burying is None or self._burying.done():
+            self._burying = asyncio.create_task(self.bury_abandoned())
+
+    async def bury_abandoned(self) -> list[Job]:
+        """End jobs whose lease expired after their last attempt: their worker stopped
+        (killed, out of memory, its host lost) every time, and taking them over again would
+        only stop the next one. Each goes ``dead`` (``store.bury_abandoned``: one caller
+        gets it, however many race), its leftover ffmpeg is killed as a takeover kills it
+        (or, on another node, its fenced worker stops it), and the admin is told once, as
+        for any dead job. Returns the jobs this call buried."""
+        try:
+            jobs = await self._db(self.store.bury_abandoned)  # at the store's lease time
+        except Exception:
+            log.exception("jobs: cannot look for abandoned jobs; trying again")
+            return []
+        for job in jobs:
+            error = job.last_error or "out of attempts"
+            metrics.record_job("dead")
+            log.error("job %d is dead: %s", job.id, error)
+            try:
+                if job.pid is not None:
+                    await self._take_over(job)
+            except Exception:
+                log.exception("job %d: cannot stop its leftover ffmpeg", job.id)
+            try:
+                await self._tell_admin(job, error)
+            except Exception:  # the job is dead already; the log says so
+                log.exception("job %d: cannot tell the admin", job.id)
+        return jobs
 
     async def _keepalive(self) -> None:
         """Heartbeat the registry row every ``beat`` seconds, and recover after dead workers."""
@@ -157,6 +190,9 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._burying is not None:  # its jobs are dead already; let the admin be told
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._burying, 10)
         try:
             await self._db(self.store.unregister_worker, self.worker_id)
         except Exception:  # the row then goes when its heartbeat is old

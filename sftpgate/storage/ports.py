@@ -239,8 +239,9 @@ class Scheduler(Protocol):
 
         Takes a queued job whose ``next_run_at`` has come, or a running one
         whose lease has expired (recovery by lease expiry: its worker is
-        gone). Users take turns (the one served longest ago first; their
-        oldest due job); users with ``per_user`` live-leased jobs wait. The
+        gone; not one out of attempts: :meth:`bury_abandoned`). Users take
+        turns (the one served longest ago first; their oldest due job); users
+        with ``per_user`` live-leased jobs wait. The
         job comes back ``running`` with ``attempts`` + 1. Two owners never
         hold the same job.
         """
@@ -287,6 +288,15 @@ class Scheduler(Protocol):
 
     def release(self, job: Job, owner: str) -> None:
         """Give a job back (shutdown): queued now, this attempt not counted."""
+        ...
+
+    def bury_abandoned(self, now: float | None = None) -> list[Job]:
+        """Running jobs whose lease expired after their last attempt (``attempts`` ≥
+        ``max_attempts``; released attempts do not count): ``dead``, with ``last_error``
+        saying so, the lease owner cleared (the old worker is fenced), ``sending`` email made
+        ``uncertain``; ``pid`` kept, for the caller to kill a leftover ffmpeg. Each job is
+        returned to one caller only, however many race. :meth:`lease` never takes them.
+        """
         ...
 
     def set_pid(self, job_id: int, owner: str, pid: int | None, marker: str | None) -> None:

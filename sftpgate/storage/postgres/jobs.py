@@ -24,6 +24,7 @@ from ...errors import NotFoundError, SftpgateError
 from ...events import Op
 from ...jobs import registry
 from ...jobs.model import ACTIVE, EmailState, Job, JobState
+from ...jobs.store import ABANDONED, abandoned_error
 from ..ports import LeaseLost as PortLeaseLost
 from ..ports import QueueStats
 from .journal import insert_operations
@@ -40,9 +41,11 @@ def _job(row: dict[str, Any]) -> Job:
     return Job.from_row({k: v for k, v in row.items() if k in _JOB_FIELDS})  # type: ignore[arg-type]
 
 
+# Due, or its lease expired with attempts left (one without is bury_abandoned's).
 _DUE = (
     "((j.state = 'queued' AND j.next_run_at <= %(now)s)"
-    " OR (j.state = 'running' AND j.lease_expires_at < %(now)s))"
+    " OR (j.state = 'running' AND j.lease_expires_at < %(now)s"
+    " AND j.attempts < j.max_attempts))"
 )
 
 _PICK = (
@@ -227,6 +230,32 @@ class PgJobStore(PoolPort):
                 raise LeaseLost(f"job {job.id}: lease lost")
         return state
 
+    def bury_abandoned(self, now: float | None = None) -> list[Job]:
+        """As SQLite's (jobs/store.py): running jobs whose lease expired after their last
+        attempt go ``dead``, each returned to one caller only (``FOR UPDATE SKIP LOCKED``,
+        then an update that still needs it ``running``)."""
+        now = time.time() if now is None else now
+        buried: list[Job] = []
+        with self._tx() as conn:
+            found = conn.execute(
+                f"SELECT * FROM jobs WHERE {ABANDONED.format(now='%s')}"  # noqa: S608
+                " ORDER BY id FOR UPDATE SKIP LOCKED",
+                (now,),
+            ).fetchall()
+            for row in found:
+                job = _job(row)
+                dead = conn.execute(
+                    "UPDATE jobs SET state = 'dead', last_error = %s, finished_at = %s,"
+                    " updated_at = %s, lease_owner = NULL, lease_expires_at = NULL,"
+                    " handed_at = NULL, email_state = CASE WHEN email_state = 'sending'"
+                    " THEN 'uncertain' ELSE email_state END"
+                    " WHERE id = %s AND state = 'running' RETURNING *",
+                    (abandoned_error(job), now, now, job.id),
+                ).fetchone()
+                if dead is not None:
+                    buried.append(_job(dead))
+        return buried
+
     def release(self, job: Job, owner: str) -> None:
         now = time.time()
         with self._conn() as conn:
@@ -290,13 +319,13 @@ class PgJobStore(PoolPort):
         A claim that never reached Procrastinate (its process died between the two), and a
         running job whose lease expired with its worker and Procrastinate's record of it
         gone, are claimable again once no Procrastinate job waits for or runs them and the
-        claim is ``grace`` seconds old.
+        claim is ``grace`` seconds old (not one out of attempts: ``bury_abandoned`` ends it).
         """
         with self._tx() as conn:
             conn.execute(
                 "UPDATE jobs AS j SET handed_at = NULL WHERE j.handed_at < %(stale)s"
                 " AND (j.state = 'queued' OR (j.state = 'running'"
-                "      AND j.lease_expires_at < %(now)s))"
+                "      AND j.lease_expires_at < %(now)s AND j.attempts < j.max_attempts))"
                 " AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs AS p"
                 "  WHERE p.status IN ('todo', 'doing')"
                 "  AND p.queueing_lock = 'sftpgate-job-' || j.id)",

@@ -24,6 +24,10 @@ is how a job reaches a worker on any host. Three things make that safe:
   running job whose lease expired with no Procrastinate job left to run it is handed
   over again by the outbox (``PgJobStore.to_hand_over``). Worker names carry the
   process id, so a restarted worker never heartbeats for a dead one's jobs.
+- **A poison job ends.** One whose lease expired after its last attempt (its worker
+  killed every time) is neither retried nor handed over again: its Procrastinate job is
+  finished ``failed``, and the pool's keepalive (jobs/worker.py) makes our row ``dead``
+  (``PgJobStore.bury_abandoned``) and tells the admin once.
 
 Cancel: an admin's ``cancel`` ends our row; the runner's next heartbeat fails and it
 stops the pipeline, killing ffmpeg.
@@ -70,6 +74,15 @@ class _Later(Exception):
 
 def queueing_lock(job_id: int) -> str:
     return f"sftpgate-job-{job_id}"
+
+
+def _abandoned(job: Job, now: float) -> bool:
+    """Running, its lease expired, out of attempts: never run again (a poison job). Pure."""
+    return (
+        job.state is JobState.RUNNING
+        and (job.lease_expires_at or 0) < now
+        and job.attempts >= job.max_attempts
+    )
 
 
 class JobQueue:
@@ -192,7 +205,7 @@ class JobQueue:
                 and (ours.lease_expires_at or 0) >= now
             ):
                 continue  # its runner still heartbeats our lease (#702): alive, just long
-            if ours is not None and ours.state.value in ACTIVE:
+            if ours is not None and ours.state.value in ACTIVE and not _abandoned(ours, now):
                 try:
                     await manager.retry_job(pjob)
                 except UniqueViolation:  # handed again meanwhile: that one runs it
@@ -200,7 +213,10 @@ class JobQueue:
                     continue
                 log.warning("job %s: its worker stalled; retried", job_id)
                 retried.append(pjob.id)
-            else:  # the job ended (or is not ours, e.g. a stalled sweep): nothing to run
+            else:
+                # The job ended, or is not ours (e.g. a stalled sweep), or its lease expired
+                # after its last attempt (a workers' keepalive buries it: bury_abandoned):
+                # nothing to run.
                 await manager.finish_job(pjob, pjobs.Status.FAILED, delete_job=False)
         return retried
 
