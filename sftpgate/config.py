@@ -69,6 +69,7 @@ _WORKERS_STARTED = "whether embedded workers are started at all"
 _WORKERS = "the worker tasks are started, and keep these, at start"
 _TAP = "the tap socket and spool are set up at start"
 _LOG = "logging is set up at start"
+_SWEEP = "the session sweeper (journal/sweep.py) is started once, at start"
 
 
 def _processes(value: int | str) -> int:
@@ -263,6 +264,25 @@ class ServerConfig:
         POSITIVE,
         unit="seconds",
         restart=_LISTENER,
+    )
+    session_sweep: float = key(
+        30.0,
+        "how often each gateway process heartbeats its row in the journal database and ends "
+        "the sessions of gateway processes that died without closing them (also once at "
+        "start): [deploy](deploy.md#stop-drain-and-reload)",
+        POSITIVE,
+        unit="seconds",
+        restart=_SWEEP,
+    )
+    gateway_timeout: float = key(
+        120.0,
+        "a gateway process of another node (or pid namespace) whose heartbeat is older than "
+        "this is taken for dead and its open sessions are ended; keep it well above "
+        "`server.session_sweep`. One of this node is judged by /proc (its pid gone), never "
+        "by this",
+        POSITIVE,
+        unit="seconds",
+        restart=_SWEEP,
     )
 
 
@@ -1224,6 +1244,13 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
             raise ConfigError(f"{file}: {name}: unknown key")
     source = Source(file, config_path.parent)
     sections = {name: _section(source, raw, name) for name in SECTIONS}
+    server = sections["server"]
+    if server.gateway_timeout < 2 * server.session_sweep:
+        # Else a live node, between two heartbeats, would be taken for dead.
+        raise source.error(
+            "server.gateway_timeout",
+            f"must be at least twice server.session_sweep ({server.session_sweep:g} s)",
+        )
     return Config(path=config_path, users=_users(source, raw), **sections)
 
 

@@ -74,6 +74,22 @@ def current_node() -> str:
     return _node
 
 
+# This gateway process's id in the storage's registry of gateway processes (journal/sweep.py):
+# the journal stamps each session it inserts with it, so a sweeper can tell whose it was.
+_process: str | None = None
+
+
+def set_process(process_id: str | None) -> None:
+    """Name the gateway process that sessions journaled from now on belong to."""
+    global _process
+    _process = process_id
+
+
+def current_process() -> str | None:
+    """The gateway process id sessions are stamped with (None: not a registered gateway)."""
+    return _process
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     """Who is on the other end of a connection; fixed once authentication is done."""

@@ -21,7 +21,7 @@ from .algorithms import listen_options
 from .config import Config, DefenderConfig, check_homes, restart_keys_changed
 from .defender import Ban, BanSync, Defender, Door, Guard, Offence
 from .errors import ConfigError
-from .events import Event, EventSink, Op, set_node
+from .events import Event, EventSink, Op, current_process, set_node, set_process
 from .frontdoor import asyncssh_fast
 from .frontdoor.inline import InlineGuard
 from .frontdoor.limits import DoorLimits, Quotas
@@ -103,6 +103,7 @@ class Gateway:
         self.ban_sync: BanSync | None = None
         self.api: Any = None  # the admin API (api/), in a gateway that is not a child
         self.disconnect_watch: Any = None  # sessions an admin asked to end (api/disconnects.py)
+        self.sweeper: Any = None  # this process's registry row; dead processes' sessions
         self._emfile_logged = 0.0
         self._previous_handler: tuple[Any, ...] = ()  # the loop's handler before ours
         self.metrics_server: MetricsServer | None = None  # metrics.listen, one process only
@@ -149,6 +150,8 @@ class Gateway:
                     rules.wake = self.handover.wake
             else:
                 self._sink = NullSink()
+        if self.writer is not None:
+            await self._start_sweeper()
         if cfg.subsystem.enabled and self.serve_tap:
             self.tap_daemon = TapDaemon(cfg, self.sink, self.users.get)
             await self.tap_daemon.start()
@@ -194,6 +197,28 @@ class Gateway:
             _journal_named(cfg),
             "on" if self.fast_paths else "off",
         )
+
+    async def _start_sweeper(self) -> None:
+        """Register this process (its sessions are stamped with its id from now on) and
+        sweep the sessions of gateway processes that died (journal/sweep.py)."""
+        from .journal.sweep import SessionSweeper
+
+        cfg = self.config
+        self.sweeper = SessionSweeper(
+            open_backend(cfg).gateways,
+            cfg.server.node,
+            cfg.server.session_sweep,
+            cfg.server.gateway_timeout,
+        )
+        set_process(self.sweeper.id)
+        await self.sweeper.start()
+
+    async def _stop_sweeper(self) -> None:
+        if self.sweeper is not None:
+            sweeper, self.sweeper = self.sweeper, None
+            await sweeper.stop()  # after the journal's flush: its row goes unless sessions are open
+            if current_process() == sweeper.id:
+                set_process(None)
 
     async def _start_api(self) -> None:
         """The admin API (not in a child of the supervisor: it serves the API itself) and the
@@ -521,6 +546,7 @@ class Gateway:
         if self.writer is not None:
             await self.writer.aclose()
             self.writer = None
+        await self._stop_sweeper()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None

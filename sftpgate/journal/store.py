@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..events import Event, Op, UploadState
+from ..events import Event, Op, UploadState, current_process
 from ..private import private_dir, private_file
 from ..storage.ports import (
     MIGRATE_COMMAND,
@@ -167,6 +167,20 @@ CREATE TABLE IF NOT EXISTS disconnect_requests (
     done_at      REAL                        -- when a gateway ended the session
 ) WITHOUT ROWID"""
 
+# Live gateway processes (journal/sweep.py): each gateway process heartbeats its row; sessions
+# name theirs (sessions.process). A process proven dead, or another node's whose heartbeat is
+# too old, has its sessions ended by a sweeper; a clean exit deletes the row.
+GATEWAYS_TABLE = """
+CREATE TABLE IF NOT EXISTS gateways (
+    id           TEXT PRIMARY KEY,            -- node:pid:random, never reused
+    node         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    boot_id      TEXT NOT NULL,               -- boot_id/pid namespace (registry.boot_id)
+    pid_start    INTEGER NOT NULL,            -- /proc/<pid>/stat field 22 (pid reuse)
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+) WITHOUT ROWID"""
+
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_login_state ON jobs(login, state)",
     "CREATE INDEX IF NOT EXISTS jobs_login_created ON jobs(login, created_at)",
@@ -217,6 +231,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # 6 (issue 19): an admin's request to end a session (sftpgate/api/); every gateway
         # process polls it and ends the session it holds.
         DISCONNECT_REQUESTS_TABLE,
+    ),
+    (
+        # 7: the gateway process each session belongs to, and the registry of live gateway
+        # processes, so sessions of a process that died are ended (journal/sweep.py).
+        "ALTER TABLE sessions ADD COLUMN process TEXT",
+        GATEWAYS_TABLE,
+        "CREATE INDEX IF NOT EXISTS sessions_open_process ON sessions(process)"
+        " WHERE ended_at IS NULL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -330,9 +352,9 @@ def open_rw(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
 
 _SESSION_UPSERT = """
 INSERT INTO sessions (id, login, remote_addr, remote_port, client_version, auth_method,
-                      result, node, started_at, ended_at)
+                      result, node, process, started_at, ended_at)
 VALUES (:id, :login, :remote_addr, :remote_port, :client_version, :auth_method,
-        :result, :node, :started_at, :ended_at)
+        :result, :node, :process, :started_at, :ended_at)
 ON CONFLICT(id) DO UPDATE SET
     login = COALESCE(excluded.login, sessions.login),
     client_version = COALESCE(excluded.client_version, sessions.client_version),
@@ -436,6 +458,7 @@ def _record_all(
                     "auth_method": s.auth_method,
                     "result": "ok" if event.op is Op.LOGIN else "failed",
                     "node": _node(s),
+                    "process": current_process(),
                     "started_at": s.started_at,
                     "ended_at": event.time if event.op is Op.LOGOUT else None,
                 },

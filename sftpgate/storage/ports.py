@@ -549,6 +549,65 @@ class AdminStore(Protocol):
         ...
 
 
+# -- gateway processes and the sessions they leave ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRow:
+    """One gateway process as the registry knows it (``gateways`` table; see journal/sweep.py).
+
+    ``boot`` and ``start`` are those of :class:`sftpgate.jobs.registry.Stamp`."""
+
+    id: str
+    node: str
+    pid: int
+    boot: str
+    start: int
+    started_at: float
+    heartbeat_at: float
+
+
+@runtime_checkable
+class GatewayRegistry(Protocol):
+    """Live gateway processes (each heartbeats its row) and the ending of the sessions of one
+    that died without closing them. Every session the journal inserts names its process
+    (``sessions.process``, from :func:`sftpgate.events.current_process`)."""
+
+    def register(self, row: GatewayRow) -> None:
+        """Insert (or replace) the row of a gateway process."""
+        ...
+
+    def heartbeat(self, gateway_id: str, now: float) -> bool:
+        """Renew the row's heartbeat; False when the row is gone (a sweeper took this
+        process for dead and ended its sessions)."""
+        ...
+
+    def gateways(self) -> list[GatewayRow]:
+        """Every registered gateway process, oldest first."""
+        ...
+
+    def end_process(self, row: GatewayRow, now: float, why: str, upload_why: str) -> list[str]:
+        """Claim dead process ``row`` and end its sessions, in ONE transaction; their ids.
+
+        The claim is a conditional delete of the row as read (same heartbeat): a process
+        that heartbeated since, or a sweeper elsewhere that claimed it first, makes this a
+        no-op returning ``[]``, so exactly one sweeper in the cluster ends each session. Each
+        session still open gets ``ended_at = now`` and a ``logout`` row with message
+        ``why``; each upload the journal saw opened for write in it and never closed gets an
+        ``incomplete`` uploads row (message ``upload_why``); a disconnect request pending on
+        it is marked done."""
+        ...
+
+    def retire(self, gateway_id: str) -> bool:
+        """A clean exit: delete the row unless sessions of it are still open in the journal
+        (then a sweeper ends them once this process is gone). Whether it was deleted."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the database."""
+        ...
+
+
 # -- the database as a whole -----------------------------------------------------
 
 
@@ -595,3 +654,5 @@ class Backend(Protocol):
     def usage(self) -> UsageLedger: ...
 
     def admin(self) -> AdminStore: ...
+
+    def gateways(self) -> GatewayRegistry: ...

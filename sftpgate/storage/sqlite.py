@@ -16,6 +16,7 @@ from ..journal.usage import SQLiteUsageLedger
 from .ports import (
     AdminStore,
     BanStore,
+    GatewayRegistry,
     JobStore,
     JournalPruner,
     JournalReader,
@@ -77,3 +78,8 @@ class SQLiteBackend:
         from ..journal.admin import SQLiteAdminStore
 
         return SQLiteAdminStore(self.path, synchronous=self.synchronous)
+
+    def gateways(self) -> GatewayRegistry:
+        from ..journal.gateways import SQLiteGatewayRegistry
+
+        return SQLiteGatewayRegistry(self.path, synchronous=self.synchronous)

@@ -13,6 +13,7 @@ from psycopg_pool import ConnectionPool
 from . import schema
 from .admin import PgAdminStore
 from .bans import PgBanStore, PgUsageLedger
+from .gateways import PgGatewayRegistry
 from .jobs import PgJobStore
 from .journal import PgJournalPruner, PgJournalReader, PgJournalStore
 from .pool import Conn, PoolPort, open_pool, unavailable_as_storage
@@ -118,6 +119,9 @@ class PostgresBackend:
 
     def admin(self) -> PgAdminStore:
         return self._port(PgAdminStore)
+
+    def gateways(self) -> PgGatewayRegistry:
+        return self._port(PgGatewayRegistry)
 
 
 _SHARED: dict[tuple[int, str, int], PostgresBackend] = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg import IsolationLevel
 
-from ...events import STATUS_OK, Event, Op, UploadState
+from ...events import STATUS_OK, Event, Op, UploadState, current_process
 from ...journal.query import OPERATION_COLUMNS, SESSION_COLUMNS, JournalFilter
 from ..ports import BatchResult, JobRule, JobSpec, JournalCursor, PruneReport
 from .pool import Conn, PoolPort, unavailable_as_storage
@@ -27,9 +27,9 @@ _SESSION_OPS = {Op.LOGIN, Op.LOGIN_FAILED, Op.LOGOUT}
 
 _SESSION_UPSERT = """
 INSERT INTO sessions (id, login, remote_addr, remote_port, client_version, auth_method,
-                      result, node, started_at, ended_at)
+                      result, node, process, started_at, ended_at)
 VALUES (%(id)s, %(login)s, %(remote_addr)s, %(remote_port)s, %(client_version)s,
-        %(auth_method)s, %(result)s, %(node)s, %(started_at)s, %(ended_at)s)
+        %(auth_method)s, %(result)s, %(node)s, %(process)s, %(started_at)s, %(ended_at)s)
 ON CONFLICT (id) DO UPDATE SET
     login = COALESCE(excluded.login, sessions.login),
     client_version = COALESCE(excluded.client_version, sessions.client_version),
@@ -181,6 +181,7 @@ def _record(conn: Conn, events: Sequence[Event], rule: JobRule | None) -> BatchR
                     "auth_method": s.auth_method,
                     "result": "ok" if event.op is Op.LOGIN else "failed",
                     "node": getattr(s, "node", None),
+                    "process": current_process(),
                     "started_at": s.started_at,
                     "ended_at": event.time if event.op is Op.LOGOUT else None,
                 },

@@ -182,6 +182,24 @@ MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
             )""",
         ),
     ),
+    (
+        5,
+        "the gateway process of each session and the registry of live gateway processes "
+        "(journal/sweep.py), as SQLite's schema 7",
+        (
+            "ALTER TABLE sessions ADD COLUMN process text",
+            """CREATE TABLE gateways (
+                id           text PRIMARY KEY,
+                node         text NOT NULL,
+                pid          integer NOT NULL,
+                boot_id      text NOT NULL,
+                pid_start    bigint NOT NULL,
+                started_at   double precision NOT NULL,
+                heartbeat_at double precision NOT NULL
+            )""",
+            "CREATE INDEX sessions_open_process ON sessions(process) WHERE ended_at IS NULL",
+        ),
+    ),
 )
 
 
