@@ -266,6 +266,8 @@ def test_preauth_flood_under_1024_descriptors_leaves_real_logins_working(
     try:
         assert "descriptor limit 1024" in "".join(serve.lines)
         with Bystander(port, "carol", PASSWORDS["carol"]) as bystander:
+            # What the gateway holds before the flood (journal, pools, the bystander's session).
+            baseline = open_fds(pid)
             # Three addresses hold a few connections each that send a version line and stop.
             for n in (3, 4, 5):
                 for _ in range(8):
@@ -285,7 +287,9 @@ def test_preauth_flood_under_1024_descriptors_leaves_real_logins_working(
             )
             most_fds = max(most_fds, open_fds(pid))
         bystander.check(most=2.0, at_least=4)
-        assert most_fds < 300, most_fds
+        # Unauthenticated connections are capped at a quarter of the 1,024 descriptors
+        # (256); a refused one holds its descriptor only until it is closed.
+        assert most_fds < baseline + 256 + 16, (most_fds, baseline)
         # The flooder ends up banned (limit hits and silent connections both count).
         t = paramiko.Transport(("127.0.0.1", port))
         t.connect(username="alice", password=PASSWORDS["alice"])

@@ -16,6 +16,7 @@ from conftest import write_config
 from sftpgate.cli.main import main
 from sftpgate.events import Event, Op, SessionInfo
 from sftpgate.storage.postgres.backend import PostgresBackend
+from sftpgate.storage.postgres.schema import LATEST
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +48,10 @@ def test_db_status_says_behind_until_db_migrate_runs(
     assert "sftpgate db migrate" in capsys.readouterr().err
     assert main(["db", "migrate", "-c", cfg, "--json"]) == 0
     done = json.loads(capsys.readouterr().out)
-    assert done["backend"] == "postgresql" and done["applied"] == [1, 2, 3]
+    assert done["backend"] == "postgresql" and done["applied"] == list(range(1, LATEST + 1))
     assert main(["db", "status", "-c", cfg]) == 0
-    assert "postgresql schema version 3, this sftpgate's 3: current" in capsys.readouterr().out
+    current = f"postgresql schema version {LATEST}, this sftpgate's {LATEST}: current"
+    assert current in capsys.readouterr().out
 
 
 def test_journal_reads_filters_and_prunes_on_postgresql(
