@@ -248,7 +248,9 @@ def run(args: argparse.Namespace) -> int:
         elif out.count == 0:
             print("sftpgate: no matching operations", file=sys.stderr)
     except KeyboardInterrupt:
-        return 0
+        if args.follow:
+            return 0  # Ctrl-C is how a follow ends
+        raise  # a listing cut short: 130, as for any other command
     except StorageUnavailable as exc:
         raise NothingThere(str(exc)) from None
     finally:
