@@ -516,6 +516,11 @@ class Gateway:
             ctx.open_files for server in servers for ctx in server.contexts
         ):
             await asyncio.sleep(0.02)
+        # A session's LOGOUT follows its handles' CLOSE rows from a task of its own: let it
+        # reach the journal before the journal is flushed and closed.
+        pending = [task for server in servers if (task := server.logout_pending) is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.05, deadline - loop.time()))
 
     async def stop(self, close_timeout: float = 5.0, why: str = "") -> None:
         """Close everything: the listener, the sessions left (``close_timeout`` to journal

@@ -222,6 +222,13 @@ class GatewaySSHServer(asyncssh.SSHServer):
         """Logged in: a session a drain waits for (gateway.py); one still logging in is not."""
         return self._authenticated
 
+    @property
+    def logout_pending(self) -> asyncio.Task[None] | None:
+        """The task that journals the LOGOUT once left-open handles are closed, while it
+        runs: a stop waits for it before it flushes the journal (gateway.py)."""
+        task = self._logout
+        return task if task is not None and not task.done() else None
+
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
