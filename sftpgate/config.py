@@ -639,15 +639,27 @@ class LogConfig:
 _METRICS = "the metrics listener is opened once, at start"
 
 
-def _metrics_address(value: str) -> str:
-    """``host:port`` (``[v6]:port``), or empty for off."""
-    if value == "":
-        return value
+def split_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); ValueError when it is neither. Pure:
+    the one reading of the HTTP listeners' addresses (metrics, admin API)."""
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise Invalid(f"must be host:port (127.0.0.1:9222, [::1]:9222) or empty, got {value!r}")
+        raise ValueError(value)
+    return host, int(port)
+
+
+def _metrics_address(value: str) -> str:
+    """``host:port`` (``[v6]:port``), or empty for off."""
+    if value == "":
+        return value
+    try:
+        split_host_port(value)
+    except ValueError:
+        raise Invalid(
+            f"must be host:port (127.0.0.1:9222, [::1]:9222) or empty, got {value!r}"
+        ) from None
     return value
 
 
@@ -1007,9 +1019,10 @@ API_TOKENS = Rule(
 
 
 def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise Invalid(f"must be host:port (127.0.0.1:8022, [::1]:8022), got {value!r}")
+    try:
+        split_host_port(value)
+    except ValueError:
+        raise Invalid(f"must be host:port (127.0.0.1:8022, [::1]:8022), got {value!r}") from None
     return value
 
 

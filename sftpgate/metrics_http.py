@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from . import metrics
-from .config import Config
+from .config import Config, split_host_port
 from .errors import SftpgateError
 from .metrics import Exposition
 
@@ -39,14 +39,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # A readiness check: (ok, one line saying why), blocking (run on the scrape thread).
 Check = Callable[[], tuple[bool, str]]
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port). The config already checked it."""
-    host, _, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -101,7 +93,7 @@ class MetricsServer:
             max_headers=32,
         )
         await self._runner.setup()
-        host, port = split_address(self.address)
+        host, port = split_host_port(self.address)  # checked by the config
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._new_connection, host or None, port, reuse_address=True

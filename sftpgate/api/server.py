@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ..config import Config
+from ..config import Config, split_host_port
 from ..defender import STRIKE_MEMORY, Ban, defender_session, source_of
 from ..errors import ConfigError, NotFoundError, NothingThere, SftpgateError
 from ..events import Event, Op, SessionInfo
@@ -75,8 +75,7 @@ class Api:
         self._reload = reload
         cfg = current()
         assert cfg.api.listen is not None
-        host, _, port = cfg.api.listen.rpartition(":")
-        self.host, self.wanted_port = host.strip("[]"), int(port)
+        self.host, self.wanted_port = split_host_port(cfg.api.listen)  # checked by the config
         self.port = 0
         self.draining = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="api-db")
